@@ -1,0 +1,38 @@
+# Two commands: `make run` (the demo pipeline end to end) and `make test`.
+# Both create .venv if missing and install the project with pinned versions.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PROFILE ?= demo
+# pip on this kind of machine prints one warning per package for its local index: keep the log readable
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: install run test test-fast clean clean-workspace mlflow-ui
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,services]' 2>&1 | $(QUIET_PIP)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/longshort run --profile $(PROFILE)
+
+test: install
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not slow and not services"
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/workspace/mlflow.db --host 127.0.0.1 --port 5000
+
+clean-workspace:
+	rm -rf workspace
+
+clean: clean-workspace
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,61 @@
+"""Cache keys for pipeline stages.
+
+A stage's key is a digest of its inputs (config sections, upstream artifact
+digests) and of the source of every module the stage runs: Prefect's
+TASK_SOURCE would hash only the task function itself, so a change in
+``tasks/sft.py`` would not invalidate the SFT stage. The key also names the
+stage's artifact folder, so the cached record and the files it points to
+always agree, and a stage whose folder holds a finished record is reused even
+when Prefect's result store was wiped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+
+from longshort.io import json_digest
+
+# The modules whose code decides each stage's output.
+STAGE_MODULES: dict[str, list[str]] = {
+    "synthesize": ["tasks.synthesize", "tasks.demo", "tasks.answers", "models.protocol", "longshort.io"],
+    "sft_base": [
+        "tasks.base_model",
+        "tasks.sft",
+        "models.tokenizer",
+        "models.factory",
+        "models.protocol",
+    ],
+    "evaluate_base": [
+        "tasks.evaluate",
+        "tasks.answers",
+        "models.generation",
+        "models.factory",
+        "models.protocol",
+    ],
+}
+
+
+def code_digest(modules: list[str]) -> str:
+    sources = {m: inspect.getsource(importlib.import_module(m)) for m in sorted(modules)}
+    return json_digest(sources)
+
+
+def stage_key(stage: str, inputs: dict[str, Any]) -> str:
+    return json_digest({"stage": stage, "inputs": inputs, "code": code_digest(STAGE_MODULES[stage])})
+
+
+def stage_dir(workspace: Path, stage: str, key: str) -> Path:
+    return Path(workspace) / "artifacts" / stage / key[:16]
+
+
+def _key_from_inputs(task_ctx: Any, inputs: dict[str, Any]) -> str:
+    return f"{task_ctx.task.name}-{inputs['key']}"
+
+
+# Every stage task takes a ``key`` argument computed by ``stage_key``.
+STAGE_CACHE: CachePolicy = CachePolicy.from_cache_key_fn(_key_from_inputs)

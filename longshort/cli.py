@@ -1,0 +1,142 @@
+"""The ``longshort`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Long⊗Short: two models that reason together with far fewer tokens.", no_args_is_help=True)
+console = Console()
+
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="profile name in configs/ or a YAML path")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. sft_base.epochs=1")]
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def version() -> None:
+    """Print the installed version."""
+    from importlib.metadata import version as pkg_version  # noqa: PLC0415
+
+    console.print(f"longshort {pkg_version('longshort')}")
+
+
+@app.command()
+def run(profile: ProfileOpt = "demo", set_: SetOpt = None) -> None:
+    """Run the whole pipeline for a profile (cached stages, tracked in MLflow)."""
+    from longshort.config import ConfigError, load_profile  # noqa: PLC0415
+
+    try:
+        load_profile(profile, set_)  # fail fast, before Prefect starts
+    except ConfigError as exc:
+        _fail(exc)
+    from flows.pipeline import pipeline  # noqa: PLC0415
+
+    summary = pipeline(profile=profile, overrides=set_)
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    m = summary["metrics"]
+    table = Table(title=f"longshort pipeline — profile {summary['profile']}")
+    table.add_column("system")
+    table.add_column("accuracy", justify="right")
+    table.add_column("mean tokens", justify="right")
+    if "base_accuracy" in m:
+        table.add_row("long-CoT base (thinking)", f"{m['base_accuracy']:.1%}", f"{m['base_mean_tokens']:.1f}")
+        table.add_row(
+            "long-CoT base (no thinking)", f"{m['base_nothink_accuracy']:.1%}", f"{m['base_nothink_mean_tokens']:.1f}"
+        )
+    console.print(table)
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_times_s"].items())
+    console.print(
+        f"flow time {summary['flow_time_s']:.1f} s; stages from cache: {summary['cache_hits']}/{summary['n_stages']}"
+        f" (stage compute times: {times})"
+    )
+    console.print(f"MLflow run {summary.get('mlflow_run_id')} in {summary.get('tracking_uri')}")
+    if "base_model_version" in summary:
+        console.print(f"registered model longshort-base version {summary['base_model_version']}")
+
+
+@app.command()
+def solve(
+    problem: Annotated[str, typer.Argument(help="the problem text")],
+    long: Annotated[Path, typer.Option(help="long-thought model: a local folder")],
+    short: Annotated[Path, typer.Option(help="short-thought model: a local folder")],
+    profile: ProfileOpt = "demo",
+    set_: SetOpt = None,
+) -> None:
+    """Solve one problem with a long-thought and a short-thought model, printing each turn."""
+    from longshort.config import ConfigError, load_profile  # noqa: PLC0415
+    from models.generation import make_backend  # noqa: PLC0415
+    from models.protocol import run_episodes  # noqa: PLC0415
+
+    try:
+        cfg = load_profile(profile, set_)
+    except ConfigError as exc:
+        _fail(exc)
+    with console.status("loading models"):
+        long_backend = make_backend(long, cfg.base_model, cfg.generation, cfg.run.seed)
+        short_backend = long_backend if short == long else make_backend(short, cfg.base_model, cfg.generation)
+    with console.status("solving"):
+        (episode,) = run_episodes(
+            [problem],
+            long_backend,
+            short_backend,
+            max_turns=cfg.protocol.max_turns,
+            max_new_tokens_long=cfg.protocol.max_new_tokens_long,
+            max_new_tokens_short=cfg.protocol.max_new_tokens_short,
+        )
+    for k, turn in enumerate(episode.turns, start=1):
+        style = "cyan" if turn.role == "long" else "green"
+        console.rule(f"turn {k} · {turn.role} · {turn.n_tokens} tokens", style=style)
+        console.print(turn.text, markup=False, highlight=False)
+    console.rule()
+    console.print(
+        f"answer: {episode.answer}   stop: {episode.stop_reason}   "
+        f"tokens: long {episode.tokens('long')} + short {episode.tokens('short')} = {episode.tokens()}"
+    )
+    if episode.error:
+        console.print(f"[yellow]protocol error:[/] {episode.error}")
+
+
+@app.command()
+def synthesize(
+    params: Annotated[Path, typer.Option(help="params.yaml with a 'demo' section")] = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/demo"),
+) -> None:
+    """Write the demo task's train/held-out splits (the DVC 'synthesize' stage)."""
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from longshort.config import DemoTaskConfig  # noqa: PLC0415
+    from tasks.synthesize import synthesize_demo  # noqa: PLC0415
+
+    try:
+        section = (yaml.safe_load(params.read_text()) or {}).get("demo", {})
+        cfg = DemoTaskConfig.model_validate(section)
+    except (OSError, yaml.YAMLError) as exc:
+        _fail(exc)
+    except ValidationError as exc:
+        _fail(ValueError(f"{params}: section 'demo': {exc}"))
+    files = synthesize_demo(cfg, out)
+    console.print(json.dumps({"train": files.train, "heldout": files.heldout, "n_train": files.n_train}))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO)
+    app()
+
+
+if __name__ == "__main__":
+    main()

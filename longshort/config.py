@@ -1,0 +1,259 @@
+"""Typed profiles: one YAML file per profile, validated by one schema.
+
+Every section is a pydantic model with ``extra="forbid"`` so that a typo is an
+error that names the field and the file, never a silently ignored key.
+Defaults live here, not in the code that reads the config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A profile that cannot be used, with the file and the field that are wrong."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Section):
+    name: str = "demo"
+    seed: int = 0
+    workspace: Path = Path("workspace")
+
+
+class DemoTaskConfig(Section):
+    """The built-in arithmetic-chain task (DESIGN §6)."""
+
+    n_train: int = Field(3000, ge=1)
+    n_heldout: int = Field(300, ge=1)
+    min_ops: int = Field(3, ge=1, le=8)
+    max_ops: int = Field(4, ge=1, le=8)
+    max_value: int = Field(19, ge=5, le=99)
+    max_operand: int = Field(9, ge=1, le=20)
+    seed: int = 1234
+    verify_rate: float = Field(0.7, ge=0.0, le=1.0)
+    detour_rate: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ops_range(self) -> DemoTaskConfig:
+        if self.min_ops > self.max_ops:
+            raise ValueError("min_ops must be <= max_ops")
+        return self
+
+
+class DataConfig(Section):
+    """Where training problems and their long-CoT traces come from."""
+
+    source: Literal["demo", "traces", "teacher"] = "demo"
+    # traces: a jsonl of {problem, answer, response}; teacher: a jsonl of {problem, answer}
+    path: str | None = None
+    hub_id: str | None = None
+    split: str = "train"
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    max_examples: int | None = Field(None, ge=1)
+    demo: DemoTaskConfig = DemoTaskConfig()
+    # teacher model for source == "teacher" (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-7B)
+    teacher: str | None = None
+    teacher_max_new_tokens: int = Field(16384, ge=16)
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> DataConfig:
+        if self.source in ("traces", "teacher") and not (self.path or self.hub_id):
+            raise ValueError(f"source '{self.source}' needs 'path' or 'hub_id'")
+        if self.source == "teacher" and not self.teacher:
+            raise ValueError("source 'teacher' needs 'teacher' (a hub id or a local path)")
+        return self
+
+
+class TokenizerConfig(Section):
+    """A tokenizer built from the task's text (tiny models) or the base model's own."""
+
+    vocab_size: int = Field(600, ge=300, le=65536)
+
+
+class TinyModelConfig(Section):
+    architecture: Literal["llama", "qwen2"] = "llama"
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(512, ge=8)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(4, ge=1)
+    max_position_embeddings: int = Field(1024, ge=64)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class ModelConfig(Section):
+    """A model to start from: a tiny one built from a config, or a pretrained one."""
+
+    source: Literal["tiny", "pretrained"] = "tiny"
+    name_or_path: str | None = None  # hub id or local directory (pretrained)
+    revision: str | None = None
+    tiny: TinyModelConfig = TinyModelConfig()
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # .bin/.pt weights run arbitrary code on load
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _pretrained_needs_path(self) -> ModelConfig:
+        if self.source == "pretrained" and not self.name_or_path:
+            raise ValueError("source 'pretrained' needs 'name_or_path'")
+        return self
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class SFTConfig(Section):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    learning_rate: float = Field(3e-3, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=16)
+    save_steps: int = Field(100, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    deepspeed: str | None = None  # path to a ZeRO config in infra/, used on CUDA only
+
+
+class GenerationConfig(Section):
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    enable_prefix_caching: bool = True
+
+
+class ProtocolConfig(Section):
+    """The Long⊗Short turn protocol (DESIGN §2)."""
+
+    max_turns: int = Field(6, ge=1)
+    max_new_tokens_long: int = Field(512, ge=1)
+    max_new_tokens_short: int = Field(128, ge=1)
+
+
+class EvaluateConfig(Section):
+    n_problems: int = Field(300, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = None  # default: sqlite:///<workspace>/mlflow.db
+    artifact_location: str | None = None  # default: <workspace>/mlartifacts
+    experiment: str = "longshort"
+    register_models: bool = True
+    base_model_name: str = "longshort-base"
+
+
+class Profile(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    base_model: ModelConfig = ModelConfig()
+    sft_base: SFTConfig = SFTConfig()
+    generation: GenerationConfig = GenerationConfig()
+    protocol: ProtocolConfig = ProtocolConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def section_dump(self, name: str) -> dict[str, Any]:
+        """A JSON-able view of one section: the unit that cache keys hash."""
+        return getattr(self, name).model_dump(mode="json")
+
+
+def profile_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    return CONFIG_DIR / f"{name_or_path}.yaml"
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["sft_base.epochs=1", "run.seed=3"]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(out, key.strip(), yaml.safe_load(raw))
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(profile)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = e["msg"]
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{path}: field '{field}': {msg}")
+    return "\n".join(lines)
+
+
+def load_profile(name_or_path: str | Path, overrides: list[str] | None = None) -> Profile:
+    """Load and validate a profile by name (``configs/NAME.yaml``) or path."""
+    path = profile_path(name_or_path)
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"profile '{name_or_path}' not found ({path}); known profiles: {known}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides))
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(path, exc)) from None

@@ -1,0 +1,136 @@
+"""MLflow: one parent run per pipeline run, a nested run per stage, registered models.
+
+The default store is SQLite in the workspace (no server); a profile or
+``MLFLOW_TRACKING_URI`` points it at a shared server. Registration is
+idempotent: a model folder whose digest is already registered under the name
+is not logged again, and the run links to the existing version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from longshort.config import Profile, TrackingConfig
+from longshort.records import StageRecord
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SECRET_MARKERS = ("secret", "password", "token", "credential", "access_key")
+
+
+def tracking_uri(cfg: TrackingConfig, workspace: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{Path(workspace).resolve()}/mlflow.db"
+
+
+def configure(profile: Profile) -> str:
+    """Point MLflow at the profile's store and experiment; return the tracking URI."""
+    ws = profile.run.workspace.resolve()
+    uri = tracking_uri(profile.tracking, ws)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if mlflow.get_experiment_by_name(profile.tracking.experiment) is None:
+        location = profile.tracking.artifact_location or (ws / "mlartifacts").as_uri()
+        mlflow.create_experiment(profile.tracking.experiment, artifact_location=location)
+    mlflow.set_experiment(profile.tracking.experiment)
+    return uri
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"section.field": "value"}``, leaving out anything that looks secret."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif not any(m in name.lower() for m in SECRET_MARKERS):
+            out[name] = str(value)[:500]
+    return out
+
+
+def find_registered_version(name: str, digest: str) -> Any | None:
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    return next((v for v in versions if v.tags.get("model_digest") == digest), None)
+
+
+def register_transformers_model(model_dir: str, name: str, digest: str, tags: dict[str, str]) -> str:
+    """Log a saved transformers model to the active run and register it; returns the version."""
+    existing = find_registered_version(name, digest)
+    if existing is not None:
+        log.info("model %s with digest %s is already version %s", name, digest[:12], existing.version)
+        return str(existing.version)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name="model",
+        task="text-generation",
+        pip_requirements=["torch", "transformers", "accelerate"],
+        registered_model_name=name,
+    )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in {**tags, "model_digest": digest}.items():
+        client.set_model_version_tag(name, version, key, value)
+    return version
+
+
+def log_pipeline(profile: Profile, records: list[StageRecord], flow_time_s: float, cache_hits: int) -> dict[str, Any]:
+    """One parent run with params, metrics, data digests and git commit; a nested run per stage."""
+    uri = configure(profile)
+    by_stage = {r.stage: r for r in records}
+    commit = git_commit()
+    tags = {
+        "profile": profile.run.name,
+        "git_commit": commit,
+        **{f"data.{k}": v for k, v in by_stage["synthesize"].digests.items()},
+    }
+    with mlflow.start_run(run_name=f"pipeline-{profile.run.name}") as run:
+        mlflow.set_tags(tags)
+        mlflow.log_params(flatten(profile.model_dump(mode="json")))
+        for record in records:
+            with mlflow.start_run(run_name=record.stage, nested=True):
+                mlflow.set_tags({"stage": record.stage, "cache_key": record.key, "artifact_dir": record.path})
+                mlflow.log_metrics({k: float(v) for k, v in record.metrics.items()})
+                mlflow.log_metric("duration_s", record.duration_s)
+            mlflow.log_metrics({k: float(v) for k, v in record.metrics.items()})
+        mlflow.log_metrics({"flow_time_s": flow_time_s, "cache_hits": cache_hits})
+        result: dict[str, Any] = {"mlflow_run_id": run.info.run_id, "tracking_uri": uri}
+        if profile.tracking.register_models and "sft_base" in by_stage:
+            sft = by_stage["sft_base"]
+            version = register_transformers_model(
+                sft.outputs["model"],
+                profile.tracking.base_model_name,
+                sft.digests["model"],
+                {"run_id": run.info.run_id, "profile": profile.run.name, "git_commit": commit, **tags},
+            )
+            mlflow.set_tag("registered.base_model", f"{profile.tracking.base_model_name}/{version}")
+            result["base_model_version"] = version
+    return result

@@ -1,0 +1,215 @@
+"""Generation backends behind one interface: transformers (CPU or GPU) and vLLM (GPU).
+
+Every caller that needs text from a model (synthesis, Monte Carlo rollouts,
+RL episodes, evaluation, ``longshort solve``) goes through ``GenerationBackend``.
+vLLM is imported only when it is selected, so the CPU install never needs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+
+from longshort.config import GenerationConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # includes the stop string that ended it
+    n_tokens: int  # generated model tokens, the stop string included
+    finish_reason: Literal["stop", "length"]
+
+
+class GenerationBackend(Protocol):
+    name: str
+
+    def chat_prompt(self, system: str, user: str) -> str: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        n: int = 1,
+        seed: int = 0,
+    ) -> list[list[Completion]]:
+        """``n`` completions for each prompt, in prompt order."""
+        ...
+
+
+def _chat_prompt(tokenizer, system: str, user: str) -> str:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class TransformersBackend:
+    """Batched ``model.generate`` with left padding and a KV cache."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, device: str | None = None):
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        self.batch_size = batch_size
+
+    def chat_prompt(self, system: str, user: str) -> str:
+        return _chat_prompt(self.tokenizer, system, user)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _single_token_id(self, text: str) -> int | None:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[0] if len(ids) == 1 else None
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        n: int = 1,
+        seed: int = 0,
+    ) -> list[list[Completion]]:
+        tok = self.tokenizer
+        # Stops that are one token become extra EOS ids (cheap); others use stop_strings.
+        stop_ids = {s: self._single_token_id(s) for s in stop}
+        eos_ids = [tok.eos_token_id] + [i for i in stop_ids.values() if i is not None]
+        string_stops = [s for s, i in stop_ids.items() if i is None]
+        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        results: list[list[Completion]] = [[] for _ in prompts]
+        per_batch = max(1, self.batch_size // n)
+        for start in range(0, len(order), per_batch):
+            idx = order[start : start + per_batch]
+            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(self.device)
+            kwargs = dict(
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=n,
+                eos_token_id=eos_ids,
+                pad_token_id=tok.pad_token_id,
+                do_sample=temperature > 0,
+            )
+            if temperature > 0:
+                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+                torch.manual_seed(seed + start)
+            if string_stops:
+                kwargs.update(stop_strings=string_stops, tokenizer=tok)
+            out = self.model.generate(**batch, **kwargs)
+            new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
+            for row, ids in enumerate(new_tokens):
+                results[idx[row // n]].append(self._completion(ids, set(eos_ids), string_stops, max_new_tokens))
+        return results
+
+    def _completion(self, ids: list[int], eos_ids: set[int], string_stops: list[str], cap: int) -> Completion:
+        tok = self.tokenizer
+        end = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+        if end is not None:
+            keep = ids[: end + 1] if ids[end] != tok.eos_token_id else ids[:end]
+            text = tok.decode(keep, skip_special_tokens=False)
+            return Completion(text, end + 1, "stop")
+        ids = [t for t in ids if t != tok.pad_token_id]
+        text = tok.decode(ids, skip_special_tokens=False)
+        for s in string_stops:
+            cut = text.find(s)
+            if cut != -1:
+                text = text[: cut + len(s)]
+                # the fewest tokens whose decoding covers the cut text
+                n_tok = next(k for k in range(1, len(ids) + 1) if len(tok.decode(ids[:k])) >= len(text))
+                return Completion(text, n_tok, "stop")
+        return Completion(text, len(ids), "length" if len(ids) >= cap else "stop")
+
+
+class VLLMBackend:
+    """vLLM with prefix caching; used on CUDA machines with the ``gpu`` extra."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GenerationConfig, seed: int = 0):
+        from vllm import LLM  # noqa: PLC0415 - optional GPU dependency
+
+        self.llm = LLM(
+            model=str(model_path),
+            dtype=model_cfg.dtype if model_cfg.dtype != "float32" else "auto",
+            trust_remote_code=model_cfg.trust_remote_code,
+            enable_prefix_caching=gen_cfg.enable_prefix_caching,
+            gpu_memory_utilization=gen_cfg.gpu_memory_utilization,
+            seed=seed,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def chat_prompt(self, system: str, user: str) -> str:
+        return _chat_prompt(self.tokenizer, system, user)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        n: int = 1,
+        seed: int = 0,
+    ) -> list[list[Completion]]:
+        from vllm import SamplingParams  # noqa: PLC0415
+
+        params = SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            stop=list(stop),
+            include_stop_str_in_output=True,
+            seed=seed,
+        )
+        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        return [
+            [
+                Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop")
+                for o in out.outputs
+            ]
+            for out in outputs
+        ]
+
+
+def vllm_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+
+
+def make_backend(
+    model_path: str | Path, model_cfg: ModelConfig, gen_cfg: GenerationConfig, seed: int = 0
+) -> GenerationBackend:
+    """The configured backend for a saved model; ``auto`` picks vLLM when CUDA and vLLM are present."""
+    choice = gen_cfg.backend
+    if choice == "auto":
+        choice = "vllm" if vllm_available() else "transformers"
+    if choice == "vllm":
+        if not vllm_available():
+            raise RuntimeError("generation.backend is 'vllm' but CUDA or the vllm package is missing")
+        return VLLMBackend(str(model_path), model_cfg, gen_cfg, seed=seed)
+    from models.factory import load_model  # noqa: PLC0415 - avoid a cycle at import time
+
+    model, tokenizer = load_model(model_cfg, path=model_path)
+    return TransformersBackend(model, tokenizer, batch_size=gen_cfg.batch_size)

@@ -1,0 +1,198 @@
+"""The built-in demo task (DESIGN §6): arithmetic chains and an R1-style teacher.
+
+A problem starts from a number and applies a few numbered additions and
+subtractions. The teacher writes a verbose long chain of thought the way
+R1-distilled models do: it restates the problem, plans, sometimes takes a detour
+it then corrects, does the one essential computation, and then double-checks
+it several times. Each thought carries a hidden ``essential`` label that no
+training stage reads; evaluation uses it to measure how well Monte Carlo
+scoring finds the essential thoughts. Each thought also has a terse form, the
+way a short-thought model would say it.
+
+Everything is a pure function of the config and its seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import asdict, dataclass
+
+from longshort.config import DemoTaskConfig
+from models.protocol import format_response
+
+NUMBER_WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth"]
+VERB = {"+": "add", "-": "subtract"}
+
+
+@dataclass(frozen=True)
+class DemoProblem:
+    start: int
+    ops: tuple[tuple[str, int], ...]
+
+    @property
+    def id(self) -> str:
+        key = f"{self.start}|" + ",".join(f"{s}{v}" for s, v in self.ops)
+        return "demo-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    @property
+    def text(self) -> str:
+        steps = ", ".join(f"({i + 1}) {VERB[s]} {v}" for i, (s, v) in enumerate(self.ops))
+        return f"Start with {self.start}. Then {steps}. What is the final number?"
+
+    def values(self) -> list[int]:
+        """The running values: start, after op 1, ..., after the last op."""
+        out = [self.start]
+        for sign, v in self.ops:
+            out.append(out[-1] + v if sign == "+" else out[-1] - v)
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.values()[-1]
+
+
+@dataclass(frozen=True)
+class Thought:
+    kind: str  # restate | plan | detour | compute | verify | backcheck | conclude
+    text: str
+    terse: str
+    essential: bool
+
+
+def sample_problem(rng: random.Random, cfg: DemoTaskConfig) -> DemoProblem:
+    """A chain whose running value stays within [0, max_value]."""
+    n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
+    value = rng.randint(0, cfg.max_value)
+    start = value
+    ops: list[tuple[str, int]] = []
+    for _ in range(n_ops):
+        choices = [("+", v) for v in range(1, cfg.max_operand + 1) if value + v <= cfg.max_value]
+        choices += [("-", v) for v in range(1, cfg.max_operand + 1) if value - v >= 0]
+        sign, v = rng.choice(choices)
+        value = value + v if sign == "+" else value - v
+        ops.append((sign, v))
+    return DemoProblem(start, tuple(ops))
+
+
+def generate_splits(cfg: DemoTaskConfig) -> tuple[list[DemoProblem], list[DemoProblem]]:
+    """Disjoint train and held-out problems. Held-out is drawn first, so growing
+    ``n_train`` never changes the held-out set."""
+    rng = random.Random(cfg.seed)
+    seen: set[DemoProblem] = set()
+    heldout: list[DemoProblem] = []
+    train: list[DemoProblem] = []
+    attempts = 0
+    limit = 200 * (cfg.n_train + cfg.n_heldout)
+    while len(heldout) < cfg.n_heldout or len(train) < cfg.n_train:
+        attempts += 1
+        if attempts > limit:
+            raise ValueError(
+                f"demo task: cannot draw {cfg.n_train}+{cfg.n_heldout} distinct problems "
+                f"with max_value={cfg.max_value}, ops {cfg.min_ops}..{cfg.max_ops}"
+            )
+        p = sample_problem(rng, cfg)
+        if p in seen:
+            continue
+        seen.add(p)
+        (heldout if len(heldout) < cfg.n_heldout else train).append(p)
+    return train, heldout
+
+
+def _op_text(sign: str, v: int) -> str:
+    return f"{VERB[sign]} {v}"
+
+
+def _eq(a: int, sign: str, v: int, b: int) -> str:
+    return f"{a} {sign} {v} = {b}"
+
+
+def teacher_thoughts(problem: DemoProblem, rng: random.Random, cfg: DemoTaskConfig) -> list[Thought]:
+    """An R1-style long trace, one thought per paragraph."""
+    vals = problem.values()
+    n = len(problem.ops)
+    ops_list = ", ".join(_op_text(s, v) for s, v in problem.ops)
+    thoughts = [
+        Thought(
+            "restate",
+            f"Okay, so we start with {problem.start} and we have to apply {NUMBER_WORDS[n - 1]} "
+            f"operations in order: {ops_list}. We need the final number.",
+            f"Start {problem.start}, {NUMBER_WORDS[n - 1]} ops.",
+            False,
+        ),
+        Thought(
+            "plan",
+            "So the plan is to go through the operations one at a time, keeping a running value.",
+            "Go in order.",
+            False,
+        ),
+    ]
+    if rng.random() < cfg.detour_rate:
+        if rng.random() < 0.5:
+            text = (
+                "Hmm, maybe I should do the subtractions first and the additions later? "
+                "No, that is not allowed, the operations have to be applied in the given order."
+            )
+        else:
+            naive = problem.start + sum(v for _, v in problem.ops)
+            text = (
+                f"Hmm, maybe I can just add up all the numbers: that gives {naive}. "
+                "But no, some of the operations are subtractions, so that would be wrong."
+            )
+        thoughts.append(Thought("detour", text, "Not that way.", False))
+    steps = " ".join(_eq(vals[i], s, v, vals[i + 1]) + "." for i, (s, v) in enumerate(problem.ops))
+    thoughts.append(Thought("compute", f"Let me compute step by step. {steps}", steps, True))
+    checked = [i for i in range(n) if rng.random() < cfg.verify_rate] or [n - 1]
+    for i in checked:
+        s, v = problem.ops[i]
+        thoughts.append(
+            Thought(
+                "verify",
+                f"Wait, let me double-check the {ORDINALS[i]} step: {_eq(vals[i], s, v, vals[i + 1])}. "
+                "Yes, that is right.",
+                "Checked.",
+                False,
+            )
+        )
+    back = []
+    for i in range(n - 1, -1, -1):
+        s, v = problem.ops[i]
+        inv = "-" if s == "+" else "+"
+        back.append(_eq(vals[i + 1], inv, v, vals[i]))
+    thoughts.append(
+        Thought(
+            "backcheck",
+            f"Let me verify by going backwards: {', '.join(back)}. That matches the start, {problem.start}.",
+            "Backwards ok.",
+            False,
+        )
+    )
+    thoughts.append(
+        Thought("conclude", f"So the answer is {problem.answer}.", f"Answer {problem.answer}.", False)
+    )
+    return thoughts
+
+
+def answer_text(answer: int) -> str:
+    return f"The final number is \\boxed{{{answer}}}."
+
+
+def teacher_row(problem: DemoProblem, cfg: DemoTaskConfig) -> dict:
+    """One training row: the public fields the pipeline reads plus the hidden labels."""
+    # Seed per problem so a row does not depend on which other rows were generated.
+    rng = random.Random(f"{cfg.seed}:{problem.id}")
+    thoughts = teacher_thoughts(problem, rng, cfg)
+    response = format_response("\n\n".join(t.text for t in thoughts), answer_text(problem.answer))
+    return {
+        "id": problem.id,
+        "problem": problem.text,
+        "answer": str(problem.answer),
+        "response": response,
+        "thoughts": [asdict(t) for t in thoughts],  # hidden: evaluation only
+    }
+
+
+def demo_rows(cfg: DemoTaskConfig) -> tuple[list[dict], list[dict]]:
+    train, heldout = generate_splits(cfg)
+    return [teacher_row(p, cfg) for p in train], [teacher_row(p, cfg) for p in heldout]

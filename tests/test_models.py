@@ -1,0 +1,112 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.factory import ModelLoadError, load_pretrained
+from models.generation import TransformersBackend
+from models.protocol import SYSTEM_PROMPTS, TAGS
+
+
+def test_tokenizer_round_trip_on_demo_text(demo_tokenizer, demo_rows_small):
+    for row in demo_rows_small[0][:20]:
+        text = row["problem"] + "\n" + row["response"]
+        assert demo_tokenizer.decode(demo_tokenizer(text)["input_ids"]) == text
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(max_size=200))
+def test_tokenizer_round_trip_on_any_text(demo_tokenizer, text):
+    assert demo_tokenizer.decode(demo_tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_tags_are_single_tokens_and_template_prompt_is_a_prefix(demo_tokenizer):
+    for tag in TAGS:
+        assert len(demo_tokenizer(tag, add_special_tokens=False)["input_ids"]) == 1
+    msgs = [{"role": "system", "content": SYSTEM_PROMPTS["base"]}, {"role": "user", "content": "Start with 3."}]
+    prompt = demo_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    full = demo_tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": "<think>\nx"}], tokenize=False)
+    assert full.startswith(prompt)
+    assert demo_tokenizer(full)["input_ids"][: len(demo_tokenizer(prompt)["input_ids"])] == demo_tokenizer(prompt)["input_ids"]
+
+
+def test_saved_tokenizer_and_model_load_back(tmp_path, tiny_model, demo_tokenizer):
+    tiny_model.save_pretrained(tmp_path, safe_serialization=True)
+    demo_tokenizer.save_pretrained(tmp_path)
+    model, tok = load_pretrained(tmp_path)
+    assert tok.chat_template == demo_tokenizer.chat_template
+    ids = torch.tensor([demo_tokenizer("Start with 5.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, tiny_model.eval()(ids).logits, atol=1e-5)
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path, tiny_model, demo_tokenizer):
+    from safetensors.torch import load_file
+
+    tiny_model.save_pretrained(tmp_path)
+    demo_tokenizer.save_pretrained(tmp_path)
+    (weights,) = tmp_path.glob("*.safetensors")
+    torch.save(load_file(weights), tmp_path / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ModelLoadError, match="pickle"):
+        load_pretrained(tmp_path)
+    model, _ = load_pretrained(tmp_path, allow_pickle=True)
+    assert model.num_parameters() == tiny_model.num_parameters()
+
+
+def test_empty_folder_is_not_a_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model weights"):
+        load_pretrained(tmp_path)
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_model, demo_tokenizer):
+    backend = TransformersBackend(tiny_model, demo_tokenizer, batch_size=8, device="cpu")
+    prompts = [backend.chat_prompt("s", f"Start with {i}. Then (1) add {i + 1}.") for i in range(5)]
+    prompts[2] += "<think>\nOkay, so we start"  # different lengths exercise left padding
+    batched = backend.generate(prompts, max_new_tokens=12)
+    single = [backend.generate([p], max_new_tokens=12)[0] for p in prompts]
+    assert [b[0].text for b in batched] == [s[0].text for s in single]
+    for (c,) in batched:
+        assert c.n_tokens == 12 and c.finish_reason == "length"
+
+
+def test_completion_cuts_at_stop_and_counts_model_tokens(demo_tokenizer, tiny_model):
+    backend = TransformersBackend(tiny_model, demo_tokenizer, device="cpu")
+    tok = demo_tokenizer
+    ids = tok("Okay, so we start</think> with 3", add_special_tokens=False)["input_ids"]
+    think_close = tok.convert_tokens_to_ids("</think>")
+    c = backend._completion(ids, {tok.eos_token_id, think_close}, [], cap=50)
+    assert c.text == "Okay, so we start</think>" and c.n_tokens == ids.index(think_close) + 1
+    c = backend._completion(ids, {tok.eos_token_id}, ["we st"], cap=50)
+    assert c.text == "Okay, so we st" and c.finish_reason == "stop"
+    assert tok.decode(ids[: c.n_tokens]).startswith(c.text) and not tok.decode(ids[: c.n_tokens - 1]).startswith(c.text)
+    eos = ids[:3] + [tok.eos_token_id] + ids[3:]
+    c = backend._completion(eos, {tok.eos_token_id}, [], cap=50)
+    assert c.text == tok.decode(ids[:3]) and c.n_tokens == 4
+    c = backend._completion(ids[:5], {tok.eos_token_id}, [], cap=5)
+    assert c.finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_trained_model_stops_on_protocol_tags(trained_tiny):
+    from models.generation import make_backend
+    from longshort.config import GenerationConfig, ModelConfig
+    from models.protocol import STOP_STRINGS, parse_turn
+
+    backend = make_backend(trained_tiny, ModelConfig(), GenerationConfig(backend="transformers"))
+    prompt = backend.chat_prompt(SYSTEM_PROMPTS["base"], "Start with 4. Then (1) add 3, (2) subtract 2. What is the final number?")
+    (long_turn,) = backend.generate([prompt], max_new_tokens=200, stop=STOP_STRINGS["long"])[0]
+    assert long_turn.finish_reason == "stop" and long_turn.text.endswith("</think>")
+    assert parse_turn("long", long_turn.text).body
+    assert long_turn.n_tokens == backend.count_tokens(long_turn.text)
+    (multi,) = backend.generate([prompt], max_new_tokens=200, stop=["we start"])[0]
+    assert multi.text.endswith("we start") and long_turn.text.startswith(multi.text)
+
+
+def test_sampling_is_seeded_and_gives_n_samples(tiny_model, demo_tokenizer):
+    backend = TransformersBackend(tiny_model, demo_tokenizer, batch_size=8, device="cpu")
+    prompt = backend.chat_prompt("s", "Start with 9.")
+    a = backend.generate([prompt], max_new_tokens=8, temperature=1.0, n=4, seed=1)
+    b = backend.generate([prompt], max_new_tokens=8, temperature=1.0, n=4, seed=1)
+    assert len(a[0]) == 4 and [c.text for c in a[0]] == [c.text for c in b[0]]
+    assert len({c.text for c in a[0]}) > 1

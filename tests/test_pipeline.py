@@ -1,0 +1,99 @@
+"""The pipeline on the smoke profile: real Prefect server, real MLflow (SQLite), real DVC."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(prefect_server, tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    work = tmp_path_factory.mktemp("pipeline")
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        first = pipeline(profile="smoke")
+        second = pipeline(profile="smoke")
+        changed = pipeline(profile="smoke", overrides=["sft_base.learning_rate=0.002"])
+        yield work, first, second, changed
+    finally:
+        os.chdir(old)
+
+
+def test_first_run_computes_every_stage(smoke_runs):
+    _, first, _, _ = smoke_runs
+    assert first["cache_hits"] == 0 and first["n_stages"] == 3
+    m = first["metrics"]
+    assert m["n_train"] == 48 and m["n_heldout"] == 16 and m["base_n"] == 16
+    assert 0.0 <= m["base_accuracy"] <= 1.0 and m["base_mean_tokens"] > 0
+    assert m["train_steps"] >= 3
+
+
+def test_rerun_is_all_cache_hits_with_identical_results(smoke_runs):
+    _, first, second, _ = smoke_runs
+    assert second["cache_hits"] == second["n_stages"]
+    assert second["metrics"] == first["metrics"]
+    assert second["base_model_version"] == first["base_model_version"]
+    assert second["flow_time_s"] < first["flow_time_s"]
+
+
+def test_changing_sft_settings_reruns_only_downstream_stages(smoke_runs):
+    _, first, _, changed = smoke_runs
+    assert changed["cache_hits"] == 1  # synthesize only
+    assert changed["metrics"]["train_loss"] != first["metrics"]["train_loss"]
+    assert int(changed["base_model_version"]) == int(first["base_model_version"]) + 1
+
+
+def test_mlflow_holds_runs_params_metrics_and_registered_model(smoke_runs):
+    from mlflow.tracking import MlflowClient
+
+    work, first, _, _ = smoke_runs
+    assert first["tracking_uri"] == f"sqlite:///{work}/workspace/mlflow.db"
+    client = MlflowClient(tracking_uri=first["tracking_uri"], registry_uri=first["tracking_uri"])
+    run = client.get_run(first["mlflow_run_id"])
+    assert run.data.params["sft_base.learning_rate"] == "0.003"
+    assert run.data.params["data.demo.n_train"] == "48"
+    assert run.data.metrics["base_accuracy"] == first["metrics"]["base_accuracy"]
+    assert len(run.data.tags["data.train_md5"]) == 32 and run.data.tags["git_commit"]
+    exp = client.get_experiment(run.info.experiment_id)
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert {c.data.tags["stage"] for c in children} == {"synthesize", "sft_base", "evaluate_base"}
+    version = client.get_model_version("longshort-base", first["base_model_version"])
+    assert version.tags["run_id"] == first["mlflow_run_id"] and len(version.tags["model_digest"]) == 64
+
+
+def test_dvc_repro_writes_the_same_bytes_as_the_flow(smoke_runs, tmp_path):
+    from longshort.config import load_profile
+
+    work, first, _, _ = smoke_runs
+    for rel in ("dvc.yaml", "tasks/demo.py", "tasks/synthesize.py", "models/protocol.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / rel, tmp_path / rel)
+    demo = load_profile("smoke").data.demo.model_dump(mode="json")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"demo": demo}))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    for cmd in (["dvc", "init", "--no-scm", "-q"], ["dvc", "repro", "-q"]):
+        subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], cwd=tmp_path, env=env, check=True, timeout=300)
+    flow_dir = next((work / "workspace/artifacts/synthesize").iterdir())
+    for split in ("train", "heldout"):
+        assert (tmp_path / f"data/demo/{split}.jsonl").read_bytes() == (flow_dir / f"{split}.jsonl").read_bytes()
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
+    outs = {Path(o["path"]).name: o["md5"] for o in lock["stages"]["synthesize"]["outs"]}
+    assert outs["train.jsonl"] == first_digest(work)
+
+
+def first_digest(work: Path) -> str:
+    import json
+
+    record = json.loads(next((work / "workspace/artifacts/synthesize").iterdir()).joinpath("record.json").read_text())
+    return record["digests"]["train_md5"]
