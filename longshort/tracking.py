@@ -37,7 +37,9 @@ def configure(profile: Profile) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if mlflow.get_experiment_by_name(profile.tracking.experiment) is None:
-        location = profile.tracking.artifact_location or (ws / "mlartifacts").as_uri()
+        location = profile.tracking.artifact_location
+        if location is None and uri.startswith("sqlite:"):
+            location = (ws / "mlartifacts").as_uri()  # a server picks its own artifact root
         mlflow.create_experiment(profile.tracking.experiment, artifact_location=location)
     mlflow.set_experiment(profile.tracking.experiment)
     return uri

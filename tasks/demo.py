@@ -108,16 +108,22 @@ def _eq(a: int, sign: str, v: int, b: int) -> str:
     return f"{a} {sign} {v} = {b}"
 
 
+def _step(i: int, problem: DemoProblem, vals: list[int]) -> str:
+    """``(2) add 5: 13 + 5 = 18`` — the step names its operation the way the problem does,
+    so a small model finds what to compute by matching ``(2)`` in the problem."""
+    sign, v = problem.ops[i]
+    return f"({i + 1}) {_op_text(sign, v)}: {_eq(vals[i], sign, v, vals[i + 1])}"
+
+
 def teacher_thoughts(problem: DemoProblem, rng: random.Random, cfg: DemoTaskConfig) -> list[Thought]:
     """An R1-style long trace, one thought per paragraph."""
     vals = problem.values()
     n = len(problem.ops)
-    ops_list = ", ".join(_op_text(s, v) for s, v in problem.ops)
     thoughts = [
         Thought(
             "restate",
-            f"Okay, so we start with {problem.start} and we have to apply {NUMBER_WORDS[n - 1]} "
-            f"operations in order: {ops_list}. We need the final number.",
+            f"Okay, so we start with {problem.start} and we have to apply {NUMBER_WORDS[n - 1]} operations, "
+            "one after the other, in the order they are given. We need the final number.",
             f"Start {problem.start}, {NUMBER_WORDS[n - 1]} ops.",
             False,
         ),
@@ -135,22 +141,19 @@ def teacher_thoughts(problem: DemoProblem, rng: random.Random, cfg: DemoTaskConf
                 "No, that is not allowed, the operations have to be applied in the given order."
             )
         else:
-            naive = problem.start + sum(v for _, v in problem.ops)
             text = (
-                f"Hmm, maybe I can just add up all the numbers: that gives {naive}. "
+                "Hmm, maybe I can just add up all the numbers in the problem? "
                 "But no, some of the operations are subtractions, so that would be wrong."
             )
         thoughts.append(Thought("detour", text, "Not that way.", False))
-    steps = " ".join(_eq(vals[i], s, v, vals[i + 1]) + "." for i, (s, v) in enumerate(problem.ops))
+    steps = " ".join(_step(i, problem, vals) + "." for i in range(n))
     thoughts.append(Thought("compute", f"Let me compute step by step. {steps}", steps, True))
     checked = [i for i in range(n) if rng.random() < cfg.verify_rate] or [n - 1]
     for i in checked:
-        s, v = problem.ops[i]
         thoughts.append(
             Thought(
                 "verify",
-                f"Wait, let me double-check the {ORDINALS[i]} step: {_eq(vals[i], s, v, vals[i + 1])}. "
-                "Yes, that is right.",
+                f"Wait, let me double-check step {_step(i, problem, vals)}. Yes, that is right.",
                 "Checked.",
                 False,
             )
@@ -159,11 +162,12 @@ def teacher_thoughts(problem: DemoProblem, rng: random.Random, cfg: DemoTaskConf
     for i in range(n - 1, -1, -1):
         s, v = problem.ops[i]
         inv = "-" if s == "+" else "+"
-        back.append(_eq(vals[i + 1], inv, v, vals[i]))
+        back.append(f"({i + 1}) {_eq(vals[i + 1], inv, v, vals[i])}")
     thoughts.append(
         Thought(
             "backcheck",
-            f"Let me verify by going backwards: {', '.join(back)}. That matches the start, {problem.start}.",
+            f"Let me verify by undoing the steps backwards: {', '.join(back)}. "
+            f"That matches the start, {problem.start}.",
             "Backwards ok.",
             False,
         )
