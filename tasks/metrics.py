@@ -1,0 +1,184 @@
+"""Evaluation metrics: Mean@k, Pass@k, accuracy at token budgets, length statistics.
+
+Pure functions over evaluation records, one per sampled episode::
+
+    {benchmark, system, problem_id, sample, correct: bool,
+     tokens_long, tokens_short, turns, well_formed: bool}
+
+An episode's cost is its long + short tokens (DESIGN §2). ``summarize`` gives one
+JSON-able dict per (benchmark, system).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGETS = (2048, 4096, 8192, 16384, 32768)
+RECORD_FIELDS = ("problem_id", "sample", "correct", "tokens_long", "tokens_short", "turns", "well_formed")
+
+
+def mean_at_k(correct_matrix: Sequence[Sequence[bool]]) -> float:
+    """Mean@k: the accuracy averaged over problems and their k samples.
+
+    Mean@k = (1/P) Σ_p (1/k_p) Σ_i c_{p,i}, with c_{p,i} ∈ {0, 1} the correctness of
+    sample i of problem p (rows may differ in length; each problem weighs the same).
+    """
+    if not correct_matrix:
+        raise ValueError("mean_at_k needs at least one problem")
+    per_problem = []
+    for p, row in enumerate(correct_matrix):
+        if not row:
+            raise ValueError(f"problem {p} has no samples")
+        per_problem.append(sum(bool(c) for c in row) / len(row))
+    return math.fsum(per_problem) / len(per_problem)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased Pass@k from n samples with c correct (Chen et al. 2021, eq. 1).
+
+    pass@k = 1 − C(n−c, k) / C(n, k), computed as 1 − Π_{i=n−c+1}^{n} (1 − k/i)
+    to avoid huge binomials; it is 1 when n − c < k.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def episode_tokens(record: Mapping[str, Any]) -> int:
+    """An episode's cost: long-model tokens + short-model tokens."""
+    return int(record["tokens_long"]) + int(record["tokens_short"])
+
+
+def budget_accuracy(episodes: Iterable[Mapping[str, Any]], budgets: Sequence[int]) -> dict[int, float]:
+    """Accuracy at each token budget B: the share of episodes that are correct AND cost ≤ B.
+
+    acc(B) = (1/E) Σ_e correct_e · [tokens_long_e + tokens_short_e ≤ B]; an episode that
+    runs past the budget counts as wrong, so acc(B) is non-decreasing in B.
+    """
+    eps = list(episodes)
+    if not eps:
+        raise ValueError("budget_accuracy needs at least one episode")
+    costs = np.array([episode_tokens(e) for e in eps])
+    correct = np.array([bool(e["correct"]) for e in eps])
+    return {int(b): float(np.mean(correct & (costs <= b))) for b in budgets}
+
+
+def _describe(values: np.ndarray) -> dict[str, float | int | None]:
+    if values.size == 0:
+        return {"n": 0, "mean": None, "median": None, "p90": None}
+    return {
+        "n": int(values.size),
+        "mean": float(values.mean()),
+        "median": float(np.median(values)),
+        "p90": float(np.percentile(values, 90)),  # linear interpolation between order statistics
+    }
+
+
+def length_stats(tokens: Sequence[int], correct: Sequence[bool], n_bins: int = 20) -> dict[str, Any]:
+    """Length distribution overall and conditioned on correctness.
+
+    Returns ``{"all"|"correct"|"wrong": {n, mean, median, p90}, "histogram": {edges,
+    correct, wrong}}``; the histograms share ``n_bins`` equal bins over [0, max tokens]
+    so the two can be drawn on one axis. Statistics of an empty group are None.
+    """
+    if len(tokens) != len(correct):
+        raise ValueError(f"tokens ({len(tokens)}) and correct ({len(correct)}) differ in length")
+    if not tokens:
+        raise ValueError("length_stats needs at least one episode")
+    t = np.asarray(tokens, dtype=float)
+    ok = np.asarray(correct, dtype=bool)
+    edges = np.linspace(0.0, max(float(t.max()), 1.0), n_bins + 1)
+    return {
+        "all": _describe(t),
+        "correct": _describe(t[ok]),
+        "wrong": _describe(t[~ok]),
+        "histogram": {
+            "edges": edges.tolist(),
+            "correct": np.histogram(t[ok], bins=edges)[0].tolist(),
+            "wrong": np.histogram(t[~ok], bins=edges)[0].tolist(),
+        },
+    }
+
+
+def _check_record(i: int, r: Mapping[str, Any]) -> None:
+    missing = [f for f in ("benchmark", "system", *RECORD_FIELDS) if f not in r]
+    if missing:
+        raise ValueError(f"record {i}: missing field(s) {', '.join(missing)}")
+
+
+def _summarize_group(records: list[Mapping[str, Any]], k: int, budgets: Sequence[int]) -> dict[str, Any]:
+    by_problem: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_problem[str(r["problem_id"])].append(r)
+    matrix, pass_k = [], []
+    for pid, samples in by_problem.items():
+        ids = [s["sample"] for s in samples]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"problem {pid!r}: duplicate sample indices {sorted(ids)}")
+        n = len(samples)
+        if n < k:
+            raise ValueError(f"problem {pid!r} has {n} samples, fewer than k={k}")
+        c = sum(bool(s["correct"]) for s in samples)
+        matrix.append([bool(s["correct"]) for s in samples])
+        pass_k.append(pass_at_k(n, c, k))
+    tokens = [episode_tokens(r) for r in records]
+    correct = [bool(r["correct"]) for r in records]
+    turns = [int(r["turns"]) for r in records]
+    return {
+        "n_problems": len(by_problem),
+        "min_samples": min(len(v) for v in by_problem.values()),  # samples per problem (the least)
+        "n_episodes": len(records),
+        "k": k,
+        "mean_at_k": mean_at_k(matrix),
+        "pass_at_k": math.fsum(pass_k) / len(pass_k),
+        "mean_tokens": float(np.mean(tokens)),
+        "mean_tokens_long": float(np.mean([int(r["tokens_long"]) for r in records])),
+        "mean_tokens_short": float(np.mean([int(r["tokens_short"]) for r in records])),
+        "well_formed": float(np.mean([bool(r["well_formed"]) for r in records])),
+        "turns": {
+            "mean": float(np.mean(turns)),
+            "max": int(max(turns)),
+            "counts": {str(t): n for t, n in sorted(Counter(turns).items())},
+        },
+        "budget_accuracy": [{"budget": b, "accuracy": a} for b, a in budget_accuracy(records, budgets).items()],
+        "length": length_stats(tokens, correct),
+        "problems_digest": hashlib.sha256("\n".join(sorted(by_problem)).encode()).hexdigest()[:16],
+    }
+
+
+def summarize(
+    records: Iterable[Mapping[str, Any]], k: int, budgets: Sequence[int] = DEFAULT_BUDGETS
+) -> list[dict[str, Any]]:
+    """One summary per (benchmark, system), sorted by benchmark then system.
+
+    Each problem needs at least k samples: ``mean_at_k`` averages all of them, and
+    ``pass_at_k`` is the unbiased estimator from each problem's n samples. A warning
+    is logged when systems of one benchmark were run on different problems.
+    """
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for i, r in enumerate(records):
+        _check_record(i, r)
+        groups[(str(r["benchmark"]), str(r["system"]))].append(r)
+    if not groups:
+        raise ValueError("summarize needs at least one record")
+    out = []
+    for (benchmark, system), group in sorted(groups.items()):
+        out.append({"benchmark": benchmark, "system": system, **_summarize_group(group, k, budgets)})
+    for benchmark in sorted({s["benchmark"] for s in out}):
+        digests = {s["system"]: s["problems_digest"] for s in out if s["benchmark"] == benchmark}
+        if len(set(digests.values())) > 1:
+            log.warning("benchmark %s: systems were evaluated on different problems: %s", benchmark, digests)
+    return out

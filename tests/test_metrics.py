@@ -1,0 +1,151 @@
+"""Evaluation metrics: known values, pass@k vs mean@k, budget monotonicity, summaries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from itertools import combinations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tasks.metrics import budget_accuracy, length_stats, mean_at_k, pass_at_k, summarize
+
+
+def _record(pid: str, sample: int, correct: bool, long: int, short: int, *, system: str = "ls",
+            benchmark: str = "b", turns: int = 2, well_formed: bool = True) -> dict[str, object]:  # fmt: skip
+    return {"benchmark": benchmark, "system": system, "problem_id": pid, "sample": sample, "correct": correct,
+            "tokens_long": long, "tokens_short": short, "turns": turns, "well_formed": well_formed}  # fmt: skip
+
+
+def _pass_at_k_by_enumeration(n: int, c: int, k: int) -> float:
+    """The share of k-subsets of n samples (c of them correct) that hold a correct one."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+def test_mean_at_k_known_values() -> None:
+    assert mean_at_k([[True, False], [True, True]]) == 0.75
+    assert mean_at_k([[False] * 4]) == 0.0
+    # ragged rows: each problem weighs the same
+    assert mean_at_k([[True], [False, False, True, True]]) == 0.75
+    with pytest.raises(ValueError, match="problem 1 has no samples"):
+        mean_at_k([[True], []])
+
+
+def test_pass_at_k_known_values() -> None:
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - math.comb(7, 5) / math.comb(10, 5))  # 1 - 21/252
+    assert pass_at_k(5, 0, 2) == 0.0
+    assert pass_at_k(4, 2, 3) == 1.0  # n - c < k: every 3-subset holds a correct sample
+    assert pass_at_k(200, 1, 100) == pytest.approx(0.5)
+    for bad in [(4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)]:
+        with pytest.raises(ValueError):
+            pass_at_k(*bad)
+
+
+@given(n=st.integers(1, 9), data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_pass_at_k_is_the_subset_probability_and_at_least_mean(n: int, data: st.DataObject) -> None:
+    c = data.draw(st.integers(0, n))
+    k = data.draw(st.integers(1, n))
+    value = pass_at_k(n, c, k)
+    assert value == pytest.approx(_pass_at_k_by_enumeration(n, c, k))
+    assert value >= c / n - 1e-12  # pass@k >= pass@1 = mean accuracy
+    if k < n:
+        assert pass_at_k(n, c, k + 1) >= value - 1e-12
+
+
+records_strategy = st.lists(
+    st.tuples(st.booleans(), st.integers(0, 40_000), st.integers(0, 5_000)), min_size=1, max_size=60
+).map(lambda rows: [_record(f"p{i}", 0, c, lo, sh) for i, (c, lo, sh) in enumerate(rows)])
+
+
+@given(records=records_strategy, budgets=st.lists(st.integers(0, 50_000), min_size=1, max_size=8, unique=True))
+@settings(max_examples=100, deadline=None)
+def test_budget_accuracy_is_monotone_and_bounded_by_accuracy(records: list[dict], budgets: list[int]) -> None:
+    acc = budget_accuracy(records, sorted(budgets))
+    values = [acc[b] for b in sorted(budgets)]
+    assert values == sorted(values)  # non-decreasing in the budget
+    overall = sum(r["correct"] for r in records) / len(records)
+    assert all(0.0 <= v <= overall + 1e-12 for v in values)
+    assert budget_accuracy(records, [10**9])[10**9] == pytest.approx(overall)  # an endless budget loses nothing
+
+
+def test_budget_counts_long_plus_short_and_over_budget_is_wrong() -> None:
+    records = [
+        _record("a", 0, True, 1500, 500),  # exactly 2000 tokens: within a 2000 budget
+        _record("b", 0, True, 1500, 501),  # 2001: over
+        _record("c", 0, False, 10, 10),  # cheap but wrong
+        _record("d", 0, True, 3000, 0),
+    ]
+    assert budget_accuracy(records, [1999, 2000, 4000]) == {1999: 0.0, 2000: 0.25, 4000: 0.75}
+
+
+def test_length_stats_conditions_on_correctness() -> None:
+    tokens = [10, 20, 30, 40, 100, 200]
+    correct = [True, True, True, True, False, False]
+    stats = length_stats(tokens, correct, n_bins=4)
+    assert stats["correct"] == {"n": 4, "mean": 25.0, "median": 25.0, "p90": pytest.approx(37.0)}
+    assert stats["wrong"] == {"n": 2, "mean": 150.0, "median": 150.0, "p90": pytest.approx(190.0)}
+    assert stats["all"]["n"] == 6 and stats["all"]["mean"] == pytest.approx(400 / 6)
+    assert stats["histogram"]["edges"] == [0.0, 50.0, 100.0, 150.0, 200.0]
+    assert stats["histogram"]["correct"] == [4, 0, 0, 0]
+    assert stats["histogram"]["wrong"] == [0, 0, 1, 1]  # 100 opens bin 3; 200 closes the last bin
+    empty = length_stats([5, 6], [True, True])
+    assert empty["wrong"] == {"n": 0, "mean": None, "median": None, "p90": None}
+    assert sum(empty["histogram"]["wrong"]) == 0
+    with pytest.raises(ValueError, match="differ in length"):
+        length_stats([1, 2], [True])
+
+
+def test_summarize_one_dict_per_benchmark_and_system() -> None:
+    # problem p0: 2 of 4 samples right; p1: 0 of 4; system "long" is right everywhere but costs more
+    records = [_record("p0", s, s < 2, 100 * (s + 1), 10, turns=s + 1) for s in range(4)]
+    records += [_record("p1", s, False, 50, 5, well_formed=s != 0) for s in range(4)]
+    records += [_record(p, s, True, 5000, 0, system="long", turns=1) for p in ("p0", "p1") for s in range(4)]
+    records += [_record("q", s, True, 10, 0, benchmark="a") for s in range(2)]
+    out = summarize(records, k=2, budgets=[256, 8192])
+    assert [(s["benchmark"], s["system"]) for s in out] == [("a", "ls"), ("b", "long"), ("b", "ls")]
+    ls = out[2]
+    assert ls["n_problems"] == 2 and ls["min_samples"] == 4 and ls["n_episodes"] == 8
+    assert ls["mean_at_k"] == 0.25
+    assert ls["pass_at_k"] == pytest.approx((pass_at_k(4, 2, 2) + 0.0) / 2)  # (5/6 + 0) / 2
+    assert ls["pass_at_k"] >= ls["mean_at_k"]
+    assert ls["mean_tokens"] == pytest.approx((1000 + 40 + 4 * 55) / 8)
+    assert ls["mean_tokens_long"] + ls["mean_tokens_short"] == pytest.approx(ls["mean_tokens"])
+    assert ls["well_formed"] == 7 / 8
+    assert ls["turns"] == {"mean": pytest.approx((1 + 2 + 3 + 4 + 4 * 2) / 8), "max": 4,
+                           "counts": {"1": 1, "2": 5, "3": 1, "4": 1}}  # fmt: skip
+    assert ls["budget_accuracy"] == [{"budget": 256, "accuracy": 0.25}, {"budget": 8192, "accuracy": 0.25}]
+    long = out[1]
+    assert long["mean_at_k"] == 1.0 and long["budget_accuracy"][0]["accuracy"] == 0.0
+    assert long["problems_digest"] == ls["problems_digest"]
+    json.dumps(out)  # JSON-able as it is
+
+
+def test_summarize_rejects_bad_records_and_warns_on_different_problems(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ValueError, match="fewer than k=3"):
+        summarize([_record("p", s, True, 1, 1) for s in range(2)], k=3)
+    with pytest.raises(ValueError, match="duplicate sample indices"):
+        summarize([_record("p", 0, True, 1, 1), _record("p", 0, False, 1, 1)], k=1)
+    bad = _record("p", 0, True, 1, 1)
+    del bad["turns"]
+    with pytest.raises(ValueError, match="record 0: missing field\\(s\\) turns"):
+        summarize([bad], k=1)
+    with caplog.at_level(logging.WARNING, logger="tasks.metrics"):
+        summarize([_record("p", 0, True, 1, 1), _record("q", 0, True, 1, 1, system="other")], k=1)
+    assert "different problems" in caplog.text
+
+
+def test_mean_at_k_matches_random_matrix_average() -> None:
+    rng = random.Random(0)
+    matrix = [[rng.random() < 0.3 for _ in range(8)] for _ in range(50)]
+    flat = [c for row in matrix for c in row]
+    assert mean_at_k(matrix) == pytest.approx(sum(flat) / len(flat))
+    passes = [pass_at_k(8, sum(row), 4) for row in matrix]
+    assert sum(passes) / len(passes) >= mean_at_k(matrix)

@@ -1,0 +1,66 @@
+"""Evaluation figures and tables from a summary of seeded synthetic episodes."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from tasks.metrics import summarize
+from tasks.plots import results_json, results_markdown, write_results
+
+# (system, accuracy, mean long tokens, mean short tokens, turns): long CoT is accurate but costly
+SYSTEMS = [("long-cot", 0.70, 9000, 0, 1), ("truncation", 0.62, 3500, 0, 1), ("long-short", 0.66, 2500, 900, 4)]
+
+
+def _records(seed: int = 0) -> list[dict[str, object]]:
+    rng = random.Random(seed)
+    out = []
+    for benchmark, n_problems in (("math500", 40), ("gpqa_diamond", 20)):
+        for system, acc, long_mean, short_mean, turns in SYSTEMS:
+            for p in range(n_problems):
+                for s in range(4):
+                    correct = rng.random() < acc
+                    scale = 0.7 if correct else 1.6  # wrong episodes run longer, as in the papers
+                    out.append({
+                        "benchmark": benchmark, "system": system, "problem_id": f"{benchmark}-{p}", "sample": s,
+                        "correct": correct, "tokens_long": int(rng.expovariate(1 / (long_mean * scale))),
+                        "tokens_short": int(rng.expovariate(1 / short_mean)) if short_mean else 0,
+                        "turns": rng.randint(1, turns), "well_formed": rng.random() < 0.97,
+                    })  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def summary() -> list[dict[str, object]]:
+    return summarize(_records(), k=4, budgets=[1024, 2048, 4096, 8192, 16384, 32768])
+
+
+def test_write_results_writes_tables_and_non_empty_pngs(summary: list[dict], tmp_path: Path) -> None:
+    paths = write_results(summary, tmp_path / "eval")
+    figures = sorted(name for name in paths if name.endswith(".png"))
+    assert figures == sorted(f"{b}_{kind}.png" for b in ("math500", "gpqa_diamond")
+                             for kind in ("budget", "lengths", "pareto"))  # fmt: skip
+    for name in figures:
+        data = paths[name].read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(data) > 10_000  # axes, text and data drawn, not a blank canvas
+    assert json.loads(paths["results.json"].read_text()) == json.loads(results_json(summary))
+
+
+def test_results_markdown_has_one_table_per_benchmark(summary: list[dict]) -> None:
+    md = results_markdown(summary)
+    assert md.count("### ") == 2 and "### math500 (40 problems)" in md
+    header = next(line for line in md.splitlines() if line.startswith("| system"))
+    assert header.split(" | ")[1:3] == ["Mean@4", "Pass@4"]
+    assert "acc@1k" in header and "acc@32k" in header
+    rows = [line for line in md.splitlines() if line.startswith("| long-short")]
+    assert len(rows) == 2
+    ls = next(s for s in summary if s["benchmark"] == "math500" and s["system"] == "long-short")
+    assert rows[1].split(" | ")[1] == f"{100 * ls['mean_at_k']:.1f}"
+
+
+def test_results_json_is_stable(summary: list[dict]) -> None:
+    assert results_json(summary) == results_json(json.loads(results_json(summary)))
