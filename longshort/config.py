@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.protocol import extract_boxed
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -164,6 +166,58 @@ class EvaluateConfig(Section):
     max_new_tokens: int = Field(512, ge=1)
 
 
+class ChunkConfig(Section):
+    """How traces are cut into thoughts (DESIGN §3, Chunk; tasks/chunking.py)."""
+
+    method: Literal["rules", "llm"] = "rules"
+    # None: the built-in discourse markers (tasks.chunking.MARKER_TYPES)
+    markers: list[str] | None = None
+    # A thought with fewer non-blank-edged characters joins its neighbour. The demo
+    # teacher's shortest thought ("So the answer is 7.") is 19 characters.
+    min_chars: int = Field(16, ge=0)
+    llm_max_retries: int = Field(5, ge=0)  # tries after the first, each with a new seed
+    llm_max_new_tokens: int = Field(2048, ge=16)
+    llm_temperature: float = Field(0.6, ge=0.0)  # > 0 so that a retry can answer differently
+
+    @field_validator("markers")
+    @classmethod
+    def _markers_not_blank(cls, markers: list[str] | None) -> list[str] | None:
+        blank = [m for m in markers or [] if not m.strip()]
+        if blank:
+            raise ValueError(f"markers must be non-blank strings, got {blank!r}")
+        return markers
+
+
+# The demo teacher's closing sentence (tasks.demo.answer_text); ``{answer}`` is the reference answer.
+DEFAULT_FINAL_ANSWER_TEMPLATE = "The final number is \\boxed{{{answer}}}."
+
+
+class ColdStartConfig(Section):
+    """How scored traces become D_long and D_short (DESIGN §3, Cold start; tasks/cold_start.py)."""
+
+    # s_k ∈ [−1, 1] is the discounted accuracy a thought adds (tasks/importance). 0.1 keeps a
+    # thought that adds at least 10 points of discounted accuracy; restatements and checks add
+    # ~0 and pay for their tokens, so they score slightly below 0 and go to the short model.
+    # With few rollouts per prefix (N), Monte Carlo noise is ~1/sqrt(N): raise theta for small N.
+    theta: float = Field(0.1, ge=-1.0, le=1.0)
+    compressor: Literal["demo_terse", "model", "verbatim"] = "demo_terse"
+    compressor_prompt: str | None = None  # None: tasks.cold_start.COMPRESSOR_PROMPT
+    max_new_tokens: int = Field(256, ge=1)  # per compressed thought, model compressor only
+    # The text that ends every episode; real profiles may say "The final answer is \\boxed{...}".
+    final_answer_template: str = DEFAULT_FINAL_ANSWER_TEMPLATE
+
+    @field_validator("final_answer_template")
+    @classmethod
+    def _template_boxes_answer(cls, template: str) -> str:
+        try:
+            text = template.format(answer="X")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"must be a format string with only {{answer}}: {exc}") from None
+        if extract_boxed(text) != "X":
+            raise ValueError(f"must put {{answer}} inside \\boxed{{}}, got {template!r}")
+        return template
+
+
 class TrackingConfig(Section):
     tracking_uri: str | None = None  # default: sqlite:///<workspace>/mlflow.db
     artifact_location: str | None = None  # default: <workspace>/mlartifacts
@@ -181,6 +235,8 @@ class Profile(Section):
     generation: GenerationConfig = GenerationConfig()
     protocol: ProtocolConfig = ProtocolConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    chunk: ChunkConfig = ChunkConfig()
+    cold_start: ColdStartConfig = ColdStartConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def section_dump(self, name: str) -> dict[str, Any]:

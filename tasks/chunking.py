@@ -29,9 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
-from pydantic import Field, field_validator
 
-from longshort.config import Section
+from longshort.config import ChunkConfig
 from models.protocol import THINK_CLOSE, THINK_OPEN
 
 if TYPE_CHECKING:
@@ -75,27 +74,6 @@ DEFAULT_MARKERS: tuple[str, ...] = tuple(MARKER_TYPES)
 _STEP_SEP = re.compile(r"\n(?:[ \t\r]*\n)+")
 # Markdown decoration that may precede a marker, as in "**Final Answer**".
 _LEADING_DECORATION = " \t\r\n*_#>"
-
-
-class ChunkConfig(Section):
-    """How traces are cut into thoughts (DESIGN §3, Chunk)."""
-
-    method: Literal["rules", "llm"] = "rules"
-    markers: list[str] = list(DEFAULT_MARKERS)
-    # A thought with fewer non-blank-edged characters joins its neighbour. The demo
-    # teacher's shortest thought ("So the answer is 7.") is 19 characters.
-    min_chars: int = Field(16, ge=0)
-    llm_max_retries: int = Field(5, ge=0)  # tries after the first, each with a new seed
-    llm_max_new_tokens: int = Field(2048, ge=16)
-    llm_temperature: float = Field(0.6, ge=0.0)  # > 0 so that a retry can answer differently
-
-    @field_validator("markers")
-    @classmethod
-    def _markers_not_blank(cls, markers: list[str]) -> list[str]:
-        blank = [m for m in markers if not m.strip()]
-        if blank:
-            raise ValueError(f"markers must be non-blank strings, got {blank!r}")
-        return markers
 
 
 @dataclass(frozen=True)
@@ -352,14 +330,15 @@ def chunk_traces(
     traces: Sequence[str], cfg: ChunkConfig, backend: GenerationBackend | None = None, *, seed: int = 0
 ) -> list[Chunking]:
     """Chunk many traces the configured way (``backend`` is needed for ``method: llm``)."""
+    markers = cfg.markers or DEFAULT_MARKERS
     if cfg.method == "rules":
-        return [Chunking(chunk_by_rules(t, cfg.markers, cfg.min_chars), "rules") for t in traces]
+        return [Chunking(chunk_by_rules(t, markers, cfg.min_chars), "rules") for t in traces]
     if backend is None:
         raise ValueError("chunk.method is 'llm' but no generation backend was given")
     return chunk_traces_by_llm(
         traces,
         backend,
-        markers=cfg.markers,
+        markers=markers,
         min_chars=cfg.min_chars,
         max_retries=cfg.llm_max_retries,
         max_new_tokens=cfg.llm_max_new_tokens,

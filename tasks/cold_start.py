@@ -37,10 +37,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
 from transformers import PreTrainedTokenizerBase
 
-from longshort.config import Section
+from longshort.config import DEFAULT_FINAL_ANSWER_TEMPLATE, ColdStartConfig
 from longshort.io import write_jsonl
 from tasks.chunking import thinking_of
 from models.protocol import (
@@ -72,36 +71,8 @@ COMPRESSOR_PROMPT = (
     "intermediate result and decision; drop restatements, hedging and filler words. "
     "Answer with the terse text only."
 )
-# The demo teacher's closing sentence (tasks.demo.answer_text); ``{answer}`` is the reference answer.
-DEFAULT_FINAL_ANSWER_TEMPLATE = "The final number is \\boxed{{{answer}}}."
 # A blank line separates paragraphs (the chunker's steps); see tasks.chunking._STEP_SEP.
 _PARAGRAPH_SEP = re.compile(r"\n(?:[ \t\r]*\n)+")
-
-
-class ColdStartConfig(Section):
-    """How scored traces become D_long and D_short (DESIGN §3, Cold start)."""
-
-    # s_k ∈ [−1, 1] is the discounted accuracy a thought adds (tasks/importance). 0.1 keeps a
-    # thought that adds at least 10 points of discounted accuracy; restatements and checks add
-    # ~0 and pay for their tokens, so they score slightly below 0 and go to the short model.
-    # With few rollouts per prefix (N), Monte Carlo noise is ~1/sqrt(N): raise theta for small N.
-    theta: float = Field(0.1, ge=-1.0, le=1.0)
-    compressor: Literal["demo_terse", "model", "verbatim"] = "demo_terse"
-    compressor_prompt: str = COMPRESSOR_PROMPT  # system prompt of the model compressor
-    max_new_tokens: int = Field(256, ge=1)  # per compressed thought, model compressor only
-    # The text that ends every episode; real profiles may say "The final answer is \boxed{...}".
-    final_answer_template: str = DEFAULT_FINAL_ANSWER_TEMPLATE
-
-    @field_validator("final_answer_template")
-    @classmethod
-    def _template_boxes_answer(cls, template: str) -> str:
-        try:
-            text = template.format(answer="X")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"must be a format string with only {{answer}}: {exc}") from None
-        if extract_boxed(text) != "X":
-            raise ValueError(f"must put {{answer}} inside \\boxed{{}}, got {template!r}")
-        return template
 
 
 @dataclass(frozen=True)
@@ -231,7 +202,7 @@ def make_compressor(
     if cfg.compressor == "model":
         if backend is None:
             raise ValueError("cold_start.compressor is 'model' but no generation backend was given")
-        return ModelCompressor(backend, cfg.compressor_prompt, cfg.max_new_tokens, seed=seed)
+        return ModelCompressor(backend, cfg.compressor_prompt or COMPRESSOR_PROMPT, cfg.max_new_tokens, seed=seed)
     return verbatim_compressor
 
 

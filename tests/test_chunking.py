@@ -128,7 +128,8 @@ def test_steps_without_a_marker_continue_the_current_thought():
 
 def test_chunk_config_forbids_unknown_keys_and_blank_markers():
     assert ChunkConfig().method == "rules" and ChunkConfig().llm_max_retries == 5
-    assert "So the answer" in ChunkConfig().markers and "Let me double-check" in ChunkConfig().markers
+    assert ChunkConfig().markers is None  # the built-in markers
+    assert "So the answer" in DEFAULT_MARKERS and "Let me double-check" in DEFAULT_MARKERS
     with pytest.raises(ValidationError, match="extra"):
         ChunkConfig(min_char=3)
     with pytest.raises(ValidationError, match="non-blank"):
@@ -232,7 +233,7 @@ def test_llm_falls_back_to_the_rules_and_says_why(caplog):
     with caplog.at_level(logging.WARNING, logger="tasks.chunking"):
         [result] = chunk_traces([TRACE], cfg, model)
     assert result.method == "fallback" and result.attempts == 3 and len(model.calls) == 3
-    assert result.thoughts == chunk_by_rules(TRACE, cfg.markers, cfg.min_chars)
+    assert result.thoughts == chunk_by_rules(TRACE, DEFAULT_MARKERS, cfg.min_chars)
     assert "3 model answers rejected" in caplog.text
     assert "steps 3..3 are in no block" in caplog.text and "not valid JSON" in caplog.text
 
