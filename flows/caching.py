@@ -37,6 +37,24 @@ STAGE_MODULES: dict[str, list[str]] = {
         "models.factory",
         "models.protocol",
     ],
+    "chunk": ["tasks.chunking", "models.protocol"],
+    "score_shard": ["tasks.importance", "tasks.answers", "models.generation", "models.factory", "models.protocol"],
+    "merge_scores": ["tasks.importance"],
+    "cold_start": ["tasks.cold_start", "tasks.chunking", "models.protocol", "models.generation"],
+    "sft_long": ["tasks.sft", "tasks.cold_start", "models.factory", "models.protocol"],
+    "sft_short": ["tasks.sft", "tasks.cold_start", "models.factory", "models.protocol"],
+    "rl": ["tasks.rl", "tasks.rewards", "tasks.answers", "models.generation", "models.factory", "models.protocol"],
+    "evaluate": [
+        "tasks.report",
+        "tasks.evaluate",
+        "tasks.metrics",
+        "tasks.plots",
+        "tasks.benchmarks",
+        "tasks.importance",
+        "tasks.answers",
+        "models.generation",
+        "models.protocol",
+    ],
 }
 
 

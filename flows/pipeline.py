@@ -1,6 +1,7 @@
 """The longshort pipeline, as the DESIGN diagram draws it.
 
-    synthesize ──► sft_base ──► evaluate_base ──► track (MLflow run + registry)
+    synthesize ─► sft_base ─► chunk ─► score (mapped shards) ─► cold_start ─► sft_long ─┐
+                                                                            sft_short ─┴► rl ─► evaluate ─► track
 
 Each stage is a cached Prefect task keyed on its inputs and code
 (``flows.caching``); stages pass small records (paths, digests, metrics).
@@ -8,24 +9,62 @@ Each stage is a cached Prefect task keyed on its inputs and code
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
 
 from flows.caching import stage_dir, stage_key
-from flows.stages import evaluate_base_task, sft_base_task, synthesize_task, track_task
-from longshort.config import load_profile
+from flows.runners import make_task_runner
+from flows.stages import (
+    chunk_task,
+    cold_start_task,
+    evaluate_base_task,
+    evaluate_task,
+    merge_scores_task,
+    rl_task,
+    score_shard_task,
+    sft_base_task,
+    sft_role_task,
+    synthesize_task,
+    track_task,
+    version_data_task,
+)
+from longshort.config import Profile, load_profile
 from longshort.records import StageRecord
+from tasks.synthesize import read_split
 
 
 def _stage(task_fn: Any, stage: str, workspace: Path, **inputs: Any) -> StageRecord:
     key = stage_key(stage, {**inputs, "workspace": str(workspace)})
     out_dir = str(stage_dir(workspace, stage, key))
-    storage = workspace / "prefect-results"
-    return task_fn.with_options(result_storage=storage)(key=key, out_dir=out_dir, **inputs)
+    return task_fn.with_options(result_storage=workspace / "prefect-results")(key=key, out_dir=out_dir, **inputs)
+
+
+@flow(name="score")
+def score_flow(cfg: Profile, ws: Path, chunks: StageRecord, model: StageRecord) -> tuple[StageRecord, list[StageRecord], str]:
+    """Monte Carlo scoring fanned out over shards of traces with Prefect task mapping (a subflow, so
+    that its task runner — threads, Dask or Ray — comes from the profile)."""
+    shared = dict(model_dir=model.outputs["model"], base_model=cfg.section_dump("base_model"),
+                  generation=cfg.section_dump("generation"), score=cfg.section_dump("score"))  # fmt: skip
+    shards: list[tuple[str, list[dict]]] = []
+    for split in ("train", "heldout"):
+        rows = read_split(chunks.outputs[split])
+        size = cfg.score.shard_size
+        shards += [(split, rows[i : i + size]) for i in range(0, len(rows), size)]
+    keys = [stage_key("score_shard", {"rows": rows, **shared, "model": model.digests["model"]}) for _, rows in shards]
+    futures = score_shard_task.with_options(result_storage=ws / "prefect-results").map(
+        key=keys,
+        out_dir=[str(stage_dir(ws, "score_shard", k)) for k in keys],
+        rows=[rows for _, rows in shards],
+        **{name: unmapped(value) for name, value in shared.items()},
+    )
+    done = [f.result() for f in futures]
+    by_split = {s: [r.outputs["scored"] for (split, _), r in zip(shards, done) if split == s] for s in ("train", "heldout")}
+    return _stage(merge_scores_task, "merge_scores", ws, shards=by_split), done, str(flow_run.id)
 
 
 @flow(name="longshort-pipeline")
@@ -33,39 +72,80 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
     start = time.perf_counter()
     logger = get_run_logger()
     cfg = load_profile(profile, overrides)
-    ws = cfg.run.workspace.resolve()
-    seed = cfg.run.seed
+    ws, seed, base_model = cfg.run.workspace.resolve(), cfg.run.seed, cfg.section_dump("base_model")
 
     data = _stage(
         synthesize_task, "synthesize", ws,
-        data=cfg.section_dump("data"), generation=cfg.section_dump("generation"),
-        base_model=cfg.section_dump("base_model"), seed=seed,
+        data=cfg.section_dump("data"), generation=cfg.section_dump("generation"), base_model=base_model, seed=seed,
     )  # fmt: skip
+    # service profile: `dvc repro` the data stages here and push them to S3 (infra/services.py sets the variable)
+    versioned = version_data_task(["synthesize"]) if os.environ.get("LONGSHORT_DVC_REMOTE") else None
     base = _stage(
         sft_base_task, "sft_base", ws,
-        train_path=data.outputs["train"], base_model=cfg.section_dump("base_model"),
+        train_path=data.outputs["train"], base_model=base_model,
         tokenizer=cfg.section_dump("tokenizer"), sft=cfg.section_dump("sft_base"), seed=seed,
     )  # fmt: skip
-    evaluation = _stage(
+    base_eval = _stage(
         evaluate_base_task, "evaluate_base", ws,
-        model_dir=base.outputs["model"], heldout_path=data.outputs["heldout"],
-        base_model=cfg.section_dump("base_model"), generation=cfg.section_dump("generation"),
+        model_dir=base.outputs["model"], heldout_path=data.outputs["heldout"], base_model=base_model,
+        generation=cfg.section_dump("generation"), evaluate=cfg.section_dump("evaluate"), seed=seed,
+    )  # fmt: skip
+    chunks = _stage(
+        chunk_task, "chunk", ws,
+        train_path=data.outputs["train"], heldout_path=data.outputs["heldout"], chunk=cfg.section_dump("chunk"),
+        n_train=cfg.score.n_train_traces, n_heldout=cfg.score.n_heldout_traces, seed=seed,
+    )  # fmt: skip
+    scored, shards, score_run = score_flow.with_options(task_runner=make_task_runner(cfg.run))(cfg, ws, chunks, base)
+    cold = _stage(
+        cold_start_task, "cold_start", ws,
+        scored_path=scored.outputs["train"], train_path=data.outputs["train"], model_dir=base.outputs["model"],
+        base_model=base_model, generation=cfg.section_dump("generation"),
+        cold_start=cfg.section_dump("cold_start"), seed=seed,
+    )  # fmt: skip
+    pair = {
+        role: _stage(
+            sft_role_task, f"sft_{role}", ws,
+            role=role, data_path=cold.outputs[role], model_dir=base.outputs["model"], base_model=base_model,
+            sft=cfg.section_dump(f"sft_{role}"), seed=seed,
+        )  # fmt: skip
+        for role in ("long", "short")
+    }
+    rl = _stage(
+        rl_task, "rl", ws,
+        long_dir=pair["long"].outputs["model"], short_dir=pair["short"].outputs["model"],
+        train_path=data.outputs["train"], base_model=base_model, protocol=cfg.section_dump("protocol"),
+        rl=cfg.section_dump("rl"), n_problems=cfg.rl.n_problems,
+    )  # fmt: skip
+    systems = {
+        "long-CoT base": {"kind": "single", "model": base.outputs["model"]},
+        "Long⊗Short SFT": {"kind": "pair", "long": pair["long"].outputs["model"], "short": pair["short"].outputs["model"]},
+        "Long⊗Short RL": {"kind": "pair", "long": rl.outputs["long"], "short": rl.outputs["short"]},
+    }
+    evaluation = _stage(
+        evaluate_task, "evaluate", ws,
+        systems=systems, heldout_path=data.outputs["heldout"], scored_heldout=scored.outputs["heldout"],
+        base_model=base_model, generation=cfg.section_dump("generation"), protocol=cfg.section_dump("protocol"),
         evaluate=cfg.section_dump("evaluate"), seed=seed,
     )  # fmt: skip
 
-    records = [data, base, evaluation]
+    records = [data, base, base_eval, chunks, scored, cold, pair["long"], pair["short"], rl, evaluation]
     this_run = str(flow_run.id) if flow_run.id else None
-    cache_hits = sum(r.flow_run_id != this_run for r in records)
-    stages_time = time.perf_counter() - start
-    tracked = track_task(cfg.model_dump(mode="json"), records, flow_time_s=stages_time, cache_hits=cache_hits)
+    computed = [r for r in [*records, *shards] if r.flow_run_id in (this_run, score_run)]
+    cache_hits = len(records) + len(shards) - len(computed)
+    tracked = track_task(
+        cfg.model_dump(mode="json"), records, flow_time_s=time.perf_counter() - start, cache_hits=cache_hits
+    )
     flow_time = time.perf_counter() - start
-    logger.info("pipeline done in %.1f s; %d/%d stages from cache", flow_time, cache_hits, len(records))
+    logger.info("pipeline done in %.1f s; %d/%d tasks from cache", flow_time, cache_hits, len(records) + len(shards))
     return {
         "profile": cfg.run.name,
         "flow_time_s": round(flow_time, 2),
         "cache_hits": cache_hits,
-        "n_stages": len(records),
+        "n_stages": len(records) + len(shards),
         "stage_times_s": {r.stage: r.duration_s for r in records},
+        "recomputed": sorted({r.stage for r in computed}),
         "metrics": {k: v for r in records for k, v in r.metrics.items()},
+        "report": evaluation.outputs.get("results.md"),
         **tracked,
+        **({"dvc_outputs": versioned} if versioned else {}),
     }

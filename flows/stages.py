@@ -18,11 +18,16 @@ from prefect.runtime import flow_run
 
 from flows.caching import STAGE_CACHE
 from longshort.config import (
+    ChunkConfig,
+    ColdStartConfig,
     DataConfig,
     EvaluateConfig,
     GenerationConfig,
     ModelConfig,
     Profile,
+    ProtocolConfig,
+    RLConfig,
+    ScoreConfig,
     SFTConfig,
     TokenizerConfig,
 )
@@ -146,3 +151,182 @@ def track_task(profile: dict, records: list[StageRecord], flow_time_s: float, ca
 
     cfg = Profile.model_validate(profile)
     return tracking.log_pipeline(cfg, records, flow_time_s=flow_time_s, cache_hits=cache_hits)
+
+
+@task(name="version_data", cache_policy=NO_CACHE)
+def version_data_task(stages: list[str]) -> dict[str, str]:
+    """Reproduce the DVC data stages in this checkout and push them to LONGSHORT_DVC_REMOTE (a side effect)."""
+    from tasks import versioning  # noqa: PLC0415
+
+    remote = versioning.Remote.from_env()
+    if remote is None:
+        raise versioning.DVCError(f"{versioning.REMOTE_ENV} is not set: no DVC remote to push to")
+    digests = versioning.version_stages(stages, remote)
+    get_run_logger().info("dvc: pushed %s to %s: %s", stages, remote.url, digests)
+    return digests
+
+
+@task(name="chunk", cache_policy=STAGE_CACHE, persist_result=True)
+def chunk_task(
+    key: str, out_dir: str, train_path: str, heldout_path: str, chunk: dict, n_train: int, n_heldout: int, seed: int
+) -> StageRecord:
+    """Thoughts of the first ``n_train`` training traces and ``n_heldout`` held-out traces."""
+    from tasks.chunking import chunk_rows  # noqa: PLC0415
+    from tasks.synthesize import read_split  # noqa: PLC0415
+
+    def body(folder: Path) -> dict[str, Any]:
+        cfg = ChunkConfig.model_validate(chunk)
+        outputs, metrics = {}, {}
+        for split, path, n in (("train", train_path, n_train), ("heldout", heldout_path, n_heldout)):
+            rows = chunk_rows(read_split(path)[:n], cfg, seed=seed)
+            write_jsonl(folder / f"chunks_{split}.jsonl", rows)
+            outputs[split] = str(folder / f"chunks_{split}.jsonl")
+            metrics[f"chunk_{split}_traces"] = len(rows)
+            metrics[f"chunk_{split}_thoughts_per_trace"] = sum(len(r["thoughts"]) for r in rows) / max(len(rows), 1)
+        return {"outputs": outputs, "metrics": metrics}
+
+    return _run_stage("chunk", key, out_dir, body)
+
+
+@task(name="score_shard", cache_policy=STAGE_CACHE, persist_result=True, retries=1)
+def score_shard_task(
+    key: str, out_dir: str, rows: list[dict], model_dir: str, base_model: dict, generation: dict, score: dict
+) -> StageRecord:
+    """Monte Carlo importance for one shard of traces (mapped; a failed shard is retried alone)."""
+    from models.generation import make_backend  # noqa: PLC0415
+    from tasks.importance import score_rows  # noqa: PLC0415
+
+    def body(folder: Path) -> dict[str, Any]:
+        cfg = ScoreConfig.model_validate(score)
+        backend = make_backend(
+            model_dir, ModelConfig.model_validate(base_model), GenerationConfig.model_validate(generation), cfg.seed
+        )
+        scored = score_rows(backend, rows, cfg)
+        write_jsonl(folder / "scored.jsonl", scored)
+        return {"outputs": {"scored": str(folder / "scored.jsonl")}, "metrics": {"n_traces": len(scored)}}
+
+    return _run_stage("score_shard", key, out_dir, body)
+
+
+@task(name="merge_scores", cache_policy=STAGE_CACHE, persist_result=True)
+def merge_scores_task(key: str, out_dir: str, shards: dict[str, list[str]]) -> StageRecord:
+    """Concatenate the shards of each split, in order, and summarise acc_0 / acc_n."""
+    from tasks.importance import score_summary  # noqa: PLC0415
+    from tasks.synthesize import read_split  # noqa: PLC0415
+
+    def body(folder: Path) -> dict[str, Any]:
+        outputs, metrics = {}, {}
+        for split, paths in shards.items():
+            rows = [row for p in paths for row in read_split(p)]
+            write_jsonl(folder / f"scored_{split}.jsonl", rows)
+            outputs[split] = str(folder / f"scored_{split}.jsonl")
+            metrics.update({f"score_{split}_{k}": v for k, v in score_summary(rows).items()})
+        return {"outputs": outputs, "metrics": metrics}
+
+    return _run_stage("merge_scores", key, out_dir, body)
+
+
+@task(name="cold_start", cache_policy=STAGE_CACHE, persist_result=True)
+def cold_start_task(
+    key: str, out_dir: str, scored_path: str, train_path: str, model_dir: str, base_model: dict,
+    generation: dict, cold_start: dict, seed: int,
+) -> StageRecord:  # fmt: skip
+    from models.generation import make_backend  # noqa: PLC0415
+    from tasks.cold_start import build_cold_start, make_compressor, write_cold_start  # noqa: PLC0415
+    from tasks.synthesize import read_split  # noqa: PLC0415
+
+    def body(folder: Path) -> dict[str, Any]:
+        cfg = ColdStartConfig.model_validate(cold_start)
+        backend = make_backend(
+            model_dir, ModelConfig.model_validate(base_model), GenerationConfig.model_validate(generation), seed
+        )
+        teacher_rows = read_split(train_path) if cfg.compressor == "demo_terse" else None
+        compressor = make_compressor(cfg, rows=teacher_rows, backend=backend, seed=seed)
+        d_long, d_short, stats = build_cold_start(read_split(scored_path), cfg, compressor, backend.count_tokens)
+        path_long, path_short = write_cold_start(folder, d_long, d_short)
+        numeric = {f"cold_start_{k}": float(v) for k, v in stats.as_dict().items() if isinstance(v, (int, float))}
+        return {"outputs": {"long": str(path_long), "short": str(path_short)}, "metrics": numeric}
+
+    return _run_stage("cold_start", key, out_dir, body)
+
+
+@task(name="sft_role", cache_policy=STAGE_CACHE, persist_result=True)
+def sft_role_task(
+    key: str, out_dir: str, role: str, data_path: str, model_dir: str, base_model: dict, sft: dict, seed: int
+) -> StageRecord:
+    """SFT of the long-thought or short-thought model from the base model on D_long / D_short."""
+    from models.factory import load_model  # noqa: PLC0415
+    from tasks.cold_start import pair_sft_examples  # noqa: PLC0415
+    from tasks.sft import train_from_checkpoint  # noqa: PLC0415
+    from tasks.synthesize import read_split  # noqa: PLC0415
+
+    def body(folder: Path) -> dict[str, Any]:
+        model_cfg = ModelConfig.model_validate(base_model)
+        _, tokenizer = load_model(model_cfg, path=model_dir)
+        examples = pair_sft_examples(tokenizer, read_split(data_path), role)
+        result = train_from_checkpoint(model_dir, examples, model_cfg, SFTConfig.model_validate(sft), folder, seed)
+        return {
+            "outputs": {"model": result.model_dir},
+            "digests": {"model": tree_digest(Path(result.model_dir))},
+            "metrics": {f"sft_{role}_train_loss": result.train_loss, f"sft_{role}_steps": result.steps},
+        }
+
+    return _run_stage(f"sft_{role}", key, out_dir, body)
+
+
+@task(name="rl", cache_policy=STAGE_CACHE, persist_result=True)
+def rl_task(
+    key: str, out_dir: str, long_dir: str, short_dir: str, train_path: str, base_model: dict, protocol: dict,
+    rl: dict, n_problems: int,
+) -> StageRecord:  # fmt: skip
+    """Synergizing multi-turn GRPO of the pair; resumes from its own checkpoints after a crash."""
+    from tasks.rl import train_pair_rl  # noqa: PLC0415
+    from tasks.synthesize import read_split  # noqa: PLC0415
+
+    logger = get_run_logger()
+
+    def body(folder: Path) -> dict[str, Any]:
+        problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in read_split(train_path)]
+        result = train_pair_rl(
+            long_dir, short_dir, problems[:n_problems], RLConfig.model_validate(rl), folder,
+            model_cfg=ModelConfig.model_validate(base_model), protocol=ProtocolConfig.model_validate(protocol),
+            on_step=lambda m: logger.info("rl step %s: %s", m.get("step"), _brief(m)),
+        )  # fmt: skip
+        write_jsonl(folder / "history.jsonl", result.history)
+        first, last = result.history[0], result.history[-1]
+        return {
+            "outputs": {"long": result.long_dir, "short": result.short_dir, "history": str(folder / "history.jsonl")},
+            "digests": {"long": tree_digest(Path(result.long_dir)), "short": tree_digest(Path(result.short_dir))},
+            "metrics": {
+                "rl_steps": result.steps,
+                "rl_first_reward": first["reward/total"],
+                "rl_last_reward": last["reward/total"],
+                "rl_runtime_s": result.runtime_s,
+            },
+        }
+
+    return _run_stage("rl", key, out_dir, body)
+
+
+def _brief(metrics: dict[str, Any]) -> str:
+    keys = ("role", "reward/total", "accuracy", "tokens/total")
+    return ", ".join(f"{k}={metrics[k]:.3g}" if isinstance(metrics.get(k), float) else f"{k}={metrics.get(k)}" for k in keys)
+
+
+@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
+def evaluate_task(
+    key: str, out_dir: str, systems: dict[str, dict[str, str]], heldout_path: str, scored_heldout: str,
+    base_model: dict, generation: dict, protocol: dict, evaluate: dict, seed: int,
+) -> StageRecord:  # fmt: skip
+    """Every system on the same held-out problems and seeds; tables, plots and the importance AUROC."""
+    from tasks.report import evaluate_systems  # noqa: PLC0415
+
+    def body(folder: Path) -> dict[str, Any]:
+        report = evaluate_systems(
+            systems, heldout_path, scored_heldout, ModelConfig.model_validate(base_model),
+            GenerationConfig.model_validate(generation), ProtocolConfig.model_validate(protocol),
+            EvaluateConfig.model_validate(evaluate), folder, seed,
+        )  # fmt: skip
+        return {"outputs": report.outputs, "metrics": report.metrics}
+
+    return _run_stage("evaluate", key, out_dir, body)

@@ -47,26 +47,70 @@ def run(profile: ProfileOpt = "demo", set_: SetOpt = None) -> None:
     _print_summary(summary)
 
 
+SYSTEMS = (("long-CoT base", "long_cot_base"), ("Long⊗Short SFT", "long_short_sft"), ("Long⊗Short RL", "long_short_rl"))
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "—" if value is None else format(value, pattern)
+
+
 def _print_summary(summary: dict) -> None:
     m = summary["metrics"]
-    table = Table(title=f"longshort pipeline — profile {summary['profile']}")
-    table.add_column("system")
-    table.add_column("accuracy", justify="right")
-    table.add_column("mean tokens", justify="right")
-    if "base_accuracy" in m:
-        table.add_row("long-CoT base (thinking)", f"{m['base_accuracy']:.1%}", f"{m['base_mean_tokens']:.1f}")
+    table = Table(title=f"longshort pipeline — profile {summary['profile']} — demo held-out problems")
+    for col in ("system", "accuracy", "mean tokens", "vs base", "tokens (correct)", "tokens (wrong)", "turns"):
+        table.add_column(col, justify="left" if col == "system" else "right")
+    base_tokens = m.get("demo_heldout.long_cot_base.mean_tokens")
+    for name, slug in SYSTEMS:
+        p = f"demo_heldout.{slug}"
+        if f"{p}.accuracy" not in m:
+            continue
+        ratio = m[f"{p}.mean_tokens"] / base_tokens if base_tokens else None
         table.add_row(
-            "long-CoT base (no thinking)", f"{m['base_nothink_accuracy']:.1%}", f"{m['base_nothink_mean_tokens']:.1f}"
-        )
+            name, _fmt(m[f"{p}.accuracy"], ".1%"), _fmt(m[f"{p}.mean_tokens"], ".1f"), _fmt(ratio, ".0%"),
+            _fmt(m.get(f"{p}.mean_tokens_correct"), ".1f"), _fmt(m.get(f"{p}.mean_tokens_wrong"), ".1f"),
+            _fmt(m.get(f"{p}.turns"), ".2f"),
+        )  # fmt: skip
+    if "base_nothink_accuracy" in m:
+        table.add_row(
+            "long-CoT base, empty <think>", _fmt(m["base_nothink_accuracy"], ".1%"),
+            _fmt(m["base_nothink_mean_tokens"], ".1f"), "", "", "", "",
+        )  # fmt: skip
     console.print(table)
+    if "importance_auroc" in m:
+        console.print(
+            f"thought importance: AUROC {m['importance_auroc']:.3f} against the teacher's hidden labels "
+            f"({m['importance_auroc_traces']:.0f} held-out traces); acc_0 {m.get('score_heldout_acc_0', float('nan')):.2f}, "
+            f"acc_n {m.get('score_heldout_acc_n', float('nan')):.2f}"
+        )
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_times_s"].items())
     console.print(
-        f"flow time {summary['flow_time_s']:.1f} s; stages from cache: {summary['cache_hits']}/{summary['n_stages']}"
+        f"flow time {summary['flow_time_s']:.1f} s; tasks from cache: {summary['cache_hits']}/{summary['n_stages']}"
         f" (stage compute times: {times})"
     )
+    if summary.get("report"):
+        console.print(f"report: {summary['report']}")
     console.print(f"MLflow run {summary.get('mlflow_run_id')} in {summary.get('tracking_uri')}")
-    if "base_model_version" in summary:
-        console.print(f"registered model longshort-base version {summary['base_model_version']}")
+    for key, name in (("base_model_version", "longshort-base"), ("pair_version", "longshort-pair")):
+        if key in summary:
+            console.print(f"registered model {name} version {summary[key]}")
+
+
+@app.command()
+def evaluate(profile: ProfileOpt = "demo", set_: SetOpt = None) -> None:
+    """Evaluate every system of a profile side by side (runs, or reuses from cache, what it needs)."""
+    from longshort.config import ConfigError, load_profile  # noqa: PLC0415
+
+    try:
+        load_profile(profile, set_)
+    except ConfigError as exc:
+        _fail(exc)
+    from flows.pipeline import pipeline  # noqa: PLC0415
+
+    summary = pipeline(profile=profile, overrides=set_)
+    if summary.get("report"):
+        console.print(Path(summary["report"]).read_text(encoding="utf-8"), markup=False, highlight=False)
+        console.print(f"plots and tables: {Path(summary['report']).parent}")
+    _print_summary(summary)
 
 
 @app.command()

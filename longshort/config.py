@@ -30,6 +30,11 @@ class RunConfig(Section):
     name: str = "demo"
     seed: int = 0
     workspace: Path = Path("workspace")
+    # Prefect task runner for mapped stages (MC scoring shards): local threads, or a Dask/Ray
+    # cluster through prefect-dask / prefect-ray (installed separately) at ``cluster_address``.
+    task_runner: Literal["threads", "dask", "ray"] = "threads"
+    max_workers: int = Field(1, ge=1)  # threads; >1 only helps when shards do not share the cores
+    cluster_address: str | None = None
 
 
 class DemoTaskConfig(Section):
@@ -161,9 +166,32 @@ class ProtocolConfig(Section):
     max_new_tokens_short: int = Field(128, ge=1)
 
 
+class BenchmarkSource(Section):
+    """A benchmark: a jsonl path (or folder with ``<split>.jsonl``) or a hub dataset id."""
+
+    source: str
+    name: str | None = None  # default: the file stem / known hub id
+    split: str = "test"
+    limit: int | None = Field(None, ge=1)
+
+
 class EvaluateConfig(Section):
-    n_problems: int = Field(300, ge=1)
-    max_new_tokens: int = Field(512, ge=1)
+    """Systems side by side on the same problems and seeds (DESIGN §3, Evaluate)."""
+
+    n_problems: int = Field(300, ge=1)  # of the held-out split
+    max_new_tokens: int = Field(512, ge=1)  # a single long-CoT model's whole response
+    k: int = Field(1, ge=1)  # samples per problem (Mean@k, Pass@k)
+    temperature: float = Field(0.0, ge=0.0)  # > 0 when k > 1
+    budgets: list[int] = [2048, 4096, 8192, 16384, 32768]  # token budgets for budget accuracy
+    benchmarks: list[BenchmarkSource] = []
+
+    @model_validator(mode="after")
+    def _sampling(self) -> EvaluateConfig:
+        if self.k > 1 and self.temperature == 0:
+            raise ValueError("k > 1 samples need temperature > 0")
+        if not self.budgets or any(b < 1 for b in self.budgets):
+            raise ValueError("budgets must be positive token counts")
+        return self
 
 
 class ChunkConfig(Section):
@@ -186,6 +214,24 @@ class ChunkConfig(Section):
         if blank:
             raise ValueError(f"markers must be non-blank strings, got {blank!r}")
         return markers
+
+
+class ScoreConfig(Section):
+    """Monte Carlo rollouts per prefix and the length decay (DESIGN §3, Score; tasks/importance.py)."""
+
+    n_train_traces: int = Field(400, ge=1)  # training traces scored for the cold-start data
+    n_heldout_traces: int = Field(100, ge=0)  # held-out traces scored for evaluation (AUROC on the demo)
+
+    n_rollouts: int = Field(4, ge=1)  # N rollouts per prefix
+    # δ(c) = exp(−c / L_delta), c in tokens. The demo's thinking is ~260 tokens (median, 600-token
+    # vocabulary), so 512 keeps a whole trace at δ ≈ 0.6; real profiles should scale it with their
+    # trace length (about twice the median thinking tokens, e.g. 8192 for R1-style traces).
+    L_delta: float = Field(512.0, gt=0)
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(32, ge=1)  # the forced answer turn
+    shard_size: int = Field(32, ge=1)  # traces per generate call (and per Prefect map task)
+    seed: int = 0
 
 
 # The demo teacher's closing sentence (tasks.demo.answer_text); ``{answer}`` is the reference answer.
@@ -218,6 +264,36 @@ class ColdStartConfig(Section):
         return template
 
 
+Efficiency = Literal["kimi", "truncation", "laser", "laser-d", "none"]
+
+
+class RLConfig(Section):
+    """GRPO settings for the alternating long/short RL stage (DESIGN §3, Multi-turn RL; tasks/rl.py)."""
+
+    rounds: int = Field(1, ge=1)  # R: each round trains long, then short
+    steps_per_round: int = Field(10, ge=1)  # optimizer steps per model per round
+    prompts_per_step: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=2)  # G rollouts per problem
+    learning_rate: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)  # AdamW; 0 as TRL's GRPO default, so a zero-advantage step moves nothing
+    kl_coef: float = Field(0.0, ge=0)  # β; 0 disables the reference model
+    efficiency: Efficiency = "laser"
+    length_target: int = Field(512, ge=1)  # L_T, in tokens
+    alpha: float = Field(0.5, ge=0)
+    length_of: Literal["episode", "trained"] = "episode"  # L = long+short tokens, or the trained model's
+    correctness_weight: float = 1.0
+    format_weight: float = 0.1
+    efficiency_weight: float = 1.0
+    easy_filter: bool = False  # keep problems whose pass rate under the starting pair is > 0.5
+    cap_rollout_at_length_target: bool = False  # L_R = L_T: a longer episode counts as wrong
+    temperature: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(16, ge=1)  # sequences per forward pass
+    checkpoint_every: int = Field(10, ge=1)  # steps
+    keep_checkpoints: int = Field(2, ge=1)
+    n_problems: int = Field(512, ge=1)  # training problems the pool is drawn from (before the easy filter)
+    seed: int = 0
+
 class TrackingConfig(Section):
     tracking_uri: str | None = None  # default: sqlite:///<workspace>/mlflow.db
     artifact_location: str | None = None  # default: <workspace>/mlartifacts
@@ -232,11 +308,15 @@ class Profile(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     base_model: ModelConfig = ModelConfig()
     sft_base: SFTConfig = SFTConfig()
+    sft_long: SFTConfig = SFTConfig()
+    sft_short: SFTConfig = SFTConfig()
     generation: GenerationConfig = GenerationConfig()
     protocol: ProtocolConfig = ProtocolConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     chunk: ChunkConfig = ChunkConfig()
+    score: ScoreConfig = ScoreConfig()
     cold_start: ColdStartConfig = ColdStartConfig()
+    rl: RLConfig = RLConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def section_dump(self, name: str) -> dict[str, Any]:

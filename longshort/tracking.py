@@ -104,8 +104,42 @@ def register_transformers_model(model_dir: str, name: str, digest: str, tags: di
     return version
 
 
+PAIR_SYSTEM = "Long⊗Short RL"  # the system registered as longshort-pair
+HELDOUT = "demo_heldout"
+
+
+def _log_history(record: StageRecord) -> None:
+    """An RL stage's per-step metrics as MLflow step series (the reward curve)."""
+    from longshort.io import iter_jsonl  # noqa: PLC0415
+
+    path = record.outputs.get("history")
+    if not path or not Path(path).is_file():
+        return
+    for _, row in iter_jsonl(Path(path)):
+        step = int(row.get("step", 0))
+        role = row.get("role", "pair")
+        mlflow.log_metrics(
+            {f"rl.{role}.{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+            step=step,
+        )
+
+
+def pair_gate_metrics(metrics: dict[str, float]) -> dict[str, float] | None:
+    """The numbers the promotion gate reads, from the evaluation of the RL pair on the held-out split."""
+    from tasks.report import slug  # noqa: PLC0415
+
+    prefix = f"{HELDOUT}.{slug(PAIR_SYSTEM)}"
+    if f"{prefix}.accuracy" not in metrics:
+        return None
+    return {"pair_accuracy": metrics[f"{prefix}.accuracy"], "pair_mean_tokens": metrics[f"{prefix}.mean_tokens"]}
+
+
 def log_pipeline(profile: Profile, records: list[StageRecord], flow_time_s: float, cache_hits: int) -> dict[str, Any]:
-    """One parent run with params, metrics, data digests and git commit; a nested run per stage."""
+    """One parent run with params, metrics, data digests and git commit; a nested run per stage.
+
+    The evaluation's tables and plots are the run's artifacts; the base model and
+    the pair (long, short, and the ``longshort-pair`` pyfunc) are registered.
+    """
     uri = configure(profile)
     by_stage = {r.stage: r for r in records}
     commit = git_commit()
@@ -122,8 +156,12 @@ def log_pipeline(profile: Profile, records: list[StageRecord], flow_time_s: floa
                 mlflow.set_tags({"stage": record.stage, "cache_key": record.key, "artifact_dir": record.path})
                 mlflow.log_metrics({k: float(v) for k, v in record.metrics.items()})
                 mlflow.log_metric("duration_s", record.duration_s)
+                if record.stage == "rl":
+                    _log_history(record)
             mlflow.log_metrics({k: float(v) for k, v in record.metrics.items()})
         mlflow.log_metrics({"flow_time_s": flow_time_s, "cache_hits": cache_hits})
+        if "evaluate" in by_stage:
+            mlflow.log_artifacts(by_stage["evaluate"].path, artifact_path="report")
         result: dict[str, Any] = {"mlflow_run_id": run.info.run_id, "tracking_uri": uri}
         if profile.tracking.register_models and "sft_base" in by_stage:
             sft = by_stage["sft_base"]
@@ -135,4 +173,11 @@ def log_pipeline(profile: Profile, records: list[StageRecord], flow_time_s: floa
             )
             mlflow.set_tag("registered.base_model", f"{profile.tracking.base_model_name}/{version}")
             result["base_model_version"] = version
+        gate = pair_gate_metrics(by_stage["evaluate"].metrics) if "evaluate" in by_stage else None
+        if profile.tracking.register_models and "rl" in by_stage and gate is not None:
+            from longshort.registry import register_pair  # noqa: PLC0415
+
+            rl = by_stage["rl"]
+            versions = register_pair(rl.outputs["long"], rl.outputs["short"], gate, tags)
+            result.update(pair_version=versions.pair, long_version=versions.long, short_version=versions.short)
     return result

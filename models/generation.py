@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
+from transformers import DynamicCache
 
 from longshort.config import GenerationConfig, ModelConfig
 
 log = logging.getLogger(__name__)
+
+PrefixMode = Literal["shared", "copied", "separate"]
+_SAMPLE_SEED_STRIDE = 1_000_003  # seed offset between the passes of prefix="separate"
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class Completion:
     text: str  # includes the stop string that ended it
     n_tokens: int  # generated model tokens, the stop string included
     finish_reason: Literal["stop", "length"]
+    token_ids: tuple[int, ...] = ()  # the generated ids counted in n_tokens (RL needs them for log-probs)
 
 
 class GenerationBackend(Protocol):
@@ -45,8 +50,18 @@ class GenerationBackend(Protocol):
         top_p: float = 1.0,
         n: int = 1,
         seed: int = 0,
+        prefix: PrefixMode = "shared",
     ) -> list[list[Completion]]:
-        """``n`` completions for each prompt, in prompt order."""
+        """``n`` completions for each prompt, in prompt order.
+
+        ``prefix`` says how the ``n`` samples of one prompt treat the prompt:
+        ``shared`` encodes it once and every sample reuses its KV cache (the
+        default; Monte Carlo rollouts depend on it, DESIGN §3), ``copied`` runs
+        ``n`` copies of it in one batch (Hugging Face's ``num_return_sequences``),
+        ``separate`` makes one generation pass per sample, re-encoding the prompt
+        each time (the naive baseline the benchmark compares against). Greedy
+        decoding gives the same text in every mode.
+        """
         ...
 
 
@@ -56,7 +71,13 @@ def _chat_prompt(tokenizer, system: str, user: str) -> str:
 
 
 class TransformersBackend:
-    """Batched ``model.generate`` with left padding and a KV cache."""
+    """Batched ``model.generate`` with left padding and a KV cache.
+
+    The ``n`` samples of a prompt share its encoding by default (see
+    ``_generate_from_shared_prefix``): Monte Carlo scoring draws several rollouts
+    from each of many long prefixes, and encoding a prefix once instead of ``n``
+    times is most of its cost on a CPU.
+    """
 
     name = "transformers"
 
@@ -88,7 +109,25 @@ class TransformersBackend:
         top_p: float = 1.0,
         n: int = 1,
         seed: int = 0,
+        prefix: PrefixMode = "shared",
     ) -> list[list[Completion]]:
+        if prefix not in ("shared", "copied", "separate"):
+            raise ValueError(f"generate: prefix must be 'shared', 'copied' or 'separate', got {prefix!r}")
+        if prefix == "separate" and n > 1:
+            # The naive baseline: one full pass per sample, each re-encoding every prompt.
+            passes = [
+                self.generate(
+                    prompts,
+                    max_new_tokens=max_new_tokens,
+                    stop=stop,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=seed + j * _SAMPLE_SEED_STRIDE,
+                )
+                for j in range(n)
+            ]
+            return [[one[i][0] for one in passes] for i in range(len(prompts))]
+        share = prefix == "shared" and n > 1
         tok = self.tokenizer
         # Stops that are one token become extra EOS ids (cheap); others use stop_strings.
         stop_ids = {s: self._single_token_id(s) for s in stop}
@@ -103,7 +142,6 @@ class TransformersBackend:
             batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(self.device)
             kwargs = dict(
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=n,
                 eos_token_id=eos_ids,
                 pad_token_id=tok.pad_token_id,
                 do_sample=temperature > 0,
@@ -113,11 +151,51 @@ class TransformersBackend:
                 torch.manual_seed(seed + start)
             if string_stops:
                 kwargs.update(stop_strings=string_stops, tokenizer=tok)
-            out = self.model.generate(**batch, **kwargs)
+            if share:
+                out = self._generate_from_shared_prefix(batch["input_ids"], batch["attention_mask"], n, kwargs)
+            else:
+                # n full copies of each prompt (num_return_sequences refuses n > 1 when greedy)
+                out = self.model.generate(
+                    input_ids=batch["input_ids"].repeat_interleave(n, dim=0),
+                    attention_mask=batch["attention_mask"].repeat_interleave(n, dim=0),
+                    **kwargs,
+                )
             new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
             for row, ids in enumerate(new_tokens):
                 results[idx[row // n]].append(self._completion(ids, set(eos_ids), string_stops, max_new_tokens))
         return results
+
+    def _generate_from_shared_prefix(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, kwargs: dict
+    ) -> torch.Tensor:
+        """``n`` samples per row that share one encoding of the prompt.
+
+        The prompt minus its last token is encoded once into a KV cache, the cache
+        is repeated ``n`` times along the batch (``DynamicCache.batch_repeat_interleave``),
+        and ``model.generate`` continues from it: its prefill then runs only the
+        last prompt token of each of the ``n`` rows. Positions follow the left
+        padding exactly as ``generate`` computes them, so greedy decoding matches
+        the ``copied`` path.
+        """
+        cache = DynamicCache(config=self.model.config)
+        if input_ids.shape[1] > 1:
+            head_mask = attention_mask[:, :-1]
+            position_ids = (head_mask.long().cumsum(-1) - 1).masked_fill(head_mask == 0, 0)
+            self.model(
+                input_ids=input_ids[:, :-1],
+                attention_mask=head_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        cache.batch_repeat_interleave(n)
+        return self.model.generate(
+            input_ids=input_ids.repeat_interleave(n, dim=0),
+            attention_mask=attention_mask.repeat_interleave(n, dim=0),
+            past_key_values=cache,
+            **kwargs,
+        )
 
     def _completion(self, ids: list[int], eos_ids: set[int], string_stops: list[str], cap: int) -> Completion:
         tok = self.tokenizer
@@ -125,7 +203,7 @@ class TransformersBackend:
         if end is not None:
             keep = ids[: end + 1] if ids[end] != tok.eos_token_id else ids[:end]
             text = tok.decode(keep, skip_special_tokens=False)
-            return Completion(text, end + 1, "stop")
+            return Completion(text, end + 1, "stop", tuple(ids[: end + 1]))
         ids = [t for t in ids if t != tok.pad_token_id]
         text = tok.decode(ids, skip_special_tokens=False)
         for s in string_stops:
@@ -134,8 +212,8 @@ class TransformersBackend:
                 text = text[: cut + len(s)]
                 # the fewest tokens whose decoding covers the cut text
                 n_tok = next(k for k in range(1, len(ids) + 1) if len(tok.decode(ids[:k])) >= len(text))
-                return Completion(text, n_tok, "stop")
-        return Completion(text, len(ids), "length" if len(ids) >= cap else "stop")
+                return Completion(text, n_tok, "stop", tuple(ids[:n_tok]))
+        return Completion(text, len(ids), "length" if len(ids) >= cap else "stop", tuple(ids))
 
 
 class VLLMBackend:
@@ -172,7 +250,10 @@ class VLLMBackend:
         top_p: float = 1.0,
         n: int = 1,
         seed: int = 0,
+        prefix: PrefixMode = "shared",
     ) -> list[list[Completion]]:
+        # vLLM always shares prompts through its prefix cache (enable_prefix_caching), so
+        # ``prefix`` changes nothing here; the n samples come from one request.
         from vllm import SamplingParams  # noqa: PLC0415
 
         params = SamplingParams(
@@ -187,7 +268,12 @@ class VLLMBackend:
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
         return [
             [
-                Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop")
+                Completion(
+                    o.text,
+                    len(o.token_ids),
+                    "length" if o.finish_reason == "length" else "stop",
+                    tuple(o.token_ids),
+                )
                 for o in out.outputs
             ]
             for out in outputs

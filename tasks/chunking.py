@@ -352,3 +352,25 @@ def chunk_trace(
 ) -> list[ThoughtSpan]:
     """The thoughts of one trace; ``"".join(t.text for t in result) == trace``."""
     return chunk_traces([trace], cfg or ChunkConfig(), backend, seed=seed)[0].thoughts
+
+
+def chunk_rows(
+    rows: Sequence[dict], cfg: ChunkConfig, backend: GenerationBackend | None = None, *, seed: int = 0
+) -> list[dict]:
+    """Rows of ``{id, problem, answer, response}`` -> ``{id, problem, answer, thoughts, types}``.
+
+    ``thoughts`` are the exact texts of the thinking's thoughts (joined, they give
+    ``thinking_of(response)`` back); only public fields are read.
+    """
+    chunkings = chunk_traces([thinking_of(r["response"]) for r in rows], cfg, backend, seed=seed)
+    return [
+        {
+            "id": r["id"],
+            "problem": r["problem"],
+            "answer": r["answer"],
+            "thoughts": [t.text for t in c.thoughts],
+            "types": [t.type for t in c.thoughts],
+            "chunk_method": c.method,
+        }
+        for r, c in zip(rows, chunkings)
+    ]

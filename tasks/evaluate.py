@@ -11,16 +11,19 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from longshort.config import ProtocolConfig
 from models.generation import GenerationBackend
 from models.protocol import (
     STOP_STRINGS,
     SYSTEM_PROMPTS,
+    Episode,
     ProtocolError,
     answer_prefix,
     parse_response,
     parse_turn,
+    run_episodes,
 )
-from tasks.answers import is_correct
+from tasks.answers import check_answer, is_correct
 
 
 @dataclass(frozen=True)
@@ -86,3 +89,97 @@ def evaluate_single_model(
         n=n,
     )
     return result, records
+
+
+# --------------------------------------------------------------------------- systems side by side
+
+
+def single_model_records(
+    backend: GenerationBackend,
+    rows: list[dict[str, Any]],
+    *,
+    benchmark: str,
+    system: str,
+    k: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 512,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """k sampled responses of one long-CoT model per problem, as ``tasks.metrics`` records.
+
+    A single model's response is all its own tokens, so they count as ``tokens_long``.
+    """
+    prompts = [backend.chat_prompt(SYSTEM_PROMPTS["base"], r["problem"]) for r in rows]
+    outs = backend.generate(
+        prompts, max_new_tokens=max_new_tokens, stop=STOP_STRINGS["base"], temperature=temperature, n=k, seed=seed
+    )
+    records = []
+    for row, completions in zip(rows, outs):
+        for sample, completion in enumerate(completions):
+            try:
+                _, final = parse_response(completion.text)
+                answer, well_formed = final.answer, True
+            except ProtocolError:
+                answer, well_formed = None, False
+            records.append(
+                {
+                    "benchmark": benchmark,
+                    "system": system,
+                    "problem_id": row["id"],
+                    "sample": sample,
+                    "correct": well_formed and check_answer(answer, row.get("kind", "math"), row["answer"]),
+                    "tokens_long": completion.n_tokens,
+                    "tokens_short": 0,
+                    "turns": 1,
+                    "well_formed": well_formed,
+                    "answer": answer,
+                }
+            )
+    return records
+
+
+def pair_records(
+    long_backend: GenerationBackend,
+    short_backend: GenerationBackend,
+    rows: list[dict[str, Any]],
+    protocol: ProtocolConfig,
+    *,
+    benchmark: str,
+    system: str,
+    k: int = 1,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], list[Episode]]:
+    """k Long⊗Short episodes per problem through the turn protocol, as ``tasks.metrics`` records.
+
+    An episode that ends without ``</answer>`` (turn cap, malformed turn) is wrong.
+    """
+    problems = [r for r in rows for _ in range(k)]
+    episodes = run_episodes(
+        [r["problem"] for r in problems],
+        long_backend,
+        short_backend,
+        max_turns=protocol.max_turns,
+        max_new_tokens_long=protocol.max_new_tokens_long,
+        max_new_tokens_short=protocol.max_new_tokens_short,
+        temperature=temperature,
+        seed=seed,
+    )
+    records = []
+    for i, (row, episode) in enumerate(zip(problems, episodes)):
+        records.append(
+            {
+                "benchmark": benchmark,
+                "system": system,
+                "problem_id": row["id"],
+                "sample": i % k,
+                "correct": episode.well_formed and check_answer(episode.answer, row.get("kind", "math"), row["answer"]),
+                "tokens_long": episode.tokens("long"),
+                "tokens_short": episode.tokens("short"),
+                "turns": len(episode.turns),
+                "well_formed": episode.well_formed,
+                "answer": episode.answer,
+                "stop_reason": episode.stop_reason,
+            }
+        )
+    return records, episodes

@@ -144,18 +144,21 @@ def in_tmp_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_tiny(tmp_path_factory, demo_rows_small) -> str:
-    """A tiny model fine-tuned for a few seconds on demo traces: it writes protocol-shaped text."""
+def trained_tiny(tmp_path_factory) -> str:
+    """A tiny model fine-tuned for a few dozen steps on short demo traces: it writes protocol-shaped
+    text (``<think>`` … ``</think>``, ``<answer>…\\boxed{}…</answer>``), not correct arithmetic."""
     import torch
 
-    from longshort.config import ModelConfig, SFTConfig, TinyModelConfig, TokenizerConfig
+    from longshort.config import DemoTaskConfig, ModelConfig, SFTConfig, TinyModelConfig, TokenizerConfig
     from tasks.base_model import train_base_model
+    from tasks.demo import demo_rows
 
     torch.manual_seed(0)
-    train, _ = demo_rows_small
+    train, _ = demo_rows(DemoTaskConfig(n_train=128, n_heldout=16, seed=5, min_ops=2, max_ops=2, max_value=12,
+                                        max_operand=5, verify_rate=0.3, detour_rate=0.3))  # fmt: skip
     cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512))
-    sft = SFTConfig(epochs=6, learning_rate=5e-3, batch_size=16, save_steps=1000, logging_steps=5)
+    sft = SFTConfig(epochs=5, learning_rate=1e-2, warmup_ratio=0.1, batch_size=16, save_steps=1000, logging_steps=10)
     out = tmp_path_factory.mktemp("trained-tiny")
     result = train_base_model(train, cfg, TokenizerConfig(vocab_size=400), sft, out, seed=0)
     return result.model_dir

@@ -88,19 +88,27 @@ def test_completion_cuts_at_stop_and_counts_model_tokens(demo_tokenizer, tiny_mo
 
 
 @pytest.mark.slow
-def test_trained_model_stops_on_protocol_tags(trained_tiny):
+def test_trained_model_stops_on_one_token_and_multi_token_stops(trained_tiny):
+    """Greedy decoding is deterministic, so a stop taken from the free run must end the rerun exactly there:
+    a one-token stop (a protocol tag is one token) through the EOS ids, a longer one through stop_strings."""
     from models.generation import make_backend
     from longshort.config import GenerationConfig, ModelConfig
-    from models.protocol import STOP_STRINGS, parse_turn
 
     backend = make_backend(trained_tiny, ModelConfig(), GenerationConfig(backend="transformers"))
     prompt = backend.chat_prompt(SYSTEM_PROMPTS["base"], "Start with 4. Then (1) add 3, (2) subtract 2. What is the final number?")
-    (long_turn,) = backend.generate([prompt], max_new_tokens=200, stop=STOP_STRINGS["long"])[0]
-    assert long_turn.finish_reason == "stop" and long_turn.text.endswith("</think>")
-    assert parse_turn("long", long_turn.text).body
-    assert long_turn.n_tokens == backend.count_tokens(long_turn.text)
-    (multi,) = backend.generate([prompt], max_new_tokens=200, stop=["we start"])[0]
-    assert multi.text.endswith("we start") and long_turn.text.startswith(multi.text)
+    (free,) = backend.generate([prompt], max_new_tokens=40)[0]
+    ids = list(free.token_ids)
+    assert free.n_tokens == len(ids) == 40 and free.finish_reason == "length"
+    tok = backend.tokenizer
+    k = next(i for i in range(5, 40) if tok.decode(ids[:i]).count(tok.decode([ids[i]])) == 0)
+    one = tok.decode([ids[k]])
+    (stopped,) = backend.generate([prompt], max_new_tokens=40, stop=[one])[0]
+    assert stopped.finish_reason == "stop" and stopped.n_tokens == k + 1 and stopped.text.endswith(one)
+    assert free.text.startswith(stopped.text)
+    multi = tok.decode(ids[k : k + 3])
+    (cut,) = backend.generate([prompt], max_new_tokens=40, stop=[multi])[0]
+    assert cut.finish_reason == "stop" and cut.text.endswith(multi) and free.text.startswith(cut.text)
+    assert cut.n_tokens <= k + 3
 
 
 def test_sampling_is_seeded_and_gives_n_samples(tiny_model, demo_tokenizer):

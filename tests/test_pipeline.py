@@ -13,6 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
+STAGES = {"synthesize", "sft_base", "evaluate_base", "chunk", "score_shard", "merge_scores", "cold_start",
+          "sft_long", "sft_short", "rl", "evaluate"}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def smoke_runs(prefect_server, tmp_path_factory):
     from flows.pipeline import pipeline
@@ -23,40 +27,51 @@ def smoke_runs(prefect_server, tmp_path_factory):
     try:
         first = pipeline(profile="smoke")
         second = pipeline(profile="smoke")
-        changed = pipeline(profile="smoke", overrides=["sft_base.learning_rate=0.002"])
-        yield work, first, second, changed
+        theta = pipeline(profile="smoke", overrides=["cold_start.theta=0.3"])
+        rl = pipeline(profile="smoke", overrides=["cold_start.theta=0.3", "rl.efficiency=truncation"])
+        yield work, first, second, theta, rl
     finally:
         os.chdir(old)
 
 
 def test_first_run_computes_every_stage(smoke_runs):
-    _, first, _, _ = smoke_runs
-    assert first["cache_hits"] == 0 and first["n_stages"] == 3
+    _, first, _, _, _ = smoke_runs
+    assert first["cache_hits"] == 0 and set(first["recomputed"]) == STAGES
     m = first["metrics"]
     assert m["n_train"] == 48 and m["n_heldout"] == 16 and m["base_n"] == 16
     assert 0.0 <= m["base_accuracy"] <= 1.0 and m["base_mean_tokens"] > 0
     assert m["train_steps"] >= 3
+    assert m["chunk_train_traces"] == 16 and m["chunk_heldout_traces"] == 8
+    assert m["cold_start_n_episodes"] == 16 and m["rl_steps"] == 2
+    for system in ("long_cot_base", "long_short_sft", "long_short_rl"):
+        assert 0.0 <= m[f"demo_heldout.{system}.accuracy"] <= 1.0
+    assert (Path(first["report"]).parent / "demo_heldout_budget.png").stat().st_size > 0
 
 
 def test_rerun_is_all_cache_hits_with_identical_results(smoke_runs):
-    _, first, second, _ = smoke_runs
-    assert second["cache_hits"] == second["n_stages"]
+    _, first, second, _, _ = smoke_runs
+    assert second["cache_hits"] == second["n_stages"] == first["n_stages"] and second["recomputed"] == []
     assert second["metrics"] == first["metrics"]
     assert second["base_model_version"] == first["base_model_version"]
     assert second["flow_time_s"] < first["flow_time_s"]
 
 
-def test_changing_sft_settings_reruns_only_downstream_stages(smoke_runs):
-    _, first, _, changed = smoke_runs
-    assert changed["cache_hits"] == 1  # synthesize only
-    assert changed["metrics"]["train_loss"] != first["metrics"]["train_loss"]
-    assert int(changed["base_model_version"]) == int(first["base_model_version"]) + 1
+def test_changing_theta_reruns_only_cold_start_and_what_follows(smoke_runs):
+    _, first, _, theta, _ = smoke_runs
+    assert set(theta["recomputed"]) == {"cold_start", "sft_long", "sft_short", "rl", "evaluate"}
+    assert theta["metrics"]["n_train"] == first["metrics"]["n_train"]
+
+
+def test_changing_rl_settings_reruns_only_rl_and_evaluation(smoke_runs):
+    _, _, _, theta, rl = smoke_runs
+    assert set(rl["recomputed"]) == {"rl", "evaluate"}
+    assert rl["metrics"]["cold_start_n_long"] == theta["metrics"]["cold_start_n_long"]
 
 
 def test_mlflow_holds_runs_params_metrics_and_registered_model(smoke_runs):
     from mlflow.tracking import MlflowClient
 
-    work, first, _, _ = smoke_runs
+    work, first, _, _, _ = smoke_runs
     assert first["tracking_uri"] == f"sqlite:///{work}/workspace/mlflow.db"
     client = MlflowClient(tracking_uri=first["tracking_uri"], registry_uri=first["tracking_uri"])
     run = client.get_run(first["mlflow_run_id"])
@@ -66,7 +81,7 @@ def test_mlflow_holds_runs_params_metrics_and_registered_model(smoke_runs):
     assert len(run.data.tags["data.train_md5"]) == 32 and run.data.tags["git_commit"]
     exp = client.get_experiment(run.info.experiment_id)
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-    assert {c.data.tags["stage"] for c in children} == {"synthesize", "sft_base", "evaluate_base"}
+    assert {c.data.tags["stage"] for c in children} == STAGES - {"score_shard"}
     version = client.get_model_version("longshort-base", first["base_model_version"])
     assert version.tags["run_id"] == first["mlflow_run_id"] and len(version.tags["model_digest"]) == 64
 
@@ -74,7 +89,7 @@ def test_mlflow_holds_runs_params_metrics_and_registered_model(smoke_runs):
 def test_dvc_repro_writes_the_same_bytes_as_the_flow(smoke_runs, tmp_path):
     from longshort.config import load_profile
 
-    work, first, _, _ = smoke_runs
+    work, first, _, _, _ = smoke_runs
     for rel in ("dvc.yaml", "tasks/demo.py", "tasks/synthesize.py", "models/protocol.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, tmp_path / rel)

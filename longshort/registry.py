@@ -1,0 +1,433 @@
+"""The model registry: register a Long⊗Short pair, compare it with production, promote it (DESIGN §4).
+
+Registered models: ``longshort-long`` and ``longshort-short`` (transformers
+flavour) and ``longshort-pair`` (the pyfunc of :mod:`models.pair`, which runs the
+turn protocol with both). Their versions carry tags that link them: the run id,
+the pair's versions, the data digests, the git commit and the profile.
+
+Promotion uses the alias ``@production`` (aliases, not the deprecated stages) on
+``longshort-pair`` only. The gate reads the candidate's and production's metrics
+from their MLflow runs: ``pair_accuracy`` and ``pair_mean_tokens``. There is no
+fallback to the long-CoT base model's ``base_accuracy``: that measures a
+different system, and promoting a pair on it would compare unlike things. The
+candidate passes when
+
+    pair_accuracy(candidate) >= pair_accuracy(production) - tolerance   and
+    pair_mean_tokens(candidate) <= pair_mean_tokens(production)
+
+and otherwise the alias stays where it is and :class:`PromotionRefused` carries
+the numbers. The first candidate (no production yet) is promoted unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from longshort.io import tree_digest
+from models.pair import ACCURACY_METRIC, TOKENS_METRIC, PairSettings
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LONG_MODEL, SHORT_MODEL, PAIR_MODEL = "longshort-long", "longshort-short", "longshort-pair"
+PRODUCTION = "production"
+DEFAULT_TOLERANCE = 0.02
+GATE_METRICS = (ACCURACY_METRIC, TOKENS_METRIC)
+# Environment variables whose values must never reach a tag, a param or a log line.
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+class RegistryError(RuntimeError):
+    """A registry lookup or registration that cannot go on; the message names the model, version or run."""
+
+
+class PromotionRefused(RegistryError):
+    """The candidate failed the gate; ``decision`` has both sides' numbers and the reasons."""
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+        super().__init__(decision.summary())
+
+
+@dataclass(frozen=True)
+class PairVersions:
+    run_id: str
+    long: str
+    short: str
+    pair: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One registered pair version and the metrics and tags of the run that produced it."""
+
+    version: str
+    run_id: str
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    candidate: Snapshot
+    production: Snapshot | None
+    tolerance: float
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    promoted: bool = False
+
+    def summary(self) -> str:
+        c = self.candidate
+        head = f"{PAIR_MODEL} v{c.version} (run {c.run_id}): {_numbers(c)}"
+        if self.production is None:
+            return f"{head}; no @{PRODUCTION} yet"
+        p = self.production
+        verdict = "passes the gate" if self.passed else "refused: " + "; ".join(self.reasons)
+        return (
+            f"{head} vs @{PRODUCTION} v{p.version} (run {p.run_id}): {_numbers(p)}; "
+            f"tolerance {self.tolerance:g}; {verdict}"
+        )
+
+
+def _numbers(s: Snapshot) -> str:
+    acc, tok = s.metrics.get(ACCURACY_METRIC), s.metrics.get(TOKENS_METRIC)
+    return f"{ACCURACY_METRIC}={acc:.4f}, {TOKENS_METRIC}={tok:.1f}" if None not in (acc, tok) else "metrics missing"
+
+
+# --- registration ----------------------------------------------------------------------------------
+
+
+def _check_no_secrets(values: Mapping[str, str], where: str) -> None:
+    secrets = [v for name in SECRET_ENV if (v := os.environ.get(name))]
+    leaked = [k for k, v in values.items() if any(s in str(v) for s in secrets)]
+    if leaked:
+        raise RegistryError(f"{where}: values of {leaked} contain a credential from the environment; not logging them")
+
+
+def _git_commit() -> str:
+    from longshort.tracking import git_commit  # noqa: PLC0415
+
+    return git_commit()
+
+
+def _register_transformers(model_dir: Path, name: str, artifact: str, tags: dict[str, str]) -> str:
+    """Log a saved transformers model to the active run and register it; reuse a version with the same digest."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    digest = tree_digest(model_dir)
+    client = MlflowClient()
+    try:
+        existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("model_digest") == digest]
+    except MlflowException:
+        existing = []
+    if existing:
+        version = str(max(int(v.version) for v in existing))
+        log.info("%s: digest %s is already version %s", name, digest[:12], version)
+    else:
+        info = mlflow.transformers.log_model(
+            transformers_model={
+                "model": AutoModelForCausalLM.from_pretrained(model_dir),
+                "tokenizer": AutoTokenizer.from_pretrained(model_dir),
+            },
+            name=artifact,
+            task="text-generation",
+            pip_requirements=["torch", "transformers", "accelerate"],
+            registered_model_name=name,
+        )
+        version = str(info.registered_model_version)
+    for key, value in {**tags, "model_digest": digest}.items():
+        client.set_model_version_tag(name, version, key, value)
+    return version
+
+
+def _stage_folder(src: Path, dest: Path) -> Path:
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dest, copy_function=link_or_copy)
+    return dest
+
+
+def _log_pair_pyfunc(staged: dict[str, Path], config_file: Path, model_signature: Any) -> Any:
+    from models.pair import CONFIG_ARTIFACT, LongShortPair  # noqa: PLC0415
+
+    return mlflow.pyfunc.log_model(
+        name="pair",
+        python_model=LongShortPair(),
+        artifacts={**{role: str(path) for role, path in staged.items()}, CONFIG_ARTIFACT: str(config_file)},
+        code_paths=[str(REPO_ROOT / "models"), str(REPO_ROOT / "longshort")],
+        pip_requirements=["torch", "transformers", "accelerate", "pydantic", "pandas", "math-verify"],
+        signature=model_signature,
+        registered_model_name=PAIR_MODEL,
+    )
+
+
+def register_pair(
+    long_dir: str | Path,
+    short_dir: str | Path,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+    *,
+    settings: PairSettings | None = None,
+) -> PairVersions:
+    """Register a version of ``longshort-long``, ``longshort-short`` and ``longshort-pair`` in the active run.
+
+    ``metrics`` must hold ``pair_accuracy`` and ``pair_mean_tokens`` (what the promotion gate reads);
+    they are logged to the run. ``tags`` (e.g. ``profile``, ``data.train_md5``) go on the run and on all
+    three versions, with ``run_id``, ``git_commit``, the run's own ``data.*`` tags and the pair's versions.
+    Without an active run, one named ``register-pair`` is started in the current experiment.
+    A long or short model whose folder digest is already registered reuses that version.
+    """
+    from models.pair import CONFIG_ARTIFACT, LONG_ARTIFACT, SHORT_ARTIFACT, signature  # noqa: PLC0415
+
+    long_dir, short_dir = Path(long_dir), Path(short_dir)
+    for label, folder in (("long", long_dir), ("short", short_dir)):
+        if not (folder / "config.json").is_file():
+            raise RegistryError(f"{label} model folder {folder} has no config.json (not a saved transformers model)")
+    if missing := [m for m in GATE_METRICS if m not in metrics]:
+        raise RegistryError(f"register_pair: metrics {missing} are missing (got {sorted(metrics)})")
+    tags = {str(k): str(v) for k, v in tags.items()}
+    _check_no_secrets(tags, "register_pair tags")
+    settings = settings or PairSettings()
+
+    own_run = mlflow.active_run() is None
+    run = mlflow.start_run(run_name="register-pair") if own_run else mlflow.active_run()
+    try:
+        run_tags = MlflowClient().get_run(run.info.run_id).data.tags
+        common = {
+            "run_id": run.info.run_id,
+            "git_commit": tags.get("git_commit") or run_tags.get("git_commit") or _git_commit(),
+            "profile": tags.get("profile") or run_tags.get("profile", "unknown"),
+            **{k: v for k, v in run_tags.items() if k.startswith("data.")},
+            **tags,
+        }
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        mlflow.set_tags({k: v for k, v in common.items() if k != "run_id"})
+        long_v = _register_transformers(long_dir, LONG_MODEL, "long_model", common)
+        short_v = _register_transformers(short_dir, SHORT_MODEL, "short_model", common)
+        links = {"pair.long_version": long_v, "pair.short_version": short_v}
+        with tempfile.TemporaryDirectory() as tmp:
+            # MLflow stores each artifact under its folder's base name: two folders both called `model`
+            # would land in one place, so stage them as `long/` and `short/` (hard links where possible)
+            staged = {role: _stage_folder(folder, Path(tmp) / role) for role, folder in
+                      ((LONG_ARTIFACT, long_dir), (SHORT_ARTIFACT, short_dir))}  # fmt: skip
+            config_file = Path(tmp) / "pair_config.json"
+            config_file.write_text(settings.model_dump_json(indent=2))
+            with warnings.catch_warnings():  # we give a signature on purpose, not type hints or an input example
+                warnings.filterwarnings("ignore", message=".*(type hints|input_example|input example).*")
+                info = _log_pair_pyfunc(staged, config_file, signature())
+        pair_v = str(info.registered_model_version)
+        client = MlflowClient()
+        for key, value in {**common, **links, **{f"metric.{k}": str(v) for k, v in metrics.items()}}.items():
+            client.set_model_version_tag(PAIR_MODEL, pair_v, key, value)
+        for name, version in ((LONG_MODEL, long_v), (SHORT_MODEL, short_v)):
+            client.set_model_version_tag(name, version, "pair.version", pair_v)
+        mlflow.set_tags({"registered.pair": f"{PAIR_MODEL}/{pair_v}", **links})
+    finally:
+        if own_run:
+            mlflow.end_run()
+    log.info("registered %s v%s (long v%s, short v%s) from run %s",
+             PAIR_MODEL, pair_v, long_v, short_v, run.info.run_id)  # fmt: skip
+    return PairVersions(run_id=run.info.run_id, long=long_v, short=short_v, pair=pair_v)
+
+
+# --- lookups ---------------------------------------------------------------------------------------
+
+
+def client_for_profile(profile: str, overrides: list[str] | None = None) -> MlflowClient:
+    """A client on the registry a profile uses: ``MLFLOW_TRACKING_URI`` if set (the services), else the profile's
+    ``tracking.tracking_uri``, else the workspace's SQLite file (which must exist: nothing registered otherwise)."""
+    from longshort.config import load_profile  # noqa: PLC0415
+    from longshort.tracking import tracking_uri  # noqa: PLC0415
+
+    cfg = load_profile(profile, overrides)
+    uri = tracking_uri(cfg.tracking, cfg.run.workspace.resolve())
+    default = not os.environ.get("MLFLOW_TRACKING_URI") and cfg.tracking.tracking_uri is None
+    if default and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise RegistryError(f"no MLflow store at {uri} (run the pipeline first, or set MLFLOW_TRACKING_URI)")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _snapshot(client: MlflowClient, version: Any) -> Snapshot:
+    run_id = version.run_id or version.tags.get("run_id")
+    if not run_id:
+        raise RegistryError(f"{PAIR_MODEL} v{version.version} records no run id")
+    run = client.get_run(run_id)
+    return Snapshot(
+        version=str(version.version),
+        run_id=run_id,
+        metrics=dict(run.data.metrics),
+        tags=dict(version.tags),
+        aliases=tuple(getattr(version, "aliases", ()) or ()),
+    )
+
+
+def candidate_for_run(run_id: str, client: MlflowClient | None = None) -> Snapshot:
+    """The newest ``longshort-pair`` version registered from ``run_id``."""
+    client = client or MlflowClient()
+    versions = [
+        v
+        for v in client.search_model_versions(f"name = '{PAIR_MODEL}'")
+        if (v.run_id or v.tags.get("run_id")) == run_id
+    ]
+    if not versions:
+        raise RegistryError(f"run {run_id} registered no version of {PAIR_MODEL}")
+    return _snapshot(client, max(versions, key=lambda v: int(v.version)))
+
+
+def latest_candidate(client: MlflowClient | None = None) -> Snapshot:
+    client = client or MlflowClient()
+    versions = client.search_model_versions(f"name = '{PAIR_MODEL}'")
+    if not versions:
+        raise RegistryError(f"no version of {PAIR_MODEL} is registered")
+    return _snapshot(client, max(versions, key=lambda v: int(v.version)))
+
+
+def production(client: MlflowClient | None = None) -> Snapshot | None:
+    """The version ``@production`` points at, or None."""
+    client = client or MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(PAIR_MODEL, PRODUCTION)
+    except MlflowException:
+        return None
+    return _snapshot(client, version)
+
+
+# --- the gate --------------------------------------------------------------------------------------
+
+
+def gate(candidate: Mapping[str, float], current: Mapping[str, float], tolerance: float) -> list[str]:
+    """Reasons to refuse (empty: promote). Accuracy may drop by at most ``tolerance``; tokens may not rise."""
+    for side, values in (("candidate", candidate), ("production", current)):
+        if missing := [m for m in GATE_METRICS if m not in values]:
+            raise RegistryError(f"the {side}'s run has no metric {missing}; it cannot be compared")
+    reasons = []
+    acc_c, acc_p = candidate[ACCURACY_METRIC], current[ACCURACY_METRIC]
+    if acc_c < acc_p - tolerance:
+        reasons.append(
+            f"{ACCURACY_METRIC} {acc_c:.4f} is {acc_p - acc_c:.4f} below production's {acc_p:.4f} "
+            f"(tolerance {tolerance:g})"
+        )
+    tok_c, tok_p = candidate[TOKENS_METRIC], current[TOKENS_METRIC]
+    if tok_c > tok_p:
+        reasons.append(f"{TOKENS_METRIC} {tok_c:.1f} is higher than production's {tok_p:.1f}")
+    return reasons
+
+
+def evaluate_promotion(
+    run_id: str, tolerance: float = DEFAULT_TOLERANCE, client: MlflowClient | None = None
+) -> Decision:
+    """The gate's decision for the pair registered from ``run_id``, without moving anything."""
+    client = client or MlflowClient()
+    candidate = candidate_for_run(run_id, client)
+    current = production(client)
+    if current is None:
+        missing = [m for m in GATE_METRICS if m not in candidate.metrics]
+        return Decision(candidate, None, tolerance, not missing, [f"candidate run lacks {missing}"] if missing else [])
+    reasons = gate(candidate.metrics, current.metrics, tolerance)
+    return Decision(candidate, current, tolerance, not reasons, reasons)
+
+
+def promote(run_id: str, tolerance: float = DEFAULT_TOLERANCE, client: MlflowClient | None = None) -> Decision:
+    """Move ``longshort-pair@production`` to the pair of ``run_id`` if it passes the gate.
+
+    Raises :class:`PromotionRefused` (alias unchanged) when it does not.
+    """
+    client = client or MlflowClient()
+    decision = evaluate_promotion(run_id, tolerance, client)
+    if not decision.passed:
+        log.warning("promotion refused: %s", decision.summary())
+        raise PromotionRefused(decision)
+    version = decision.candidate.version
+    client.set_registered_model_alias(PAIR_MODEL, PRODUCTION, version)
+    client.set_model_version_tag(PAIR_MODEL, version, "promoted_at", datetime.now(timezone.utc).isoformat())
+    previous = decision.production.version if decision.production else "none"
+    client.set_model_version_tag(PAIR_MODEL, version, "promoted_over", previous)
+    log.info("promoted %s v%s to @%s (was %s): %s", PAIR_MODEL, version, PRODUCTION, previous, decision.summary())
+    return Decision(decision.candidate, decision.production, tolerance, True, [], promoted=True)
+
+
+# --- side by side ----------------------------------------------------------------------------------
+
+TAG_ROWS = ("profile", "git_commit", "pair.long_version", "pair.short_version")
+
+
+def comparison_rows(candidate: Snapshot, current: Snapshot | None) -> list[tuple[str, str, str, str]]:
+    """(name, candidate, production, delta) rows: gate metrics first, other shared metrics, then tags."""
+    prod_metrics = current.metrics if current else {}
+    names = [*GATE_METRICS, *sorted((set(candidate.metrics) | set(prod_metrics)) - set(GATE_METRICS))]
+    rows = []
+    for name in names:
+        c, p = candidate.metrics.get(name), prod_metrics.get(name)
+        delta = f"{c - p:+.4g}" if c is not None and p is not None else ""
+        rows.append((name, "—" if c is None else f"{c:.4g}", "—" if p is None else f"{p:.4g}", delta))
+    prod_tags = current.tags if current else {}
+    data_tags = sorted(k for k in {*candidate.tags, *prod_tags} if k.startswith("data."))
+    for name in (*TAG_ROWS, *data_tags):
+        c, p = candidate.tags.get(name, "—"), prod_tags.get(name, "—")
+        rows.append((name, c, p, "differs" if current is not None and c != p else ""))
+    return rows
+
+
+def comparison_table(decision: Decision) -> Any:
+    """A rich Table: candidate vs production, side by side, with the gate's verdict as its caption."""
+    from rich.table import Table  # noqa: PLC0415
+
+    c, p = decision.candidate, decision.production
+    table = Table(title=f"{PAIR_MODEL}: candidate vs @{PRODUCTION}")
+    table.add_column("")
+    table.add_column(f"candidate v{c.version}\nrun {c.run_id[:12]}", justify="right")
+    table.add_column(f"production v{p.version}\nrun {p.run_id[:12]}" if p else "production\n(none)", justify="right")
+    table.add_column("Δ", justify="right")
+    for row in comparison_rows(c, p):
+        table.add_row(*row)
+    if p is None:
+        verdict = "no production yet: promote would set it"
+    elif decision.passed:
+        verdict = f"[green]passes the gate[/] (tolerance {decision.tolerance:g})"
+    else:
+        verdict = "[red]would be refused:[/] " + "; ".join(decision.reasons)
+    table.caption = verdict
+    return table
+
+
+def compare(
+    run_id: str | None = None, tolerance: float = DEFAULT_TOLERANCE, client: MlflowClient | None = None
+) -> Decision:
+    """The candidate (the pair of ``run_id``, default the newest version) against production, gate included."""
+    client = client or MlflowClient()
+    if run_id is None:
+        run_id = latest_candidate(client).run_id
+    return evaluate_promotion(run_id, tolerance, client)
+
+
+def decision_json(decision: Decision) -> str:
+    """The decision as JSON (for scripts and CI logs)."""
+    def side(s: Snapshot | None) -> dict[str, Any] | None:
+        if s is None:
+            return None
+        return {"version": s.version, "run_id": s.run_id, **{m: s.metrics.get(m) for m in GATE_METRICS}}
+
+    return json.dumps({"candidate": side(decision.candidate), "production": side(decision.production),
+                       "tolerance": decision.tolerance, "passed": decision.passed, "promoted": decision.promoted,
+                       "reasons": decision.reasons})  # fmt: skip

@@ -1,0 +1,155 @@
+"""``longshort-pair``: the two models and the turn protocol as one MLflow pyfunc (DESIGN §4).
+
+``mlflow models serve -m models:/longshort-pair@production`` loads this class with
+three artifacts: the long-thought model folder (``long``), the short-thought model
+folder (``short``) and ``pair_config`` (a JSON :class:`PairSettings`). ``predict``
+takes problems and runs :func:`models.protocol.run_episodes` on them, so the
+served model answers exactly as ``longshort solve`` does.
+
+Input: a DataFrame with a ``problem`` column (``{"dataframe_records": [{"problem": …}]}``
+over HTTP), or a list of strings / ``{"problem": …}`` dicts. Output: one row per
+problem with ``answer``, ``stop_reason``, tokens per role and the transcript.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from longshort.config import GenerationConfig, ModelConfig, ProtocolConfig
+from models.protocol import Episode, run_episodes
+
+LONG_ARTIFACT, SHORT_ARTIFACT, CONFIG_ARTIFACT = "long", "short", "pair_config"
+OUTPUT_COLUMNS = ("problem", "answer", "stop_reason", "tokens", "long_tokens", "short_tokens", "n_turns", "transcript")
+# The metrics a pair is judged and promoted on (longshort.registry's gate reads them from the candidate's run).
+ACCURACY_METRIC = "pair_accuracy"
+TOKENS_METRIC = "pair_mean_tokens"
+
+
+class PairSettings(BaseModel):
+    """How the served pair loads its models and runs the protocol (the profile's sections, frozen at registration)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = ModelConfig()  # dtype and safety flags; the weights come from the artifacts
+    generation: GenerationConfig = GenerationConfig(backend="transformers")
+    protocol: ProtocolConfig = ProtocolConfig()
+    seed: int = 0
+
+    @classmethod
+    def from_profile(cls, profile: Any) -> PairSettings:
+        """The settings a profile evaluated the pair with, so the served pair answers the same way."""
+        return cls(
+            model=profile.base_model, generation=profile.generation, protocol=profile.protocol, seed=profile.run.seed
+        )
+
+
+def problems_of(model_input: Any) -> list[str]:
+    """The problem texts in a pyfunc input: DataFrame (``problem`` column), str, list of str or of dicts."""
+    if isinstance(model_input, pd.DataFrame):
+        if "problem" not in model_input.columns:
+            raise ValueError(f"input DataFrame needs a 'problem' column, got columns {list(model_input.columns)}")
+        values = model_input["problem"].tolist()
+    elif isinstance(model_input, str):
+        values = [model_input]
+    elif isinstance(model_input, dict):
+        values = [model_input.get("problem")] if "problem" in model_input else []
+    else:
+        values = [v.get("problem") if isinstance(v, dict) else v for v in model_input]
+    bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
+    if bad or not values:
+        raise ValueError(f"each input row needs a non-empty string 'problem'; rows {bad or '(none given)'} do not")
+    return values
+
+
+def episode_rows(episodes: Sequence[Episode]) -> pd.DataFrame:
+    """One output row per episode (the pyfunc's output schema, :data:`OUTPUT_COLUMNS`)."""
+    rows = [
+        {
+            "problem": e.problem,
+            "answer": e.answer if e.answer is not None else "",
+            "stop_reason": e.stop_reason,
+            "tokens": e.tokens(),
+            "long_tokens": e.tokens("long"),
+            "short_tokens": e.tokens("short"),
+            "n_turns": len(e.turns),
+            "transcript": e.transcript,
+        }
+        for e in episodes
+    ]
+    return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+
+
+def pair_metrics(episodes: Sequence[Episode], references: Sequence[str]) -> dict[str, float]:
+    """``pair_accuracy`` (final answer math-verified against the reference; no answer is wrong),
+    ``pair_mean_tokens`` (long + short tokens per episode), ``pair_well_formed`` and ``pair_n``."""
+    from tasks.answers import is_correct  # noqa: PLC0415 - math-verify is only needed to score
+
+    if len(episodes) != len(references) or not episodes:
+        raise ValueError(f"need one reference per episode, got {len(references)} for {len(episodes)} episodes")
+    correct = [is_correct(e.answer, ref) for e, ref in zip(episodes, references)]
+    return {
+        ACCURACY_METRIC: sum(correct) / len(correct),
+        TOKENS_METRIC: statistics.fmean(e.tokens() for e in episodes),
+        "pair_well_formed": sum(e.well_formed for e in episodes) / len(episodes),
+        "pair_n": float(len(episodes)),
+    }
+
+
+class LongShortPair(mlflow.pyfunc.PythonModel):
+    """Loads the long and short models from the model's artifacts; ``predict`` runs whole episodes."""
+
+    def load_context(self, context: Any) -> None:
+        artifacts = context.artifacts
+        self.load(artifacts[LONG_ARTIFACT], artifacts[SHORT_ARTIFACT], artifacts[CONFIG_ARTIFACT])
+
+    def load(self, long_dir: str | Path, short_dir: str | Path, settings_file: str | Path) -> LongShortPair:
+        """Load outside MLflow too (tests, ``longshort solve``-like use); returns self."""
+        from longshort.io import tree_digest  # noqa: PLC0415
+        from models.generation import make_backend  # noqa: PLC0415 - torch only when a model is loaded
+
+        path = Path(settings_file)
+        try:
+            self.settings = PairSettings.model_validate(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: not a valid pair configuration: {exc}") from exc
+        s = self.settings
+        self.long = make_backend(long_dir, s.model, s.generation, s.seed)
+        same = Path(long_dir).resolve() == Path(short_dir).resolve() or tree_digest(Path(long_dir)) == tree_digest(
+            Path(short_dir)
+        )
+        self.short = self.long if same else make_backend(short_dir, s.model, s.generation, s.seed)
+        return self
+
+    def solve(self, problems: Sequence[str]) -> list[Episode]:
+        p = self.settings.protocol
+        return run_episodes(
+            list(problems), self.long, self.short,
+            max_turns=p.max_turns, max_new_tokens_long=p.max_new_tokens_long,
+            max_new_tokens_short=p.max_new_tokens_short, temperature=self.settings.generation.temperature,
+            seed=self.settings.seed,
+        )  # fmt: skip
+
+    # no type hints here: MLflow would turn them into a second, conflicting input schema
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        """Run one episode per problem in ``model_input``; returns :func:`episode_rows`."""
+        return episode_rows(self.solve(problems_of(model_input)))
+
+
+def signature() -> Any:
+    """The pyfunc's input/output schema: ``problem`` in; :data:`OUTPUT_COLUMNS` out."""
+    from mlflow.models.signature import ModelSignature  # noqa: PLC0415
+    from mlflow.types.schema import ColSpec, Schema  # noqa: PLC0415
+
+    types = {"tokens": "long", "long_tokens": "long", "short_tokens": "long", "n_turns": "long"}
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "problem")]),
+        outputs=Schema([ColSpec(types.get(c, "string"), c) for c in OUTPUT_COLUMNS]),
+    )

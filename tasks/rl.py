@@ -1,0 +1,456 @@
+"""Multi-turn GRPO for the Long⊗Short pair, alternating rounds (DESIGN §3, "Multi-turn RL").
+
+For r in 1..R: train the long model for ``steps_per_round`` steps while the short
+model is frozen, then the short model while the long one is frozen. A rollout is
+a whole episode (``models.protocol.run_episodes``) in which the trained model and
+its frozen partner write alternate turns; each problem is played G times at
+temperature > 0. Rewards are ``tasks.rewards`` (correctness, format, efficiency).
+
+GRPO (DeepSeekMath, arXiv 2402.03300, eq. 3) as used here:
+
+* advantage per episode, per problem group:  A_i = (r_i − mean_g r) / (std_g r + 1e-4),
+  with the unbiased (n − 1) standard deviation, as TRL's GRPOTrainer computes it;
+* strictly on-policy, one update per batch, so the ratio π/π_old is 1 and the loss is
+  L = −Σ_tokens A·log π(t) / N_tokens  (+ β·k3 KL to the frozen starting model),
+  normalised over all trained tokens of the batch (DAPO's token-level mean), written as
+  −A·exp(logp − stopgrad(logp)) so its gradient is −A·∇logp (the logged ``loss`` is the
+  surrogate's value, −mean A over tokens, plus the KL term); log π uses logits / temperature,
+  the distribution the rollouts were sampled from (top-p is not applied);
+* k3 KL estimator (Schulman 2020): exp(ref − logp) − (ref − logp) − 1.
+
+Only the trained model's turns get loss. Each of its turns is scored exactly as it
+was sampled: prompt ids = tokenize(chat_prompt(SYSTEM_PROMPTS[role], problem) +
+history_suffix(previous turns)), completion ids = the ids the backend generated
+(``Completion.token_ids``). Partner turns appear only inside those prompts.
+
+Why not TRL's GRPOTrainer with ``rollout_func`` + ``env_mask`` (TRL 1.16, checked
+in the installed package): the hook itself runs without vLLM, but each sample is a
+single (prompt_ids, completion_ids) pair. A multi-turn episode would have to be
+flattened into one completion in which the trained model's earlier turns are its
+generated ids while, at generation time, later turns were conditioned on the
+*re-tokenized* transcript, so the scored sequence is not the sampled one (BPE merges
+across turn boundaries); splitting turns into separate samples breaks GRPO's
+fixed groups of ``num_generations`` (episodes have different numbers of turns).
+A GRPOTrainer also trains one model, so alternation would mean rebuilding trainers
+per phase, and a single atomic checkpoint of both models, both optimizers, the
+round/role and RNG states would sit outside the Trainer's own checkpointing. The
+loop below is ~300 lines, typed, and scores exactly what was sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from longshort.config import ModelConfig, ProtocolConfig, RLConfig
+from models.factory import load_model
+from models.generation import Completion, TransformersBackend
+from models.protocol import SYSTEM_PROMPTS, Episode, history_suffix, run_episodes
+from tasks.answers import is_correct
+from tasks.rewards import reward_components
+from tasks.rl_checkpoint import changed_settings, last_checkpoint, restore_checkpoint, save_checkpoint, save_models
+
+log = logging.getLogger(__name__)
+
+Role = Literal["long", "short"]
+ROLES: tuple[Role, Role] = ("long", "short")
+ADV_EPS = 1e-4
+
+
+
+@dataclass
+class RLResult:
+    long_dir: str
+    short_dir: str
+    steps: int
+    history: list[dict[str, Any]]
+    resumed_from_step: int | None
+    n_problems: int  # after the easy filter
+    runtime_s: float
+
+
+@dataclass
+class TurnSequence:
+    """One trained turn: ``input_ids`` = prompt + generated ids; ``loss_mask`` marks the generated ones."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    episode: int
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+class RecordingBackend:
+    """A backend that keeps every completion it returns, in call order (to recover token ids)."""
+
+    def __init__(self, inner: TransformersBackend):
+        self.inner = inner
+        self.name = inner.name
+        self.calls: list[list[Completion]] = []
+
+    def chat_prompt(self, system: str, user: str) -> str:
+        return self.inner.chat_prompt(system, user)
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[list[Completion]]:
+        outs = self.inner.generate(prompts, **kwargs)
+        self.calls.append([o[0] for o in outs])
+        return outs
+
+
+def turn_token_ids(
+    episodes: Sequence[Episode], role: Role, calls: Sequence[list[Completion]]
+) -> list[dict[int, tuple[int, ...]]]:
+    """Map each episode's turns of ``role`` to the ids generated for them: [{turn index: ids}].
+
+    ``run_episodes`` calls a role's backend once per turn of that role, over the
+    episodes still running, in episode order; so call j holds turn 2j (long) or
+    2j+1 (short) of every episode that has that many turns.
+    """
+    out: list[dict[int, tuple[int, ...]]] = [{} for _ in episodes]
+    for j, completions in enumerate(calls):
+        t = 2 * j + (0 if role == "long" else 1)
+        playing = [i for i, e in enumerate(episodes) if len(e.turns) > t]
+        if len(playing) != len(completions):
+            raise RuntimeError(f"turn {t}: {len(completions)} completions recorded for {len(playing)} episodes")
+        for i, c in zip(playing, completions):
+            if episodes[i].turns[t].text != c.text or episodes[i].turns[t].role != role:
+                raise RuntimeError(f"episode {i} turn {t}: recorded completion does not match the turn")
+            out[i][t] = c.token_ids
+    return out
+
+
+def trained_turn_sequences(
+    episodes: Sequence[Episode], role: Role, token_ids: Sequence[Mapping[int, Sequence[int]]], tokenizer
+) -> list[TurnSequence]:
+    """The sequences that carry loss: one per turn of ``role``; only its generated ids are unmasked."""
+    seqs = []
+    for i, (episode, ids_by_turn) in enumerate(zip(episodes, token_ids)):
+        chat = tokenizer.apply_chat_template(
+            [{"role": "system", "content": SYSTEM_PROMPTS[role]}, {"role": "user", "content": episode.problem}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for t, turn in enumerate(episode.turns):
+            if turn.role != role:
+                continue
+            completion = list(ids_by_turn[t])
+            if not completion:
+                continue
+            prompt = tokenizer(chat + history_suffix(episode.turns[:t]), add_special_tokens=False)["input_ids"]
+            seqs.append(TurnSequence(prompt + completion, [0] * len(prompt) + [1] * len(completion), i))
+    return seqs
+
+
+def group_advantages(rewards: Sequence[float], group_size: int) -> list[float]:
+    """A_i = (r_i − mean_g) / (std_g + 1e-4) over consecutive groups of ``group_size`` (unbiased std)."""
+    if len(rewards) % group_size:
+        raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
+    r = torch.tensor(rewards, dtype=torch.float64).view(-1, group_size)
+    adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + ADV_EPS)
+    return adv.flatten().tolist()
+
+
+def pass_rates(
+    problems: Sequence[Mapping[str, str]],
+    long_backend,
+    short_backend,
+    cfg: RLConfig,
+    protocol: ProtocolConfig,
+) -> list[float]:
+    """Fraction of G sampled episodes per problem whose final answer is correct."""
+    episodes = run_episodes(
+        [p["problem"] for p in problems for _ in range(cfg.group_size)],
+        long_backend,
+        short_backend,
+        **_episode_kwargs(cfg, protocol),
+        seed=cfg.seed - 1,
+    )
+    hits = [is_correct(e.answer, p["answer"]) for e, p in zip(episodes, _repeat(problems, cfg.group_size))]
+    return [sum(hits[k : k + cfg.group_size]) / cfg.group_size for k in range(0, len(hits), cfg.group_size)]
+
+
+def _repeat(items: Sequence, n: int) -> list:
+    return [x for x in items for _ in range(n)]
+
+
+def _episode_kwargs(cfg: RLConfig, protocol: ProtocolConfig) -> dict[str, Any]:
+    cap = cfg.length_target if cfg.cap_rollout_at_length_target else None
+    return dict(
+        max_turns=protocol.max_turns,
+        max_new_tokens_long=min(protocol.max_new_tokens_long, cap or protocol.max_new_tokens_long),
+        max_new_tokens_short=min(protocol.max_new_tokens_short, cap or protocol.max_new_tokens_short),
+        temperature=cfg.temperature,
+    )
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def _token_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log π(x_t | x_<t) at the sampling temperature, and the entropy, for t ≥ 1."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logps = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logps, entropy
+
+
+def _pad(seqs: Sequence[TurnSequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s.input_ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.float32)
+    for k, s in enumerate(seqs):  # right padding: positions start at 0 as at generation
+        n = len(s.input_ids)
+        ids[k, :n] = torch.tensor(s.input_ids)
+        attn[k, :n] = 1
+        mask[k, :n] = torch.tensor(s.loss_mask, dtype=torch.float32)
+    return ids, attn, mask
+
+
+def policy_update(
+    model,
+    ref_model,
+    optimizer: torch.optim.Optimizer,
+    seqs: Sequence[TurnSequence],
+    advantages: Sequence[float],
+    pad_id: int,
+    cfg: RLConfig,
+) -> dict[str, float]:
+    """One on-policy GRPO step over all trained turns; returns loss, KL, entropy, grad norm."""
+    n_tokens = sum(sum(s.loss_mask) for s in seqs)
+    stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "trained_tokens": float(n_tokens)}
+    if n_tokens == 0:
+        return stats | {"grad_norm": 0.0}
+    device = next(model.parameters()).device
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    for start in range(0, len(seqs), cfg.micro_batch_size):
+        chunk = seqs[start : start + cfg.micro_batch_size]
+        ids, attn, mask = (x.to(device) for x in _pad(chunk, pad_id))
+        mask = mask[:, 1:]
+        adv = torch.tensor([advantages[s.episode] for s in chunk], dtype=torch.float32, device=device).unsqueeze(1)
+        logps, entropy = _token_logps(model, ids, attn, cfg.temperature)
+        # ratio = exp(logp - logp.detach()) = 1 on-policy; its gradient is ∇logp
+        per_token = -adv * torch.exp(logps - logps.detach())
+        if ref_model is not None and cfg.kl_coef > 0:
+            with torch.no_grad():
+                ref_logps, _ = _token_logps(ref_model, ids, attn, cfg.temperature)
+            delta = ref_logps - logps
+            kl = torch.exp(delta) - delta - 1
+            per_token = per_token + cfg.kl_coef * kl
+            stats["kl"] += float((kl.detach() * mask).sum()) / n_tokens
+        loss = (per_token * mask).sum() / n_tokens
+        loss.backward()
+        stats["loss"] += float(loss.detach())
+        stats["entropy"] += float((entropy * mask).sum()) / n_tokens
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    model.eval()
+    return stats | {"grad_norm": float(grad_norm)}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def phase_of(step: int, cfg: RLConfig) -> tuple[int, Role]:
+    """(round, role) of a 0-based global step: round r trains long, then short."""
+    block = step // cfg.steps_per_round
+    return block // 2, ROLES[block % 2]
+
+
+def _check_problems(problems: Sequence[Mapping[str, Any]]) -> None:
+    for k, p in enumerate(problems):
+        for key in ("problem", "answer"):
+            if not isinstance(p.get(key), str):
+                raise ValueError(f"problems[{k}]: field {key!r} must be a string, got {type(p.get(key)).__name__}")
+    if not problems:
+        raise ValueError("RL needs at least one problem")
+
+
+@dataclass
+class _Pair:
+    models: dict[str, Any]
+    tokenizers: dict[str, Any]
+    backends: dict[str, TransformersBackend] = field(default_factory=dict)
+
+
+def _load_pair(long_dir: Path, short_dir: Path, model_cfg: ModelConfig) -> _Pair:
+    pair = _Pair({}, {})
+    for role, path in zip(ROLES, (long_dir, short_dir)):
+        model, tokenizer = load_model(model_cfg, path=path)
+        pair.models[role], pair.tokenizers[role] = model, tokenizer
+        pair.backends[role] = TransformersBackend(model, tokenizer)
+    return pair
+
+
+def rl_step(
+    step: int,
+    batch: Sequence[Mapping[str, str]],
+    pair: _Pair,
+    refs: Mapping[str, Any],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    cfg: RLConfig,
+    protocol: ProtocolConfig,
+) -> dict[str, Any]:
+    """Roll out G episodes per problem with the pair, score them, update the trained model once."""
+    round_idx, role = phase_of(step, cfg)
+    recorder = RecordingBackend(pair.backends[role])
+    backends = {r: recorder if r == role else pair.backends[r] for r in ROLES}
+    rows = _repeat(batch, cfg.group_size)
+    episodes = run_episodes(
+        [p["problem"] for p in rows],
+        backends["long"],
+        backends["short"],
+        **_episode_kwargs(cfg, protocol),
+        seed=cfg.seed + 1000 * (step + 1),
+    )
+    total = [e.tokens() for e in episodes]
+    over_cap = [cfg.cap_rollout_at_length_target and n > cfg.length_target for n in total]
+    parts = reward_components(
+        [None if cut else e.answer for e, cut in zip(episodes, over_cap)],
+        [p["answer"] for p in rows],
+        [e.transcript for e in episodes],
+        total if cfg.length_of == "episode" else [e.tokens(role) for e in episodes],
+        group_size=cfg.group_size,
+        efficiency=cfg.efficiency,
+        length_target=cfg.length_target,
+        alpha=cfg.alpha,
+    )
+    weights = {"correctness": cfg.correctness_weight, "format": cfg.format_weight, "efficiency": cfg.efficiency_weight}
+    rewards = [sum(w * parts[k][i] for k, w in weights.items()) for i in range(len(episodes))]
+    advantages = group_advantages(rewards, cfg.group_size)
+    ids = turn_token_ids(episodes, role, recorder.calls)
+    seqs = trained_turn_sequences(episodes, role, ids, pair.tokenizers[role])
+    stats = policy_update(
+        pair.models[role], refs.get(role), optimizers[role], seqs, advantages, pair.tokenizers[role].pad_token_id, cfg
+    )
+    correct = [c == 1.0 for c in parts["correctness"]]
+    std = torch.tensor(rewards).view(-1, cfg.group_size).std(dim=1)
+    metrics: dict[str, Any] = {"step": step + 1, "round": round_idx, "role": role}
+    metrics |= {f"reward/{k}": float(np.mean(v)) for k, v in parts.items()}
+    metrics |= {
+        "reward/total": float(np.mean(rewards)),
+        "reward/zero_std_groups": float((std == 0).float().mean()),
+        "accuracy": float(np.mean(correct)),
+        "tokens/long": float(np.mean([e.tokens("long") for e in episodes])),
+        "tokens/short": float(np.mean([e.tokens("short") for e in episodes])),
+        "tokens/total": float(np.mean(total)),
+        "turns": float(np.mean([len(e.turns) for e in episodes])),
+    }
+    for name, keep in (("correct", True), ("wrong", False)):
+        lengths = [n for n, c in zip(total, correct) if c == keep]
+        if lengths:
+            metrics[f"tokens/{name}"] = float(np.mean(lengths))
+    metrics |= {k: v for k, v in stats.items() if k != "kl" or role in refs}
+    return metrics
+
+
+def train_pair_rl(
+    long_dir: str | Path,
+    short_dir: str | Path,
+    problems: Sequence[Mapping[str, Any]],
+    cfg: RLConfig,
+    out_dir: str | Path,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    protocol: ProtocolConfig = ProtocolConfig(),
+    model_cfg: ModelConfig = ModelConfig(),
+) -> RLResult:
+    """Alternating multi-turn GRPO; resumes from ``out_dir``'s last checkpoint when there is one.
+
+    ``problems`` are ``{"problem", "answer"}`` rows. ``on_step`` gets each step's metrics
+    after that step's checkpoint (if one is due): ``step`` (1-based), ``round``, ``role``
+    (a string), ``reward/{correctness,format,efficiency,total,zero_std_groups}``, ``accuracy``,
+    ``tokens/{long,short,total}`` (means per episode), ``tokens/{correct,wrong}`` (when there
+    are such episodes), ``turns``, ``loss``, ``kl`` (when β > 0), ``entropy``,
+    ``trained_tokens``, ``grad_norm``. Final models: ``out_dir/long``, ``out_dir/short``.
+
+    With ``cap_rollout_at_length_target`` each turn is capped at L_T tokens and an episode
+    longer than L_T in total counts as wrong (``run_episodes`` has per-turn caps only).
+    """
+    t0 = time.time()
+    _check_problems(problems)
+    out_dir = Path(out_dir)
+    total_steps = 2 * cfg.rounds * cfg.steps_per_round
+    ckpt = last_checkpoint(out_dir)
+    pair = _load_pair(ckpt / "long" if ckpt else Path(long_dir), ckpt / "short" if ckpt else Path(short_dir), model_cfg)
+    refs: dict[str, Any] = {}
+    if cfg.kl_coef > 0:  # the reference is always the stage's starting model
+        refs = {
+            r: load_model(model_cfg, path=p, device=pair.backends[r].device)[0]
+            for r, p in zip(ROLES, (long_dir, short_dir))
+        }
+    optimizers = {
+        r: torch.optim.AdamW(pair.models[r].parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        for r in ROLES
+    }
+    torch.manual_seed(cfg.seed)
+    state: dict[str, Any] = {}
+    if ckpt:
+        state = restore_checkpoint(ckpt, optimizers)
+        log.info("RL: resuming from %s (step %d of %d)", ckpt, state["step"], total_steps)
+        if changed := changed_settings(state["config"], cfg.model_dump(mode="json")):
+            log.warning("RL: resuming %s with changed settings %s", ckpt, changed)
+        pool_idx = state["pool"]
+    elif cfg.easy_filter:
+        rates = pass_rates(problems, pair.backends["long"], pair.backends["short"], cfg, protocol)
+        pool_idx = [k for k, rate in enumerate(rates) if rate > 0.5]
+        log.info("RL easy filter: kept %d of %d problems (pass rate > 0.5)", len(pool_idx), len(problems))
+        if not pool_idx:
+            raise ValueError(
+                f"rl.easy_filter kept none of {len(problems)} problems (pass rate > 0.5 under the starting pair)"
+            )
+    else:
+        pool_idx = list(range(len(problems)))
+    history: list[dict[str, Any]] = state.get("history", [])
+    start = state.get("step", 0)
+
+    for step in range(start, total_steps):
+        pick = random.Random(cfg.seed * 1_000_003 + step)  # the batch depends on (seed, step) only
+        chosen = pick.sample(range(len(pool_idx)), min(cfg.prompts_per_step, len(pool_idx)))
+        metrics = rl_step(step, [problems[pool_idx[k]] for k in chosen], pair, refs, optimizers, cfg, protocol)
+        history.append(metrics)
+        log.info("RL step %d/%d (%s): %s", step + 1, total_steps, metrics["role"], metrics)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps:
+            round_idx, role = phase_of(step, cfg)
+            saved = {"step": step + 1, "round": round_idx, "role": role, "pool": pool_idx, "history": history}
+            saved["config"] = cfg.model_dump(mode="json")
+            save_checkpoint(out_dir, step + 1, pair.models, pair.tokenizers, optimizers, saved, cfg.keep_checkpoints)
+        if on_step is not None:
+            on_step(metrics)
+
+    final_tmp = out_dir / ".tmp-final"
+    shutil.rmtree(final_tmp, ignore_errors=True)
+    save_models(pair.models, pair.tokenizers, final_tmp)
+    for role in ROLES:
+        shutil.rmtree(out_dir / role, ignore_errors=True)
+        os.replace(final_tmp / role, out_dir / role)
+    shutil.rmtree(final_tmp, ignore_errors=True)
+    return RLResult(
+        long_dir=str(out_dir / "long"),
+        short_dir=str(out_dir / "short"),
+        steps=total_steps,
+        history=history,
+        resumed_from_step=start if ckpt else None,
+        n_problems=len(pool_idx),
+        runtime_s=time.time() - t0,
+    )

@@ -1,0 +1,141 @@
+"""DVC versioning of the data stages (DESIGN §4): an S3 remote from the environment, repro, push, pull.
+
+Credentials never reach DVC's config files or our logs: DVC's S3 client reads
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` from the environment itself,
+and ``.dvc/config.local`` (git-ignored by ``dvc init``) holds only the remote's
+URL and endpoint. Each step runs the venv's ``dvc`` in a subprocess and raises
+DVCError, with DVC's own message, when it fails.
+
+The environment (``python -m infra.services env`` prints it for the local services):
+
+* ``LONGSHORT_DVC_REMOTE``: the remote URL, e.g. ``s3://longshort/dvc``;
+* ``LONGSHORT_S3_ENDPOINT_URL``: an S3 endpoint other than AWS (SeaweedFS, MinIO), optional;
+* ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (or any other source boto3 knows).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+REMOTE_ENV = "LONGSHORT_DVC_REMOTE"
+ENDPOINT_ENV = "LONGSHORT_S3_ENDPOINT_URL"
+REMOTE_NAME = "storage"
+# Values of these variables are blanked out of any DVC output we repeat.
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+class DVCError(RuntimeError):
+    """A DVC command that failed; the message has the command, the folder and DVC's error."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    url: str
+    endpoint_url: str | None = None
+    name: str = REMOTE_NAME
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Remote | None:
+        """The remote that ``LONGSHORT_DVC_REMOTE`` names, or None when it is not set."""
+        url = environ.get(REMOTE_ENV, "").strip()
+        if not url:
+            return None
+        return cls(url=url, endpoint_url=environ.get(ENDPOINT_ENV, "").strip() or None)
+
+
+def dvc_executable() -> str:
+    beside = Path(sys.executable).parent / "dvc"
+    found = str(beside) if beside.is_file() else shutil.which("dvc")
+    if not found:
+        raise DVCError(f"no `dvc` next to {sys.executable} or on PATH (pip install 'dvc[s3]')")
+    return found
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: the working directory) that holds ``.dvc/``."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    raise DVCError(f"{here} is not inside a DVC project (no .dvc/ folder above it)")
+
+
+def _redact(text: str) -> str:
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value:
+            text = text.replace(value, "***")
+    return text
+
+
+def run_dvc(repo: Path, *args: str, timeout_s: float = 900) -> str:
+    """Run ``dvc ARGS`` in ``repo``; return its stdout, or raise DVCError with its stderr."""
+    exe = dvc_executable()
+    # dvc.yaml's commands (e.g. `longshort synthesize`) live next to dvc in the venv
+    env = {**os.environ, "PATH": f"{Path(exe).parent}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
+    command = f"dvc {' '.join(args)}"
+    log.info("%s (in %s)", command, repo)
+    try:
+        done = subprocess.run(
+            [exe, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise DVCError(f"`{command}` in {repo} did not finish within {timeout_s:.0f} s") from exc
+    if done.returncode:
+        detail = _redact((done.stderr.strip() or done.stdout.strip())[-4000:])
+        raise DVCError(f"`{command}` failed in {repo} (exit {done.returncode}):\n{detail}")
+    return done.stdout
+
+
+def configure_remote(repo: Path, remote: Remote) -> None:
+    """Make ``remote`` the project's default in ``.dvc/config.local``: its URL and endpoint, no credentials."""
+    run_dvc(repo, "remote", "add", "--local", "--force", "--default", remote.name, remote.url)
+    if remote.endpoint_url:
+        run_dvc(repo, "remote", "modify", "--local", remote.name, "endpointurl", remote.endpoint_url)
+
+
+def repro(repo: Path, stages: Sequence[str] = ()) -> None:
+    """``dvc repro`` of the given stages (all when empty); unchanged stages are skipped by DVC."""
+    run_dvc(repo, "repro", *stages)
+
+
+def push(repo: Path, targets: Sequence[str] = (), remote: str | None = None) -> None:
+    run_dvc(repo, "push", *(["--remote", remote] if remote else []), *targets)
+
+
+def pull(repo: Path, targets: Sequence[str] = (), remote: str | None = None) -> None:
+    run_dvc(repo, "pull", *(["--remote", remote] if remote else []), *targets)
+
+
+def lock_digests(repo: Path, stages: Sequence[str] = ()) -> dict[str, str]:
+    """``{output path: md5}`` from ``dvc.lock`` for the given stages (all when empty)."""
+    lock_file = Path(repo) / "dvc.lock"
+    if not lock_file.is_file():
+        raise DVCError(f"{lock_file} does not exist: run `dvc repro` first")
+    lock = yaml.safe_load(lock_file.read_text()) or {}
+    return {
+        out["path"]: out["md5"]
+        for name, stage in (lock.get("stages") or {}).items()
+        if not stages or name in stages
+        for out in stage.get("outs", [])
+    }
+
+
+def version_stages(stages: Sequence[str], remote: Remote, repo: Path | None = None) -> dict[str, str]:
+    """Reproduce ``stages`` and push their outputs to ``remote``; return the pushed outputs' digests."""
+    root = project_root(repo)
+    configure_remote(root, remote)
+    repro(root, stages)
+    push(root, stages)
+    return lock_digests(root, stages)

@@ -1,0 +1,235 @@
+"""Alternating multi-turn GRPO: advantages, loss masking, an end-to-end round, kill and resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from longshort.config import ModelConfig, ProtocolConfig
+from models.factory import load_model
+from models.generation import Completion, TransformersBackend
+from models.protocol import SYSTEM_PROMPTS, TURN_SEP, Episode, Turn, format_long_turn, format_short_turn
+from tasks.rl import (
+    RLConfig,
+    TurnSequence,
+    group_advantages,
+    pass_rates,
+    phase_of,
+    policy_update,
+    trained_turn_sequences,
+    train_pair_rl,
+    turn_token_ids,
+)
+
+PROTOCOL = ProtocolConfig(max_turns=2, max_new_tokens_long=16, max_new_tokens_short=16)
+CFG = RLConfig(
+    rounds=1, steps_per_round=1, prompts_per_step=2, group_size=4, learning_rate=3e-3, kl_coef=0.05,
+    efficiency="kimi", format_weight=0.5, checkpoint_every=1, temperature=1.0, seed=3,
+)  # fmt: skip
+
+
+def _chat(tokenizer, role: str, problem: str) -> str:
+    messages = [{"role": "system", "content": SYSTEM_PROMPTS[role]}, {"role": "user", "content": problem}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def protocol_pair(trained_tiny, demo_rows_small, tmp_path_factory) -> str:
+    """``trained_tiny`` after a few seconds of plain next-token fitting on protocol-shaped turns.
+
+    ``trained_tiny`` is fitted on whole long-CoT responses and never opens a ``<think>``
+    turn under the long system prompt, so the short model would never get to play.
+    """
+    model, tok = load_model(ModelConfig(), path=trained_tiny)
+    train, _ = demo_rows_small
+    seqs = []
+    for row in train[:8]:
+        long_turn = format_long_turn(row["thoughts"][1]["terse"])
+        short_turn = format_short_turn(f"\\boxed{{{row['answer']}}}", final=True)
+        for prompt, completion in (
+            (_chat(tok, "long", row["problem"]), long_turn),
+            (_chat(tok, "short", row["problem"]) + long_turn + TURN_SEP, short_turn),
+        ):
+            p = tok(prompt, add_special_tokens=False)["input_ids"]
+            c = tok(completion + tok.eos_token, add_special_tokens=False)["input_ids"]
+            seqs.append((p + c, [0] * len(p) + [1] * len(c)))
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width))
+    for k, (s, m) in enumerate(seqs):
+        ids[k, : len(s)], attn[k, : len(s)], mask[k, : len(s)] = torch.tensor(s), 1, torch.tensor(m, dtype=torch.float)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(25):
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1], -1)
+        nll = -(logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        opt.zero_grad()
+        nll.backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("protocol-pair")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def problems(demo_rows_small) -> list[dict]:
+    train, _ = demo_rows_small
+    return [{"problem": r["problem"], "answer": r["answer"]} for r in train[8:14]]
+
+
+def _weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_group_advantages_by_hand():
+    # group 1: mean 0.25, unbiased std sqrt((0.75² + 3·0.25²)/3) = 0.5; group 2: std 0 → all 0
+    got = group_advantages([1, 0, 0, 0, 2, 2, 2, 2], group_size=4)
+    d = 0.5 + 1e-4
+    assert got == pytest.approx([0.75 / d, -0.25 / d, -0.25 / d, -0.25 / d, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages([1.0, 2.0], group_size=4)
+
+
+def test_phase_schedule_alternates_long_then_short():
+    cfg = RLConfig(rounds=2, steps_per_round=3)
+    assert [phase_of(s, cfg) for s in range(12)] == (
+        [(0, "long")] * 3 + [(0, "short")] * 3 + [(1, "long")] * 3 + [(1, "short")] * 3
+    )
+
+
+def test_only_the_trained_roles_tokens_carry_loss(demo_tokenizer):
+    tok = demo_tokenizer
+    problem = "Start with 3. Then (1) add 4. What is the final number?"
+    texts = [("long", format_long_turn("3 + 4 = 7")), ("short", "<answer>7 so far</rethink>"),
+             ("long", format_long_turn("check 7")), ("short", format_short_turn("\\boxed{7}", True))]  # fmt: skip
+    ids = {t: tuple(tok(text, add_special_tokens=False)["input_ids"]) for t, (_, text) in enumerate(texts)}
+    ep_full = Episode(problem, [Turn(r, x, len(ids[t])) for t, (r, x) in enumerate(texts)], "7", "answer")
+    ep_short = Episode(problem, [Turn(r, x, len(ids[t])) for t, (r, x) in enumerate(texts[:2])], None, "malformed")
+    ep_one = Episode(problem, [Turn("long", "<think> oops", 3)], None, "malformed")
+    episodes = [ep_full, ep_short, ep_one]
+
+    # the short backend was called for turn 1 of episodes 0 and 1, then for turn 3 of episode 0
+    completion = {t: Completion(texts[t][1], len(ids[t]), "stop", ids[t]) for t in (1, 3)}
+    calls = [[completion[1], completion[1]], [completion[3]]]
+    by_turn = turn_token_ids(episodes, "short", calls)
+    assert by_turn == [{1: ids[1], 3: ids[3]}, {1: ids[1]}, {}]
+
+    seqs = trained_turn_sequences(episodes, "short", by_turn, tok)
+    assert [s.episode for s in seqs] == [0, 0, 1]
+    for seq, t in zip(seqs, (1, 3, 1)):
+        n = sum(seq.loss_mask)
+        assert n == len(ids[t]) and seq.loss_mask[-n:] == [1] * n and 1 not in seq.loss_mask[:-n]
+        assert tok.decode(seq.input_ids[-n:]) == texts[t][1]  # the loss covers exactly the short turn
+        expected_prompt = _chat(tok, "short", problem) + "".join(x + TURN_SEP for _, x in texts[:t])
+        assert seq.input_ids[:-n] == tok(expected_prompt, add_special_tokens=False)["input_ids"]
+    # the long turns (partner) are in the second sequence's context only
+    assert tok.decode(seqs[1].input_ids[: -sum(seqs[1].loss_mask)]).endswith(texts[2][1] + TURN_SEP)
+
+    with pytest.raises(RuntimeError, match="does not match"):
+        turn_token_ids(episodes, "long", [[Completion("<think>other", 2, "stop", (1, 2))] * 3])
+
+
+def test_policy_update_gradient_is_a_token_mean_over_trained_tokens(tiny_model):
+    cfg = RLConfig(temperature=0.7, kl_coef=0.0, learning_rate=1e-2, max_grad_norm=1e6)
+    seqs = [TurnSequence([5, 6, 7, 8], [0, 0, 1, 1], 0), TurnSequence([9, 10, 11], [0, 1, 1], 1)]
+    # hand objective: −(A_0·(log p(7) + log p(8)) + A_1·(log p(10) + log p(11))) / 4 with A = (1, −2)
+    lp = [torch.log_softmax(tiny_model(input_ids=torch.tensor([s.input_ids])).logits[0, :-1] / 0.7, -1) for s in seqs]
+    objective = -(1.0 * (lp[0][1, 7] + lp[0][2, 8]) - 2.0 * (lp[1][0, 10] + lp[1][1, 11])) / 4
+    expected = torch.autograd.grad(objective, list(tiny_model.parameters()))
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    stats = policy_update(tiny_model, None, opt, seqs, [1.0, -2.0], pad_id=0, cfg=cfg)
+    for param, grad in zip(tiny_model.parameters(), expected):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-7)
+    # the on-policy surrogate's value is −Σ A / N = −(2·1 + 2·(−2)) / 4
+    assert stats["loss"] == pytest.approx(0.5) and stats["trained_tokens"] == 4
+    assert not _same(tiny_model.state_dict(), before)
+    # zero advantages and no KL: no gradient; a fresh AdamW (no momentum) with weight decay 0 moves nothing
+    moved = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    fresh = torch.optim.AdamW(tiny_model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    policy_update(tiny_model, None, fresh, seqs, [0.0, 0.0], pad_id=0, cfg=cfg)
+    assert _same(tiny_model.state_dict(), moved)
+
+
+@pytest.fixture(scope="module")
+def full_run(protocol_pair, problems, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rl-full")
+    seen: list[dict] = []
+    result = train_pair_rl(protocol_pair, protocol_pair, problems, CFG, out, on_step=seen.append, protocol=PROTOCOL)
+    return result, seen, out
+
+
+def test_one_round_trains_each_model_in_turn(protocol_pair, full_run):
+    result, seen, out = full_run
+    start = _weights(protocol_pair)
+    after_long = out / "checkpoints" / "step-000001"
+    assert [m["role"] for m in seen] == ["long", "short"] and result.steps == 2
+    # step 1 trained long only; step 2 trained short only
+    assert not _same(_weights(after_long / "long"), start)
+    assert _same(_weights(after_long / "short"), start)
+    assert _same(_weights(result.long_dir), _weights(after_long / "long"))
+    assert not _same(_weights(result.short_dir), start)
+    for m in seen:
+        assert m["trained_tokens"] > 0 and m["turns"] > 1  # the short model played
+        numbers = {k: v for k, v in m.items() if k != "role"}
+        assert all(math.isfinite(v) for v in numbers.values()), numbers
+        assert 0 <= m["accuracy"] <= 1 and m["tokens/total"] == pytest.approx(m["tokens/long"] + m["tokens/short"])
+    assert (out / "long" / "tokenizer.json").exists() and (out / "short" / "model.safetensors").exists()
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(protocol_pair, problems, full_run, tmp_path):
+    reference, _, _ = full_run
+
+    class Killed(Exception):
+        pass
+
+    def die_after_first_step(metrics: dict) -> None:
+        raise Killed(metrics["step"])
+
+    with pytest.raises(Killed):
+        train_pair_rl(
+            protocol_pair, protocol_pair, problems, CFG, tmp_path, on_step=die_after_first_step, protocol=PROTOCOL
+        )
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+    assert not (tmp_path / "long").exists()
+
+    seen: list[dict] = []
+    resumed = train_pair_rl(
+        protocol_pair, protocol_pair, problems, CFG, tmp_path, on_step=seen.append, protocol=PROTOCOL
+    )
+    assert resumed.resumed_from_step == 1 and [m["step"] for m in seen] == [2]
+    assert [m["step"] for m in resumed.history] == [1, 2]
+    assert resumed.history == reference.history
+    for role in ("long", "short"):
+        assert _same(_weights(tmp_path / role), _weights(Path(reference.long_dir).parent / role))
+
+
+def test_easy_filter_keeps_problems_above_half(protocol_pair, problems, tmp_path):
+    model, tok = load_model(ModelConfig(), path=protocol_pair)
+    backend = TransformersBackend(model, tok)
+    cfg = CFG.model_copy(update={"easy_filter": True})
+    rates = pass_rates(problems[:2], backend, backend, cfg, PROTOCOL)
+    assert len(rates) == 2 and all(r * cfg.group_size == int(r * cfg.group_size) and 0 <= r <= 1 for r in rates)
+    impossible = [{"problem": p["problem"], "answer": "-999"} for p in problems[:2]]
+    with pytest.raises(ValueError, match="kept none of 2 problems"):
+        train_pair_rl(protocol_pair, protocol_pair, impossible, cfg, tmp_path, protocol=PROTOCOL)
