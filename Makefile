@@ -7,6 +7,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROFILE ?= demo
+# no phoning home, no progress-bar spam in logs
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export DO_NOT_TRACK = 1
+export HF_DATASETS_DISABLE_PROGRESS_BARS = 1
+export TOKENIZERS_PARALLELISM = false
 # pip on this kind of machine prints one warning per package for its local index: keep the log readable
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
@@ -27,6 +32,16 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -m "not slow and not services"
+
+# Production-like services on 127.0.0.1 (infra/README.md): PostgreSQL, SeaweedFS S3, MLflow, Prefect, a worker on
+# the pool `gpu`. Then `eval "$$($(BIN)/python -m infra.services env)"` points `longshort run` and dvc at them.
+.PHONY: services-up services-down
+services-up: install
+	infra/ensure-postgres.sh
+	$(BIN)/python -m infra.services up
+
+services-down:
+	$(BIN)/python -m infra.services down
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/workspace/mlflow.db --host 127.0.0.1 --port 5000

@@ -177,6 +177,53 @@ def synthesize(
     console.print(json.dumps({"train": files.train, "heldout": files.heldout, "n_train": files.n_train}))
 
 
+ToleranceOpt = Annotated[float, typer.Option(help="accuracy the candidate may lose against production (0.02 = 2 points)")]
+
+
+@app.command()
+def compare(
+    run_id: Annotated[Optional[str], typer.Argument(help="MLflow run that registered the candidate pair (default: newest)")] = None,
+    tolerance: ToleranceOpt = 0.02,
+    profile: ProfileOpt = "demo",
+    set_: SetOpt = None,
+) -> None:
+    """Print the candidate pair and longshort-pair@production side by side, with the promotion gate's verdict."""
+    from longshort import registry  # noqa: PLC0415
+    from longshort.config import ConfigError  # noqa: PLC0415
+
+    try:
+        client = registry.client_for_profile(profile, set_)
+        decision = registry.compare(run_id, tolerance, client)
+    except (ConfigError, registry.RegistryError) as exc:
+        _fail(exc)
+    console.print(registry.comparison_table(decision))
+
+
+@app.command()
+def promote(
+    run_id: Annotated[str, typer.Argument(help="MLflow run that registered the candidate pair")],
+    tolerance: ToleranceOpt = 0.02,
+    profile: ProfileOpt = "demo",
+    set_: SetOpt = None,
+) -> None:
+    """Move longshort-pair@production to RUN_ID's pair if it passes the gate; otherwise refuse (exit 1)."""
+    from longshort import registry  # noqa: PLC0415
+    from longshort.config import ConfigError  # noqa: PLC0415
+
+    try:
+        client = registry.client_for_profile(profile, set_)
+        decision = registry.promote(run_id, tolerance, client)
+    except registry.PromotionRefused as exc:
+        console.print(registry.comparison_table(exc.decision))
+        current = exc.decision.production.version if exc.decision.production else "none"
+        console.print(f"[bold red]refused:[/] @{registry.PRODUCTION} stays at v{current}")
+        raise typer.Exit(1) from None
+    except (ConfigError, registry.RegistryError) as exc:
+        _fail(exc)
+    console.print(registry.comparison_table(decision))
+    console.print(f"[green]promoted[/] {registry.PAIR_MODEL} v{decision.candidate.version} to @{registry.PRODUCTION}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO)
     app()

@@ -176,8 +176,10 @@ def log_pipeline(profile: Profile, records: list[StageRecord], flow_time_s: floa
         gate = pair_gate_metrics(by_stage["evaluate"].metrics) if "evaluate" in by_stage else None
         if profile.tracking.register_models and "rl" in by_stage and gate is not None:
             from longshort.registry import register_pair  # noqa: PLC0415
+            from models.pair import PairSettings  # noqa: PLC0415
 
             rl = by_stage["rl"]
-            versions = register_pair(rl.outputs["long"], rl.outputs["short"], gate, tags)
+            settings = PairSettings.from_profile(profile)
+            versions = register_pair(rl.outputs["long"], rl.outputs["short"], gate, tags, settings=settings)
             result.update(pair_version=versions.pair, long_version=versions.long, short_version=versions.short)
     return result

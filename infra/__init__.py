@@ -1,0 +1,1 @@
+"""Infrastructure around the pipeline: loopback services, work-pool job templates, DeepSpeed configs."""

@@ -1,0 +1,253 @@
+"""Registry, the `longshort-pair` pyfunc and promotion, on a real SQLite MLflow store.
+
+One small trained model (``trained_tiny``) serves as both the long and the short
+model: that exercises the registration, the protocol inside the pyfunc and the
+alias moves honestly, though the pair's answers are only as good as that model.
+The gate's inputs are the metrics logged on each candidate's run: the first
+candidate's are measured by running the pair on held-out problems, later
+candidates get numbers chosen relative to it to put each gate rule on its edge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh SQLite tracking + registry store and experiment; the active MLflow URIs point at it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    mlflow.create_experiment("registry-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment("registry-test")
+    yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def heldout(demo_rows_small):
+    _, rows = demo_rows_small
+    return rows[:6]
+
+
+@pytest.fixture(scope="module")
+def measured(trained_tiny, heldout) -> tuple[dict[str, float], list]:
+    """The pair's real metrics and episodes on held-out problems (trained_tiny as long and short)."""
+    from models.pair import LongShortPair, pair_metrics
+
+    settings = _settings()
+    path = Path(trained_tiny).parent / "pair_config.json"
+    path.write_text(settings.model_dump_json())
+    pair = LongShortPair().load(trained_tiny, trained_tiny, path)
+    episodes = pair.solve([r["problem"] for r in heldout])
+    return pair_metrics(episodes, [r["answer"] for r in heldout]), episodes
+
+
+def _settings():
+    from longshort.config import GenerationConfig, ProtocolConfig
+    from models.pair import PairSettings
+
+    return PairSettings(
+        generation=GenerationConfig(backend="transformers", batch_size=8),
+        protocol=ProtocolConfig(max_turns=4, max_new_tokens_long=48, max_new_tokens_short=24),
+    )
+
+
+def _register(model_dir: str, metrics: dict[str, float], run_name: str, **tags: str):
+    import mlflow
+
+    from longshort import registry
+
+    with mlflow.start_run(run_name=run_name):
+        mlflow.set_tags({"data.train_md5": "abc123", "profile": "smoke"})
+        return registry.register_pair(model_dir, model_dir, metrics, tags, settings=_settings())
+
+
+def _production_version(client) -> str:
+    from longshort.registry import PAIR_MODEL
+
+    return str(client.get_model_version_by_alias(PAIR_MODEL, "production").version)
+
+
+def test_register_pair_links_three_versions_to_the_run(store, trained_tiny, measured):
+    from longshort import registry
+
+    metrics, _ = measured
+    versions = _register(trained_tiny, metrics, "candidate-1", stage_note="first")
+    assert (versions.long, versions.short, versions.pair) == ("1", "1", "1")
+    pair = store.get_model_version(registry.PAIR_MODEL, "1")
+    assert pair.run_id == versions.run_id
+    for key, value in {"run_id": versions.run_id, "profile": "smoke", "data.train_md5": "abc123",
+                       "pair.long_version": "1", "pair.short_version": "1", "stage_note": "first"}.items():  # fmt: skip
+        assert pair.tags[key] == value, key
+    assert pair.tags["git_commit"]
+    for name in (registry.LONG_MODEL, registry.SHORT_MODEL):
+        version = store.get_model_version(name, "1")
+        assert version.tags["pair.version"] == "1" and version.tags["run_id"] == versions.run_id
+        assert len(version.tags["model_digest"]) >= 32
+    run_metrics = store.get_run(versions.run_id).data.metrics
+    assert run_metrics["pair_accuracy"] == pytest.approx(metrics["pair_accuracy"])
+    assert run_metrics["pair_mean_tokens"] == pytest.approx(metrics["pair_mean_tokens"])
+
+    # a second pair with the same weights reuses the long/short versions, adds a pair version
+    again = _register(trained_tiny, metrics, "candidate-2")
+    assert (again.long, again.short, again.pair) == ("1", "1", "2")
+
+
+def test_pyfunc_pair_answers_like_the_protocol(store, trained_tiny, measured, heldout):
+    import mlflow
+    import pandas as pd
+
+    metrics, episodes = measured
+    _register(trained_tiny, metrics, "candidate-1")
+    model = mlflow.pyfunc.load_model("models:/longshort-pair/1")
+    out = model.predict(pd.DataFrame({"problem": [r["problem"] for r in heldout]}))
+    assert list(out["answer"]) == [e.answer or "" for e in episodes]
+    assert list(out["tokens"]) == [e.tokens() for e in episodes]
+    assert (out["tokens"] == out["long_tokens"] + out["short_tokens"]).all()
+    assert list(out["transcript"]) == [e.transcript for e in episodes] and (out["n_turns"] >= 1).all()
+    assert list(out["stop_reason"]) == [e.stop_reason for e in episodes]
+    assert metrics["pair_mean_tokens"] == pytest.approx(out["tokens"].mean())
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="missing inputs \\['problem'\\]"):  # the signature guards the server
+        model.predict(pd.DataFrame({"question": ["1+1"]}))
+
+
+def test_pair_input_forms():
+    import pandas as pd
+
+    from models.pair import problems_of
+
+    assert problems_of(pd.DataFrame({"problem": ["a", "b"]})) == ["a", "b"]
+    assert problems_of("a") == ["a"] and problems_of([{"problem": "a"}, "b"]) == ["a", "b"]
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        problems_of(["a", ""])
+
+
+def test_gate_rules_on_their_edges():
+    from longshort.registry import gate
+
+    prod = {"pair_accuracy": 0.50, "pair_mean_tokens": 100.0}
+    assert gate({"pair_accuracy": 0.48, "pair_mean_tokens": 100.0}, prod, 0.02) == []  # exactly the tolerance
+    worse = gate({"pair_accuracy": 0.47, "pair_mean_tokens": 90.0}, prod, 0.02)
+    assert len(worse) == 1 and "0.4700" in worse[0] and "0.5000" in worse[0]
+    longer = gate({"pair_accuracy": 0.60, "pair_mean_tokens": 100.5}, prod, 0.02)
+    assert len(longer) == 1 and "100.5" in longer[0]
+    assert len(gate({"pair_accuracy": 0.1, "pair_mean_tokens": 200.0}, prod, 0.02)) == 2
+
+
+def test_refused_promotion_leaves_production_where_it_was(store, trained_tiny, measured):
+    from longshort import registry
+
+    metrics, _ = measured
+    first = _register(trained_tiny, metrics, "candidate-1")
+    decision = registry.promote(first.run_id)
+    assert decision.promoted and decision.production is None
+    assert _production_version(store) == "1"
+
+    acc, tokens = metrics["pair_accuracy"], metrics["pair_mean_tokens"]
+    worse = {**metrics, "pair_accuracy": acc - 0.05, "pair_mean_tokens": tokens - 1}
+    second = _register(trained_tiny, worse, "candidate-worse")
+    with pytest.raises(registry.PromotionRefused) as refused:
+        registry.promote(second.run_id, tolerance=0.02)
+    message = str(refused.value)
+    assert f"{worse['pair_accuracy']:.4f}" in message and f"{metrics['pair_accuracy']:.4f}" in message
+    assert _production_version(store) == "1"
+
+    longer = {**metrics, "pair_mean_tokens": metrics["pair_mean_tokens"] + 3}
+    third = _register(trained_tiny, longer, "candidate-longer")
+    with pytest.raises(registry.PromotionRefused, match="pair_mean_tokens"):
+        registry.promote(third.run_id)
+    assert _production_version(store) == "1"
+
+    better = {**metrics, "pair_accuracy": acc - 0.01, "pair_mean_tokens": tokens - 5}
+    fourth = _register(trained_tiny, better, "candidate-shorter")
+    decision = registry.promote(fourth.run_id)
+    assert decision.promoted and decision.production.version == "1"
+    prod = store.get_model_version_by_alias(registry.PAIR_MODEL, "production")
+    assert str(prod.version) == fourth.pair == "4" and prod.tags["promoted_over"] == "1"
+
+
+def test_compare_lists_both_sides_and_the_verdict(store, trained_tiny, measured):
+    from rich.console import Console
+
+    from longshort import registry
+
+    metrics, _ = measured
+    registry.promote(_register(trained_tiny, metrics, "candidate-1").run_id)
+    candidate = _register(trained_tiny, {**metrics, "pair_mean_tokens": metrics["pair_mean_tokens"] + 2}, "candidate-2")
+    decision = registry.compare()  # newest version by default
+    assert decision.candidate.version == candidate.pair and decision.production.version == "1"
+    assert not decision.passed and not decision.promoted
+    rows = {row[0]: row for row in registry.comparison_rows(decision.candidate, decision.production)}
+    assert list(rows)[:2] == ["pair_accuracy", "pair_mean_tokens"]
+    assert rows["pair_mean_tokens"][3] == "+2"
+    assert rows["data.train_md5"][1:] == ("abc123", "abc123", "")
+    console = Console(width=160, record=True)
+    console.print(registry.comparison_table(decision))
+    text = console.export_text()
+    assert "candidate v2" in text and "production v1" in text and "would be refused" in text
+    assert _production_version(store) == "1"
+
+
+def test_register_refuses_a_credential_in_tags(store, trained_tiny, measured, monkeypatch):
+    from longshort import registry
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-do-not-log-123")
+    with pytest.raises(registry.RegistryError, match="credential"):
+        _register(trained_tiny, measured[0], "leaky", note="key=test-secret-do-not-log-123")
+    assert store.search_model_versions(f"name = '{registry.PAIR_MODEL}'") == []
+
+
+def test_client_for_profile_finds_the_store_or_says_where_it_looked(tmp_path, monkeypatch):
+    from longshort import registry
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"run:\n  name: p\n  workspace: {tmp_path / 'ws'}\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(registry.RegistryError, match="no MLflow store at sqlite:///.*/ws/mlflow.db"):
+        registry.client_for_profile(str(profile))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    client = registry.client_for_profile(str(profile))
+    assert client.tracking_uri == f"sqlite:///{tmp_path}/other.db"
+    with pytest.raises(registry.RegistryError, match="no version of longshort-pair"):
+        registry.compare(client=client)
+    mlflow_reset()
+
+
+def mlflow_reset() -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+def test_long_and_short_folders_with_one_name_stay_apart(store, trained_tiny, measured, tmp_path):
+    import shutil
+
+    import mlflow
+
+    long_dir, short_dir = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(trained_tiny, long_dir)
+    shutil.copytree(trained_tiny, short_dir)
+    (short_dir / "role.txt").write_text("short")
+    from longshort import registry
+
+    with mlflow.start_run(run_name="same-names"):
+        versions = registry.register_pair(long_dir, short_dir, measured[0], {"profile": "smoke"}, settings=_settings())
+    uri = f"models:/{registry.PAIR_MODEL}/{versions.pair}"
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
+    assert (local / "artifacts" / "short" / "role.txt").read_text() == "short"
+    assert not (local / "artifacts" / "long" / "role.txt").exists()
+    assert (local / "artifacts" / "long" / "config.json").is_file()
+    assert versions.long == "1" and versions.short == "1"  # distinct registered models, one version each
