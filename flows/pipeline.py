@@ -143,6 +143,7 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
         "cache_hits": cache_hits,
         "n_stages": len(records) + len(shards),
         "stage_times_s": {r.stage: r.duration_s for r in records},
+        "stage_dirs": {r.stage: r.path for r in records},
         "recomputed": sorted({r.stage for r in computed}),
         "metrics": {k: v for r in records for k, v in r.metrics.items()},
         "report": evaluation.outputs.get("results.md"),

@@ -7,12 +7,14 @@ Nothing here implements an algorithm: that lives in ``tasks/``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -35,9 +37,17 @@ from longshort.io import tree_digest, write_jsonl
 from longshort.records import StageRecord
 
 
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow; a plain logger when DVC runs a stage's ``.fn`` directly."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("longshort.stages")
+
+
 def _run_stage(stage: str, key: str, out_dir: str, body: Callable[[Path], dict[str, Any]]) -> StageRecord:
     """Reuse a finished folder, else run ``body`` and save its record last."""
-    logger = get_run_logger()
+    logger = _logger()
     done = StageRecord.load(Path(out_dir))
     if done is not None:
         logger.info("%s: reusing finished artifacts in %s", stage, out_dir)
@@ -283,7 +293,7 @@ def rl_task(
     from tasks.rl import train_pair_rl  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
 
-    logger = get_run_logger()
+    logger = _logger()
 
     def body(folder: Path) -> dict[str, Any]:
         problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in read_split(train_path)]

@@ -177,6 +177,27 @@ def synthesize(
     console.print(json.dumps({"train": files.train, "heldout": files.heldout, "n_train": files.n_train}))
 
 
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="sft_base | chunk | score | cold_start")],
+    profile: ProfileOpt = "demo",
+    data: Annotated[Path, typer.Option(help="the DVC data folder (train.jsonl, heldout.jsonl, stage folders)")] = Path(
+        "data/demo"
+    ),
+    set_: SetOpt = None,
+) -> None:
+    """Run one data stage outside Prefect, as `dvc repro` does (the same code as the flow's task)."""
+    from flows.dvc_stages import run_data_stage  # noqa: PLC0415
+    from longshort.config import ConfigError, load_profile  # noqa: PLC0415
+
+    try:
+        cfg = load_profile(profile, set_)
+        record = run_data_stage(name, cfg, data)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    console.print(json.dumps({"stage": record.stage, "outputs": record.outputs, "metrics": record.metrics}))
+
+
 ToleranceOpt = Annotated[float, typer.Option(help="accuracy the candidate may lose against production (0.02 = 2 points)")]
 
 

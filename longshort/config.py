@@ -47,8 +47,10 @@ class DemoTaskConfig(Section):
     max_value: int = Field(19, ge=5, le=99)
     max_operand: int = Field(9, ge=1, le=20)
     seed: int = 1234
-    verify_rate: float = Field(0.7, ge=0.0, le=1.0)
+    verify_rate: float = Field(0.7, ge=0.0, le=1.0)  # each step is double-checked with this probability
     detour_rate: float = Field(0.5, ge=0.0, le=1.0)
+    backcheck_rate: float = Field(0.7, ge=0.0, le=1.0)  # the trace undoes the steps backwards
+    conclude_rate: float = Field(0.5, ge=0.0, le=1.0)  # the trace restates the answer before </think>
 
     @model_validator(mode="after")
     def _ops_range(self) -> DemoTaskConfig:

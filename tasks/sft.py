@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
@@ -60,6 +59,26 @@ def _peft_config(cfg: SFTConfig):
         target_modules=list(cfg.lora.target_modules),
         task_type="CAUSAL_LM",
     )
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint that was written to the end (``trainer_state.json`` is written last).
+
+    A process killed while saving leaves a folder with weights but no trainer state;
+    transformers' ``get_last_checkpoint`` would pick it and every rerun would fail, so
+    incomplete folders are skipped (and removed, so that the next save can use the name).
+    """
+    complete = []
+    for folder in Path(ckpt_dir).glob("checkpoint-*"):
+        step = folder.name.rsplit("-", 1)[-1]
+        if not step.isdigit():
+            continue
+        if (folder / "trainer_state.json").is_file():
+            complete.append((int(step), folder))
+        else:
+            log.warning("removing incomplete checkpoint %s (no trainer_state.json)", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return str(max(complete)[1]) if complete else None
 
 
 def train_sft(
@@ -114,7 +133,7 @@ def train_sft(
         peft_config=_peft_config(cfg),
         callbacks=[history],
     )
-    last = get_last_checkpoint(str(ckpt_dir)) if any(ckpt_dir.iterdir()) else None
+    last = last_complete_checkpoint(ckpt_dir)
     if last:
         log.info("resuming SFT from %s", last)
     result = trainer.train(resume_from_checkpoint=last)

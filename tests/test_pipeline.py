@@ -1,5 +1,6 @@
 """The pipeline on the smoke profile: real Prefect server, real MLflow (SQLite), real DVC."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -87,28 +88,30 @@ def test_mlflow_holds_runs_params_metrics_and_registered_model(smoke_runs):
 
 
 def test_dvc_repro_writes_the_same_bytes_as_the_flow(smoke_runs, tmp_path):
+    """`dvc repro` of the data stages (synthesize, sft_base, chunk, score, cold_start) on the smoke profile."""
     from longshort.config import load_profile
+    from longshort.io import tree_digest
 
     work, first, _, _, _ = smoke_runs
-    for rel in ("dvc.yaml", "tasks/demo.py", "tasks/synthesize.py", "models/protocol.py"):
+    for rel in ("dvc.yaml", "configs/smoke.yaml", *(str(p.relative_to(REPO)) for p in REPO.glob("tasks/*.py")),
+                *(str(p.relative_to(REPO)) for p in REPO.glob("models/*.py"))):  # fmt: skip
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, tmp_path / rel)
     demo = load_profile("smoke").data.demo.model_dump(mode="json")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"demo": demo}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"profile": "smoke", "demo": demo}))
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     for cmd in (["dvc", "init", "--no-scm", "-q"], ["dvc", "repro", "-q"]):
-        subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], cwd=tmp_path, env=env, check=True, timeout=300)
-    flow_dir = next((work / "workspace/artifacts/synthesize").iterdir())
+        subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], cwd=tmp_path, env=env, check=True, timeout=600)
+    data, dirs = tmp_path / "data/demo", {k: Path(v) for k, v in first["stage_dirs"].items()}
     for split in ("train", "heldout"):
-        assert (tmp_path / f"data/demo/{split}.jsonl").read_bytes() == (flow_dir / f"{split}.jsonl").read_bytes()
+        assert (data / f"{split}.jsonl").read_bytes() == (dirs["synthesize"] / f"{split}.jsonl").read_bytes()
+    assert tree_digest(data / "sft_base/model") == tree_digest(dirs["sft_base"] / "model")
+    for stage, names in (("chunk", ["chunks_train", "chunks_heldout"]), ("merge_scores", ["scored_train", "scored_heldout"]),
+                         ("cold_start", ["d_long", "d_short"])):  # fmt: skip
+        dvc_dir = data / ("score" if stage == "merge_scores" else stage)
+        for name in names:
+            assert (dvc_dir / f"{name}.jsonl").read_bytes() == (dirs[stage] / f"{name}.jsonl").read_bytes(), name
     lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
     outs = {Path(o["path"]).name: o["md5"] for o in lock["stages"]["synthesize"]["outs"]}
-    assert outs["train.jsonl"] == first_digest(work)
-
-
-def first_digest(work: Path) -> str:
-    import json
-
-    record = json.loads(next((work / "workspace/artifacts/synthesize").iterdir()).joinpath("record.json").read_text())
-    return record["digests"]["train_md5"]
+    assert outs["train.jsonl"] == json.loads((dirs["synthesize"] / "record.json").read_text())["digests"]["train_md5"]

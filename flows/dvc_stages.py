@@ -1,0 +1,67 @@
+"""The data stages as DVC runs them: ``longshort stage NAME --profile P --data DIR``.
+
+``dvc.yaml`` calls this for sft_base, chunk, score and cold_start. Each call runs
+the very function the Prefect task runs (the task's ``.fn``, no Prefect engine),
+with the same inputs, into ``DIR/<stage>/``; so ``dvc repro`` and the flow write
+byte-identical datasets. The synthesize stage is ``longshort synthesize`` (it reads
+``params.yaml``'s ``demo`` section, which a test keeps equal to the demo profile).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flows import stages as st
+from longshort.config import Profile
+from longshort.records import StageRecord
+
+DATA_STAGES = ("sft_base", "chunk", "score", "cold_start")
+
+
+def _record(data: Path, stage: str) -> StageRecord:
+    record = StageRecord.load(data / stage)
+    if record is None:
+        raise FileNotFoundError(f"{data / stage}: no finished '{stage}' stage; run `dvc repro` from the start")
+    return record
+
+
+def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
+    """Run one data stage for profile ``cfg``, reading upstream outputs from ``data``."""
+    data = Path(data)
+    seed, base_model = cfg.run.seed, cfg.section_dump("base_model")
+    train, heldout = str(data / "train.jsonl"), str(data / "heldout.jsonl")
+    out = str(data / name)
+    if name == "sft_base":
+        return st.sft_base_task.fn(
+            key="dvc", out_dir=out, train_path=train, base_model=base_model,
+            tokenizer=cfg.section_dump("tokenizer"), sft=cfg.section_dump("sft_base"), seed=seed,
+        )  # fmt: skip
+    if name == "chunk":
+        return st.chunk_task.fn(
+            key="dvc", out_dir=out, train_path=train, heldout_path=heldout, chunk=cfg.section_dump("chunk"),
+            n_train=cfg.score.n_train_traces, n_heldout=cfg.score.n_heldout_traces, seed=seed,
+        )  # fmt: skip
+    if name == "score":
+        from tasks.synthesize import read_split  # noqa: PLC0415
+
+        chunks, model = _record(data, "chunk"), _record(data, "sft_base")
+        shared: dict[str, Any] = dict(model_dir=model.outputs["model"], base_model=base_model,
+                                      generation=cfg.section_dump("generation"), score=cfg.section_dump("score"))  # fmt: skip
+        shards: dict[str, list[str]] = {}
+        for split in ("train", "heldout"):
+            rows = read_split(chunks.outputs[split])
+            size = cfg.score.shard_size
+            for i in range(0, len(rows), size):
+                shard = st.score_shard_task.fn(
+                    key="dvc", out_dir=str(data / "score" / "shards" / f"{split}-{i // size:04d}"), rows=rows[i : i + size], **shared
+                )  # fmt: skip
+                shards.setdefault(split, []).append(shard.outputs["scored"])
+        return st.merge_scores_task.fn(key="dvc", out_dir=out, shards=shards)
+    if name == "cold_start":
+        return st.cold_start_task.fn(
+            key="dvc", out_dir=out, scored_path=_record(data, "score").outputs["train"], train_path=train,
+            model_dir=_record(data, "sft_base").outputs["model"], base_model=base_model,
+            generation=cfg.section_dump("generation"), cold_start=cfg.section_dump("cold_start"), seed=seed,
+        )  # fmt: skip
+    raise ValueError(f"unknown data stage '{name}'; known: {', '.join(DATA_STAGES)}")

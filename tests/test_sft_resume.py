@@ -1,0 +1,211 @@
+"""SFT survives ``kill -9``: a rerun resumes from the last checkpoint and ends where an uninterrupted run ends.
+
+Each training run is a child process running this file as a script
+(``python tests/test_sft_resume.py OUT_DIR [PAUSE]``), so the kill is a real SIGKILL of a real trainer and
+the rerun starts from nothing but what is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_STEPS = 8
+SAVE_STEPS = 2
+CHILD_TIMEOUT_S = 120
+# Where a child stops (and is then killed): after transformers' _save_checkpoint for step 4 has returned, i.e.
+# between checkpoints; or inside the save of step 6, after its weights and before its optimizer/RNG/trainer state.
+AFTER_SAVE_4 = "after-save-4"
+INSIDE_SAVE_6 = "inside-save-6"
+
+
+def _train(out_dir: Path, pause: str | None) -> None:
+    """Child body: build tokenizer, tiny model and examples from fixed seeds, then run ``train_sft``."""
+    import torch
+
+    from longshort.config import DemoTaskConfig, SFTConfig, TinyModelConfig
+    from models.factory import build_tiny_model
+    from models.tokenizer import build_tokenizer
+    from tasks.base_model import base_sft_examples, tokenizer_corpus
+    from tasks.demo import demo_rows
+    from tasks.sft import train_sft
+
+    torch.set_num_threads(1)
+    if pause is not None:
+        _pause_at(out_dir, pause)
+    train, _ = demo_rows(DemoTaskConfig(n_train=32, n_heldout=4, seed=5, min_ops=2, max_ops=2, max_value=12,
+                                        max_operand=5, verify_rate=0.3, detour_rate=0.3))  # fmt: skip
+    tokenizer = build_tokenizer(tokenizer_corpus(train), vocab_size=400)
+    model = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2,
+                                             max_position_embeddings=512), tokenizer, seed=0)  # fmt: skip
+    cfg = SFTConfig(max_steps=MAX_STEPS, save_steps=SAVE_STEPS, batch_size=4, learning_rate=3e-3,
+                    logging_steps=1, epochs=1)  # fmt: skip
+    train_sft(base_sft_examples(tokenizer, train), model, tokenizer, cfg, out_dir, seed=0)
+
+
+def _pause_at(out_dir: Path, pause: str) -> None:
+    """Make the child wait (for its SIGKILL) at a known point of the transformers Trainer.
+
+    A kill timed from outside by polling the checkpoint folder races the next checkpoint write (a tiny model
+    trains two steps in milliseconds), so the child marks the point it reached and waits there. The wrapped
+    transformers methods still run in full; nothing of ours is replaced.
+    """
+    from transformers import Trainer
+
+    where, step = pause.rsplit("-", 1)
+    name = {"after-save": "_save_checkpoint", "inside-save": "_save_optimizer_and_scheduler"}[where]
+    original = getattr(Trainer, name)
+
+    def run_then_wait(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if where == "after-save":
+            original(self, *args, **kwargs)
+        if self.state.global_step == int(step):
+            (out_dir / f"paused-{pause}").write_text(str(os.getpid()))
+            time.sleep(CHILD_TIMEOUT_S)
+            raise RuntimeError("the parent test did not kill this child")
+        if where == "inside-save":
+            original(self, *args, **kwargs)
+
+    setattr(Trainer, name, run_then_wait)
+
+
+def _child(out_dir: Path, pause: str | None = None) -> subprocess.Popen:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), str(out_dir)] + ([pause] if pause else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+    with open(out_dir.parent / f"{out_dir.name}.log", "a") as log:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _log_tail(out_dir: Path) -> str:
+    return (out_dir.parent / f"{out_dir.name}.log").read_text()[-3000:]
+
+
+def _wait_ok(proc: subprocess.Popen, out_dir: Path) -> dict:
+    try:
+        rc = proc.wait(timeout=CHILD_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:  # timed out: do not leave a trainer running
+            proc.kill()
+            proc.wait()
+    assert rc == 0, f"SFT child for {out_dir} exited with {rc}:\n{_log_tail(out_dir)}"
+    return json.loads((out_dir / "sft_result.json").read_text())
+
+
+def _kill_when_paused(proc: subprocess.Popen, out_dir: Path, pause: str) -> None:
+    marker = out_dir / f"paused-{pause}"
+    deadline = time.time() + CHILD_TIMEOUT_S
+    while not marker.exists():
+        assert proc.poll() is None, f"child exited with {proc.returncode} before {pause}:\n{_log_tail(out_dir)}"
+        assert time.time() < deadline, f"child did not reach {pause} within {CHILD_TIMEOUT_S} s"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    (path,) = model_dir.glob("*.safetensors")
+    return load_file(path)
+
+
+@dataclass(frozen=True)
+class Runs:
+    straight: Path  # uninterrupted run, finished
+    killed_between: Path  # SIGKILLed after checkpoint-4 was complete
+    killed_inside: Path  # SIGKILLed while writing checkpoint-6
+    straight_result: dict
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """The three first runs, side by side (two cores): one to the end, two killed with SIGKILL."""
+    root = tmp_path_factory.mktemp("sft-resume")
+    straight, between, inside = root / "straight", root / "killed-between", root / "killed-inside"
+    procs = {between: _child(between, AFTER_SAVE_4), inside: _child(inside, INSIDE_SAVE_6)}
+    straight_proc = _child(straight)
+    try:
+        _kill_when_paused(procs[between], between, AFTER_SAVE_4)
+        _kill_when_paused(procs[inside], inside, INSIDE_SAVE_6)
+        straight_result = _wait_ok(straight_proc, straight)
+    finally:
+        for proc in [*procs.values(), straight_proc]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return Runs(straight, between, inside, straight_result)
+
+
+def _assert_resumed_equals_straight(runs: Runs, out_dir: Path, checkpoint: str, resumed: dict) -> None:
+    import torch
+
+    assert resumed["resumed_from"] == str(out_dir / "checkpoints" / checkpoint)
+    assert resumed["steps"] == MAX_STEPS
+    # Exact equality (torch.equal, i.e. atol=0): same data order (the resumed dataloader skips the consumed
+    # batches), restored optimizer/scheduler/RNG state and one thread, so every float must match bit for bit.
+    a, b = _weights(runs.straight / "model"), _weights(out_dir / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name}: max |diff| {(a[name] - b[name]).abs().max().item():.3g}"
+    # The resumed process logs only the steps it ran, with the uninterrupted run's losses at those steps.
+    start = int(checkpoint.rsplit("-", 1)[1])
+    losses_a = json.loads((runs.straight / "loss_history.json").read_text())
+    losses_b = json.loads((out_dir / "loss_history.json").read_text())
+    assert [h["step"] for h in losses_b] == list(range(start + 1, MAX_STEPS + 1))
+    assert losses_b == [h for h in losses_a if h["step"] > start]
+    # transformers 5 reports train_loss as the mean over the steps run by *this* process, so a resumed run's
+    # sft_result.json train_loss covers only the steps after the checkpoint.
+    assert runs.straight_result["train_loss"] == pytest.approx(sum(h["loss"] for h in losses_a) / MAX_STEPS)
+    assert resumed["train_loss"] == pytest.approx(sum(h["loss"] for h in losses_b) / len(losses_b))
+
+
+@pytest.mark.slow
+def test_sft_killed_between_checkpoints_resumes_and_matches_an_uninterrupted_run(runs: Runs, tmp_path: Path):
+    import torch
+
+    assert runs.straight_result["resumed_from"] is None and runs.straight_result["steps"] == MAX_STEPS
+    out_dir = tmp_path / "killed-between"
+    shutil.copytree(runs.killed_between, out_dir)
+    ckpts = out_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (ckpts / "checkpoint-4" / "trainer_state.json").exists()
+    assert not (out_dir / "model").exists() and not (out_dir / "sft_result.json").exists()
+    at_kill = _weights(ckpts / "checkpoint-4")  # read now: a finished run deletes its checkpoints
+
+    resumed = _wait_ok(_child(out_dir), out_dir)
+
+    _assert_resumed_equals_straight(runs, out_dir, "checkpoint-4", resumed)
+    final = _weights(out_dir / "model")
+    assert final.keys() == at_kill.keys()
+    assert not all(torch.equal(final[k], at_kill[k]) for k in final), "the rerun did not train past step 4"
+
+
+@pytest.mark.slow
+def test_sft_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(runs: Runs, tmp_path: Path):
+    out_dir = tmp_path / "killed-inside"
+    shutil.copytree(runs.killed_inside, out_dir)
+    ckpts = out_dir / "checkpoints"
+    assert (ckpts / "checkpoint-6" / "model.safetensors").exists()  # the write had started...
+    assert not (ckpts / "checkpoint-6" / "trainer_state.json").exists()  # ...and was killed before the end
+    assert (ckpts / "checkpoint-4" / "trainer_state.json").exists()
+
+    resumed = _wait_ok(_child(out_dir), out_dir)
+
+    _assert_resumed_equals_straight(runs, out_dir, "checkpoint-4", resumed)
+
+
+if __name__ == "__main__":
+    _train(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
