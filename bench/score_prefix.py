@@ -35,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
 
-from longshort.config import DemoTaskConfig, GenerationConfig, ModelConfig, SFTConfig, TokenizerConfig  # noqa: E402
+from longshort.config import DemoTaskConfig, GenerationConfig, ModelConfig, SFTConfig, TokenizerConfig, load_profile  # noqa: E402
 from models.generation import make_backend  # noqa: E402
 from tasks.chunking import split_steps, thinking_of  # noqa: E402
 from tasks.demo import demo_rows  # noqa: E402
@@ -110,11 +110,13 @@ def main() -> None:
     print(f"model: {model_dir} ({backend.model.num_parameters():,} parameters)")
     print(
         f"traces: {len(traces)}, prefixes: {n_prefixes}, rollouts per prefix: {args.rollouts}, "
-        f"max_new_tokens {args.max_new_tokens}, batch size {args.batch_size}"
+        f"max_new_tokens {args.max_new_tokens}, batch size {args.batch_size}, answer probe {load_profile('demo').score.answer_probe!r}"
     )
 
     # Greedy: both paths must give the same rollouts, hence the same acc_k.
-    common = dict(n_rollouts=args.rollouts, max_new_tokens=args.max_new_tokens, shard_size=len(traces), seed=args.seed)
+    probe = load_profile("demo").score.answer_probe  # the forced-answer start the pipeline uses
+    common = dict(n_rollouts=args.rollouts, max_new_tokens=args.max_new_tokens, shard_size=len(traces), seed=args.seed,
+                  answer_probe=probe)  # fmt: skip
     greedy = ScoreConfig(**common, temperature=0.0)
     g_shared, _, _ = timed(backend, traces, greedy, "shared")
     g_separate, _, _ = timed(backend, traces, greedy, "separate")

@@ -49,8 +49,6 @@ class DemoTaskConfig(Section):
     seed: int = 1234
     verify_rate: float = Field(0.7, ge=0.0, le=1.0)  # each step is double-checked with this probability
     detour_rate: float = Field(0.5, ge=0.0, le=1.0)
-    backcheck_rate: float = Field(0.7, ge=0.0, le=1.0)  # the trace undoes the steps backwards
-    conclude_rate: float = Field(0.5, ge=0.0, le=1.0)  # the trace restates the answer before </think>
 
     @model_validator(mode="after")
     def _ops_range(self) -> DemoTaskConfig:
@@ -231,7 +229,10 @@ class ScoreConfig(Section):
     L_delta: float = Field(512.0, gt=0)
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(32, ge=1)  # the forced answer turn
+    max_new_tokens: int = Field(32, ge=1)  # the forced answer turn (and the probe's completion)
+    # The start of the forced answer turn after P_k: "" lets the model open it; the demo uses
+    # "<answer>The final number is \\boxed{" so that its tiny model answers from partial thinking
+    answer_probe: str = ""
     shard_size: int = Field(32, ge=1)  # traces per generate call (and per Prefect map task)
     seed: int = 0
 

@@ -148,9 +148,7 @@ def teacher_thoughts(problem: DemoProblem, rng: random.Random, cfg: DemoTaskConf
         thoughts.append(Thought("detour", text, "Not that way.", False))
     steps = " ".join(_step(i, problem, vals) + "." for i in range(n))
     thoughts.append(Thought("compute", f"Let me compute step by step. {steps}", steps, True))
-    # R1 traces vary in how much they re-check and whether they restate the answer before </think>; so
-    # does the teacher, which also teaches the model to answer from wherever its thinking stops
-    checked = [i for i in range(n) if rng.random() < cfg.verify_rate]
+    checked = [i for i in range(n) if rng.random() < cfg.verify_rate] or [n - 1]
     for i in checked:
         thoughts.append(
             Thought(
@@ -160,25 +158,23 @@ def teacher_thoughts(problem: DemoProblem, rng: random.Random, cfg: DemoTaskConf
                 False,
             )
         )
-    if rng.random() < cfg.backcheck_rate:
-        back = []
-        for i in range(n - 1, -1, -1):
-            s, v = problem.ops[i]
-            inv = "-" if s == "+" else "+"
-            back.append(f"({i + 1}) {_eq(vals[i + 1], inv, v, vals[i])}")
-        thoughts.append(
-            Thought(
-                "backcheck",
-                f"Let me verify by undoing the steps backwards: {', '.join(back)}. "
-                f"That matches the start, {problem.start}.",
-                "Backwards ok.",
-                False,
-            )
+    back = []
+    for i in range(n - 1, -1, -1):
+        s, v = problem.ops[i]
+        inv = "-" if s == "+" else "+"
+        back.append(f"({i + 1}) {_eq(vals[i + 1], inv, v, vals[i])}")
+    thoughts.append(
+        Thought(
+            "backcheck",
+            f"Let me verify by undoing the steps backwards: {', '.join(back)}. "
+            f"That matches the start, {problem.start}.",
+            "Backwards ok.",
+            False,
         )
-    if rng.random() < cfg.conclude_rate:
-        thoughts.append(
-            Thought("conclude", f"So the answer is {problem.answer}.", f"Answer {problem.answer}.", False)
-        )
+    )
+    thoughts.append(
+        Thought("conclude", f"So the answer is {problem.answer}.", f"Answer {problem.answer}.", False)
+    )
     return thoughts
 
 

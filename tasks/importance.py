@@ -84,8 +84,17 @@ def _checked_trace(trace: Mapping[str, Any], where: str) -> tuple[str, str, str,
     return trace["id"], trace["problem"], trace["answer"], thoughts
 
 
+def rollout_prompt(head: str, thinking: str, answer_probe: str = "") -> str:
+    """The prompt of a rollout from the prefix ``thinking``: the thinking is closed at once and the
+    model must answer (``answer_prefix``). ``answer_probe`` starts the answer turn for it (e.g. the
+    demo's ``<answer>The final number is \\boxed{``), so that a model that only ever answered after a
+    whole trace still answers from a partial one instead of drifting back into thinking.
+    """
+    return head + answer_prefix(thinking) + answer_probe
+
+
 def rollout_correct(text: str, reference: str) -> bool:
-    """A rollout is right when it is a well-formed final ``<answer>`` turn whose boxed answer matches."""
+    """A rollout is right when its last turn is a well-formed final ``<answer>`` whose boxed answer matches."""
     try:
         turn = parse_turn("short", text)
     except ProtocolError:
@@ -120,7 +129,7 @@ def score_traces(
             head = backend.chat_prompt(SYSTEM_PROMPTS["base"], problem)
             thinkings = prefix_thinkings(thoughts)
             thinkings_of.append(thinkings)
-            prompts += [head + answer_prefix(thinking) for thinking in thinkings]
+            prompts += [rollout_prompt(head, thinking, cfg.answer_probe) for thinking in thinkings]
             owners += [t] * len(thinkings)
         outs = backend.generate(
             prompts,
@@ -136,7 +145,7 @@ def score_traces(
         for (trace_id, _, reference, _), thinkings in zip(shard, thinkings_of):
             rollouts = outs[at : at + len(thinkings)]
             at += len(thinkings)
-            acc = [sum(rollout_correct(c.text, reference) for c in rs) / len(rs) for rs in rollouts]
+            acc = [sum(rollout_correct(cfg.answer_probe + c.text, reference) for c in rs) / len(rs) for rs in rollouts]
             tokens = [sum(c.n_tokens for c in rs) / len(rs) for rs in rollouts]
             context = [backend.count_tokens(th) if th else 0 for th in thinkings]
             scored.append(

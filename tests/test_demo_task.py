@@ -1,4 +1,3 @@
-import collections
 import random
 
 from longshort.config import DemoTaskConfig
@@ -48,12 +47,8 @@ def test_trace_has_the_r1_style_and_hidden_labels():
         essential = next(t for t in thoughts if t["essential"])
         assert essential["text"].endswith(f"= {row['answer']}.")
         kinds |= {t["kind"] for t in thoughts}
-        assert [t["kind"] for t in thoughts][:2] == ["restate", "plan"]
+        assert "Wait, let me double-check" in thinking
     assert kinds == {"restate", "plan", "detour", "compute", "verify", "backcheck", "conclude"}
-    # the trace varies in how it ends: some re-check, some restate the answer, some stop right after computing
-    endings = collections.Counter(r["thoughts"][-1]["kind"] for r in train)
-    assert {"conclude", "backcheck", "verify"} <= set(endings)
-    assert sum("Wait, let me double-check" in r["response"] for r in train) > len(train) / 2
     # the essential computation is a small part of the trace: the rest is what Long⊗Short can shorten
     share = sum(len(next(t for t in r["thoughts"] if t["essential"])["text"]) for r in train) / sum(
         len(r["response"]) for r in train
