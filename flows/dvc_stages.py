@@ -10,8 +10,6 @@ byte-identical datasets. The synthesize stage is ``longshort synthesize`` (it re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 from flows import stages as st
 from longshort.config import Profile
 from longshort.records import StageRecord
@@ -43,21 +41,12 @@ def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
             n_train=cfg.score.n_train_traces, n_heldout=cfg.score.n_heldout_traces, seed=seed,
         )  # fmt: skip
     if name == "score":
-        from tasks.synthesize import read_split  # noqa: PLC0415
-
-        chunks, model = _record(data, "chunk"), _record(data, "sft_base")
-        shared: dict[str, Any] = dict(model_dir=model.outputs["model"], base_model=base_model,
-                                      generation=cfg.section_dump("generation"), score=cfg.section_dump("score"))  # fmt: skip
-        shards: dict[str, list[str]] = {}
-        for split in ("train", "heldout"):
-            rows = read_split(chunks.outputs[split])
-            size = cfg.score.shard_size
-            for i in range(0, len(rows), size):
-                shard = st.score_shard_task.fn(
-                    key="dvc", out_dir=str(data / "score" / "shards" / f"{split}-{i // size:04d}"), rows=rows[i : i + size], **shared
-                )  # fmt: skip
-                shards.setdefault(split, []).append(shard.outputs["scored"])
-        return st.merge_scores_task.fn(key="dvc", out_dir=out, shards=shards)
+        shards, shared = st.score_shards(cfg, _record(data, "chunk"), _record(data, "sft_base"))
+        scored: dict[str, list[str]] = {}
+        for i, (split, rows) in enumerate(shards):
+            shard = st.score_shard_task.fn(key="dvc", out_dir=str(data / "score" / "shards" / f"{i:04d}"), rows=rows, **shared)
+            scored.setdefault(split, []).append(shard.outputs["scored"])
+        return st.merge_scores_task.fn(key="dvc", out_dir=out, shards=scored)
     if name == "cold_start":
         return st.cold_start_task.fn(
             key="dvc", out_dir=out, scored_path=_record(data, "score").outputs["train"], train_path=train,

@@ -27,6 +27,7 @@ from flows.stages import (
     merge_scores_task,
     rl_task,
     score_shard_task,
+    score_shards,
     sft_base_task,
     sft_role_task,
     synthesize_task,
@@ -35,7 +36,6 @@ from flows.stages import (
 )
 from longshort.config import Profile, load_profile
 from longshort.records import StageRecord
-from tasks.synthesize import read_split
 
 
 def _stage(task_fn: Any, stage: str, workspace: Path, **inputs: Any) -> StageRecord:
@@ -48,13 +48,7 @@ def _stage(task_fn: Any, stage: str, workspace: Path, **inputs: Any) -> StageRec
 def score_flow(cfg: Profile, ws: Path, chunks: StageRecord, model: StageRecord) -> tuple[StageRecord, list[StageRecord], str]:
     """Monte Carlo scoring fanned out over shards of traces with Prefect task mapping (a subflow, so
     that its task runner — threads, Dask or Ray — comes from the profile)."""
-    shared = dict(model_dir=model.outputs["model"], base_model=cfg.section_dump("base_model"),
-                  generation=cfg.section_dump("generation"), score=cfg.section_dump("score"))  # fmt: skip
-    shards: list[tuple[str, list[dict]]] = []
-    for split in ("train", "heldout"):
-        rows = read_split(chunks.outputs[split])
-        size = cfg.score.shard_size
-        shards += [(split, rows[i : i + size]) for i in range(0, len(rows), size)]
+    shards, shared = score_shards(cfg, chunks, model)
     keys = [stage_key("score_shard", {"rows": rows, **shared, "model": model.digests["model"]}) for _, rows in shards]
     futures = score_shard_task.with_options(result_storage=ws / "prefect-results").map(
         key=keys,

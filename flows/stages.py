@@ -198,6 +198,21 @@ def chunk_task(
     return _run_stage("chunk", key, out_dir, body)
 
 
+def score_shards(cfg: Profile, chunks: StageRecord, model: StageRecord) -> tuple[list[tuple[str, list[dict]]], dict]:
+    """The chunked traces of each split cut into shards of ``score.shard_size``, and the inputs every
+    shard shares; the flow maps ``score_shard_task`` over them, ``longshort stage score`` loops."""
+    from tasks.synthesize import read_split  # noqa: PLC0415
+
+    shared = dict(model_dir=model.outputs["model"], base_model=cfg.section_dump("base_model"),
+                  generation=cfg.section_dump("generation"), score=cfg.section_dump("score"))  # fmt: skip
+    size = cfg.score.shard_size
+    shards = []
+    for split in ("train", "heldout"):
+        rows = read_split(chunks.outputs[split])
+        shards += [(split, rows[i : i + size]) for i in range(0, len(rows), size)]
+    return shards, shared
+
+
 @task(name="score_shard", cache_policy=STAGE_CACHE, persist_result=True, retries=1)
 def score_shard_task(
     key: str, out_dir: str, rows: list[dict], model_dir: str, base_model: dict, generation: dict, score: dict
@@ -267,14 +282,13 @@ def sft_role_task(
     """SFT of the long-thought or short-thought model from the base model on D_long / D_short."""
     from models.factory import load_model  # noqa: PLC0415
     from tasks.cold_start import pair_sft_examples  # noqa: PLC0415
-    from tasks.sft import train_from_checkpoint  # noqa: PLC0415
+    from tasks.sft import train_sft  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
 
     def body(folder: Path) -> dict[str, Any]:
-        model_cfg = ModelConfig.model_validate(base_model)
-        _, tokenizer = load_model(model_cfg, path=model_dir)
+        model, tokenizer = load_model(ModelConfig.model_validate(base_model), path=model_dir)
         examples = pair_sft_examples(tokenizer, read_split(data_path), role)
-        result = train_from_checkpoint(model_dir, examples, model_cfg, SFTConfig.model_validate(sft), folder, seed)
+        result = train_sft(examples, model.train(), tokenizer, SFTConfig.model_validate(sft), folder, seed=seed)
         return {
             "outputs": {"model": result.model_dir},
             "digests": {"model": tree_digest(Path(result.model_dir))},

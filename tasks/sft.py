@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
-from longshort.config import ModelConfig, SFTConfig
+from longshort.config import SFTConfig
 from longshort.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -161,18 +161,3 @@ def train_sft(
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return out
 
-
-def train_from_checkpoint(
-    model_dir: str | Path,
-    examples: list[dict[str, str]],
-    model_cfg: ModelConfig,
-    cfg: SFTConfig,
-    out_dir: Path,
-    seed: int = 0,
-) -> SFTResult:
-    """Fine-tune a saved model (e.g. the long-CoT base) on prompt/completion pairs."""
-    from models.factory import load_model  # noqa: PLC0415 - keeps this module free of model loading at import
-
-    model, tokenizer = load_model(model_cfg, path=model_dir)
-    model.train()
-    return train_sft(examples, model, tokenizer, cfg, out_dir, seed=seed)
