@@ -5,23 +5,82 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from longshort.config import Profile
 
 app = typer.Typer(help="Long⊗Short: two models that reason together with far fewer tokens.", no_args_is_help=True)
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays on one line, however long its path
 
 ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="profile name in configs/ or a YAML path")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. sft_base.epochs=1")]
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+def _fail(exc: BaseException) -> NoReturn:
+    """Print ``error: MESSAGE`` to stderr (the message as written, no markup, no traceback) and exit 2."""
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     raise typer.Exit(2)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the input's or the environment's fault, not a bug: the CLI prints them in one line.
+
+    A bad profile (ConfigError) or data file (DataError), a missing file, an output that cannot be
+    written (OutputError), a service that does not answer (ServiceUnavailable). Anything else keeps
+    its traceback. Evaluated only when an exception is being handled, so the imports cost nothing otherwise.
+    """
+    from longshort.config import ConfigError  # noqa: PLC0415
+    from longshort.endpoints import ServiceUnavailable  # noqa: PLC0415
+    from longshort.io import DataError, OutputError  # noqa: PLC0415
+
+    return ConfigError, DataError, OutputError, ServiceUnavailable, FileNotFoundError
+
+
+def _pipeline_errors() -> tuple[type[BaseException], ...]:
+    """What a pipeline run adds: an unloadable model, a registry or DVC step that fails."""
+    from longshort.registry import RegistryError  # noqa: PLC0415
+    from models.factory import ModelLoadError  # noqa: PLC0415
+    from tasks.versioning import DVCError  # noqa: PLC0415
+
+    return (*_input_errors(), ModelLoadError, RegistryError, DVCError)
+
+
+def _preflight(cfg: Profile) -> None:
+    """Check what a run needs from outside before Prefect starts, so a bad input fails in seconds, writing nothing:
+    the local data and benchmark files (every row) and the MLflow tracking server."""
+    from longshort.tracking import require_tracking_server, tracking_uri  # noqa: PLC0415
+    from tasks.benchmarks import is_local_source, load_benchmark  # noqa: PLC0415
+    from tasks.synthesize import load_problems  # noqa: PLC0415
+
+    if cfg.data.source != "demo" and cfg.data.path:
+        load_problems(cfg.data, need_response=cfg.data.source == "traces")
+    for bench in cfg.evaluate.benchmarks:
+        if is_local_source(bench.source):
+            load_benchmark(bench.source, split=bench.split, limit=bench.limit, name=bench.name)
+    require_tracking_server(tracking_uri(cfg.tracking, cfg.run.workspace.resolve()))
+
+
+def _run_pipeline(profile: str, overrides: list[str] | None) -> dict:
+    from longshort.config import load_profile  # noqa: PLC0415
+
+    try:
+        _preflight(load_profile(profile, overrides))  # fail fast, before Prefect starts
+    except _input_errors() as exc:
+        _fail(exc)
+    from flows.pipeline import pipeline  # noqa: PLC0415
+
+    try:
+        return pipeline(profile=profile, overrides=overrides)
+    except _pipeline_errors() as exc:
+        _fail(exc)
 
 
 @app.command()
@@ -35,16 +94,7 @@ def version() -> None:
 @app.command()
 def run(profile: ProfileOpt = "demo", set_: SetOpt = None) -> None:
     """Run the whole pipeline for a profile (cached stages, tracked in MLflow)."""
-    from longshort.config import ConfigError, load_profile  # noqa: PLC0415
-
-    try:
-        load_profile(profile, set_)  # fail fast, before Prefect starts
-    except ConfigError as exc:
-        _fail(exc)
-    from flows.pipeline import pipeline  # noqa: PLC0415
-
-    summary = pipeline(profile=profile, overrides=set_)
-    _print_summary(summary)
+    _print_summary(_run_pipeline(profile, set_))
 
 
 SYSTEMS = (("long-CoT base", "long_cot_base"), ("Long⊗Short SFT", "long_short_sft"), ("Long⊗Short RL", "long_short_rl"))
@@ -98,15 +148,7 @@ def _print_summary(summary: dict) -> None:
 @app.command()
 def evaluate(profile: ProfileOpt = "demo", set_: SetOpt = None) -> None:
     """Evaluate every system of a profile side by side (runs, or reuses from cache, what it needs)."""
-    from longshort.config import ConfigError, load_profile  # noqa: PLC0415
-
-    try:
-        load_profile(profile, set_)
-    except ConfigError as exc:
-        _fail(exc)
-    from flows.pipeline import pipeline  # noqa: PLC0415
-
-    summary = pipeline(profile=profile, overrides=set_)
+    summary = _run_pipeline(profile, set_)
     if summary.get("report"):
         console.print(Path(summary["report"]).read_text(encoding="utf-8"), markup=False, highlight=False)
         console.print(f"plots and tables: {Path(summary['report']).parent}")
@@ -130,9 +172,14 @@ def solve(
         cfg = load_profile(profile, set_)
     except ConfigError as exc:
         _fail(exc)
-    with console.status("loading models"):
-        long_backend = make_backend(long, cfg.base_model, cfg.generation, cfg.run.seed)
-        short_backend = long_backend if short == long else make_backend(short, cfg.base_model, cfg.generation)
+    from models.factory import ModelLoadError  # noqa: PLC0415
+
+    try:
+        with console.status("loading models"):
+            long_backend = make_backend(long, cfg.base_model, cfg.generation, cfg.run.seed)
+            short_backend = long_backend if short == long else make_backend(short, cfg.base_model, cfg.generation)
+    except (ModelLoadError, OSError) as exc:  # pickle weights, custom code not allowed, a missing folder
+        _fail(exc)
     with console.status("solving"):
         (episode,) = run_episodes(
             [problem],
@@ -163,17 +210,26 @@ def synthesize(
     """Write the demo task's train/held-out splits (the DVC 'synthesize' stage)."""
     from pydantic import ValidationError  # noqa: PLC0415
 
-    from longshort.config import DemoTaskConfig  # noqa: PLC0415
+    from longshort.config import DemoTaskConfig, format_validation_error, yaml_error  # noqa: PLC0415
     from tasks.synthesize import synthesize_demo  # noqa: PLC0415
 
     try:
-        section = (yaml.safe_load(params.read_text()) or {}).get("demo", {})
-        cfg = DemoTaskConfig.model_validate(section)
-    except (OSError, yaml.YAMLError) as exc:
-        _fail(exc)
+        data = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict) or not isinstance(data.get("demo", {}), dict):
+            raise ValueError(f"{params}: expected a mapping with a 'demo' section")
+        cfg = DemoTaskConfig.model_validate(data.get("demo", {}))
     except ValidationError as exc:
-        _fail(ValueError(f"{params}: section 'demo': {exc}"))
-    files = synthesize_demo(cfg, out)
+        _fail(ValueError(format_validation_error(params, exc, section="demo")))
+    except UnicodeDecodeError as exc:
+        _fail(ValueError(f"{params}: not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+    except yaml.YAMLError as exc:
+        _fail(ValueError(yaml_error(params, exc)))
+    except (OSError, ValueError) as exc:
+        _fail(exc)
+    try:
+        files = synthesize_demo(cfg, out)
+    except OSError as exc:
+        _fail(exc)
     console.print(json.dumps({"train": files.train, "heldout": files.heldout, "n_train": files.n_train}))
 
 
@@ -188,12 +244,12 @@ def stage(
 ) -> None:
     """Run one data stage outside Prefect, as `dvc repro` does (the same code as the flow's task)."""
     from flows.dvc_stages import run_data_stage  # noqa: PLC0415
-    from longshort.config import ConfigError, load_profile  # noqa: PLC0415
+    from longshort.config import load_profile  # noqa: PLC0415
 
     try:
         cfg = load_profile(profile, set_)
         record = run_data_stage(name, cfg, data)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # ConfigError, DataError, ModelLoadError; OutputError, a missing file
         _fail(exc)
     console.print(json.dumps({"stage": record.stage, "outputs": record.outputs, "metrics": record.metrics}))
 
@@ -211,11 +267,12 @@ def compare(
     """Print the candidate pair and longshort-pair@production side by side, with the promotion gate's verdict."""
     from longshort import registry  # noqa: PLC0415
     from longshort.config import ConfigError  # noqa: PLC0415
+    from longshort.endpoints import ServiceUnavailable  # noqa: PLC0415
 
     try:
         client = registry.client_for_profile(profile, set_)
         decision = registry.compare(run_id, tolerance, client)
-    except (ConfigError, registry.RegistryError) as exc:
+    except (ConfigError, registry.RegistryError, ServiceUnavailable) as exc:
         _fail(exc)
     console.print(registry.comparison_table(decision))
 
@@ -230,6 +287,7 @@ def promote(
     """Move longshort-pair@production to RUN_ID's pair if it passes the gate; otherwise refuse (exit 1)."""
     from longshort import registry  # noqa: PLC0415
     from longshort.config import ConfigError  # noqa: PLC0415
+    from longshort.endpoints import ServiceUnavailable  # noqa: PLC0415
 
     try:
         client = registry.client_for_profile(profile, set_)
@@ -239,7 +297,7 @@ def promote(
         current = exc.decision.production.version if exc.decision.production else "none"
         console.print(f"[bold red]refused:[/] @{registry.PRODUCTION} stays at v{current}")
         raise typer.Exit(1) from None
-    except (ConfigError, registry.RegistryError) as exc:
+    except (ConfigError, registry.RegistryError, ServiceUnavailable) as exc:
         _fail(exc)
     console.print(registry.comparison_table(decision))
     console.print(f"[green]promoted[/] {registry.PAIR_MODEL} v{decision.candidate.version} to @{registry.PRODUCTION}")

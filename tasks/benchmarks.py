@@ -72,7 +72,8 @@ def benchmark_name(source: str) -> str:
     return Path(source).stem if source.endswith(".jsonl") else source.split(":")[0].rsplit("/", 1)[-1].lower()
 
 
-def _is_path(source: str) -> bool:
+def is_local_source(source: str) -> bool:
+    """A jsonl path or a folder (as opposed to a hub dataset id)."""
     return source.endswith(".jsonl") or Path(source).exists() or source.startswith((".", "/", "~"))
 
 
@@ -227,7 +228,7 @@ def load_benchmark(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     name = name or benchmark_name(source)
-    rows = _rows_from_path(Path(source).expanduser(), split) if _is_path(source) else _rows_from_hub(source, split)
+    rows = _rows_from_path(Path(source).expanduser(), split) if is_local_source(source) else _rows_from_hub(source, split)
     items: list[BenchmarkItem] = []
     seen: dict[str, str] = {}
     kind: AnswerKind | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,14 @@ def _md5(path: Path) -> str:
 
 
 def write_splits(out_dir: Path, train: list[dict], heldout: list[dict]) -> DatasetFiles:
+    """Both splits or neither: when the second write fails (disk full), the first file is removed."""
     out_dir = Path(out_dir)
     write_jsonl(out_dir / "train.jsonl", train)
-    write_jsonl(out_dir / "heldout.jsonl", heldout)
+    try:
+        write_jsonl(out_dir / "heldout.jsonl", heldout)
+    except BaseException:
+        (out_dir / "train.jsonl").unlink(missing_ok=True)
+        raise
     return DatasetFiles(
         train=str(out_dir / "train.jsonl"),
         heldout=str(out_dir / "heldout.jsonl"),
@@ -109,22 +115,33 @@ def _rows_from_source(cfg: DataConfig) -> list[tuple[str, int, dict[str, Any]]]:
 
 
 def load_problems(cfg: DataConfig, need_response: bool) -> list[dict[str, str]]:
-    """Validated ``{id, problem, answer[, response]}`` rows; a bad row names its file and line."""
+    """Validated ``{id, problem, answer[, response]}`` rows; a bad row names its file and line.
+
+    ``problem`` and ``response`` must be non-empty strings, ``answer`` a non-empty string or a
+    finite number; a response must be in the protocol format once normalized (no stray tags inside its
+    thinking). A source with no rows at all is an error too.
+    """
     rows = []
     for source, lineno, row in _rows_from_source(cfg):
         problem = require_str(Path(source), lineno, row, "problem")
         answer = row.get("answer")
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool) and math.isfinite(answer):
             answer = str(answer)
-        if not isinstance(answer, str) or not answer.strip():
-            answer = require_str(Path(source), lineno, {"answer": answer}, "answer")
+        else:
+            answer = require_str(Path(source), lineno, row, "answer")
         out = {"id": str(row.get("id", f"{Path(source).stem}-{lineno}")), "problem": problem, "answer": answer}
         if need_response:
             response = require_str(Path(source), lineno, row, "response")
             out["response"] = normalize_response(response, answer)
+            try:
+                parse_response(out["response"])
+            except ProtocolError as exc:
+                raise DataError(f"{source}:{lineno}: field 'response': {exc}") from None
         rows.append(out)
         if cfg.max_examples and len(rows) >= cfg.max_examples:
             break
+    if not rows:
+        raise DataError(f"{cfg.path or cfg.hub_id}: no problems (no non-blank rows)")
     return rows
 
 

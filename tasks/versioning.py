@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from longshort.endpoints import require_reachable
+
 log = logging.getLogger(__name__)
 
 REMOTE_ENV = "LONGSHORT_DVC_REMOTE"
@@ -132,8 +134,22 @@ def lock_digests(repo: Path, stages: Sequence[str] = ()) -> dict[str, str]:
     }
 
 
+def require_remote(remote: Remote) -> None:
+    """The remote's S3 endpoint must answer (retried as ``longshort.endpoints`` says), else ServiceUnavailable.
+
+    DVC's own S3 client would retry a dead endpoint for minutes and then fail with a long traceback.
+    Without an endpoint (AWS itself) there is nothing to probe.
+    """
+    if remote.endpoint_url:
+        require_reachable(remote.endpoint_url, f"S3 endpoint of DVC remote {remote.url}")
+
+
 def version_stages(stages: Sequence[str], remote: Remote, repo: Path | None = None) -> dict[str, str]:
-    """Reproduce ``stages`` and push their outputs to ``remote``; return the pushed outputs' digests."""
+    """Reproduce ``stages`` and push their outputs to ``remote``; return the pushed outputs' digests.
+
+    An S3 endpoint that does not answer raises ServiceUnavailable before anything runs.
+    """
+    require_remote(remote)
     root = project_root(repo)
     configure_remote(root, remote)
     repro(root, stages)

@@ -1,0 +1,147 @@
+"""A service that is down (MLflow tracking server, the S3 endpoint of the DVC remote): bounded retries, then
+one clear ServiceUnavailable, and from the CLI one line and exit 2. The "down" service is a loopback port
+that nothing listens on, so each case takes well under a second."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import free_port
+from longshort.cli import app
+from longshort.config import load_profile
+from longshort.endpoints import RetryPolicy, ServiceUnavailable, display_url, require_reachable, retry
+
+FAST = {"LONGSHORT_RETRIES": "3", "LONGSHORT_RETRY_BACKOFF_S": "0.05", "LONGSHORT_RETRY_TIMEOUT_S": "2"}
+
+
+@pytest.fixture()
+def fast_retries(monkeypatch):
+    for name, value in FAST.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture()
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def test_policy_defaults_env_and_backoff():
+    assert RetryPolicy.from_env({}) == RetryPolicy(attempts=3, backoff_s=1.0, timeout_s=5.0)
+    assert RetryPolicy.from_env({}).waits_s() == [1.0, 2.0]
+    policy = RetryPolicy.from_env({"LONGSHORT_RETRIES": "6", "LONGSHORT_RETRY_BACKOFF_S": "3"})
+    assert policy.waits_s() == [3.0, 6.0, 10.0, 10.0, 10.0]  # doubling, capped at max_backoff_s
+    with pytest.raises(ValueError, match="LONGSHORT_RETRIES='many' is not an integer"):
+        RetryPolicy.from_env({"LONGSHORT_RETRIES": "many"})
+    with pytest.raises(ValueError, match="attempts >= 1"):
+        RetryPolicy.from_env({"LONGSHORT_RETRIES": "0"})
+
+
+def test_retry_waits_between_attempts_and_stops_at_success():
+    calls, waits = [], []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return "ok"
+
+    policy = RetryPolicy(attempts=4, backoff_s=0.5)
+    assert retry(flaky, service="svc", url="http://h", policy=policy, sleep=waits.append) == "ok"
+    assert len(calls) == 3 and waits == [0.5, 1.0]
+
+
+def test_retry_gives_up_with_one_clear_error_and_passes_bugs_through():
+    waits: list[float] = []
+
+    def down() -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    with pytest.raises(ServiceUnavailable) as err:
+        retry(down, service="MLflow tracking server", url="http://user:pw@h:5000", policy=RetryPolicy(attempts=2),
+              sleep=waits.append)  # fmt: skip
+    assert str(err.value) == "MLflow tracking server at http://h:5000 is not reachable after 2 attempts: Connection refused"
+    assert waits == [1.0] and isinstance(err.value.__cause__, ConnectionRefusedError)
+
+    def bug() -> None:
+        raise KeyError("not a network problem")
+
+    with pytest.raises(KeyError):  # not transient: no retries, no disguise
+        retry(bug, service="s", url="http://h", policy=RetryPolicy(attempts=5), sleep=waits.append)
+    assert waits == [1.0]
+    assert display_url("https://a:b@example.org:8443/x") == "https://example.org:8443/x"
+
+
+def test_probe_accepts_any_http_answer_and_refuses_a_dead_port(dead_url):
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_error(404)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        require_reachable(f"http://127.0.0.1:{server.server_port}", "svc", path="/health", policy=RetryPolicy(attempts=1))
+    finally:
+        server.shutdown()
+        server.server_close()
+    require_reachable("sqlite:///nowhere/mlflow.db", "svc")  # nothing to probe
+    start = time.perf_counter()
+    with pytest.raises(ServiceUnavailable, match=rf"^svc at {dead_url} is not reachable after 3 attempts: Connection refused$"):
+        require_reachable(dead_url, "svc", policy=RetryPolicy(attempts=3, backoff_s=0.05))
+    assert time.perf_counter() - start < 2
+
+
+def test_tracking_to_a_dead_server_fails_fast_and_writes_nothing(tmp_path, fast_retries, dead_url):
+    import mlflow
+
+    from longshort import tracking
+
+    before = mlflow.get_tracking_uri()
+    profile = load_profile("smoke", [f"tracking.tracking_uri={dead_url}", f"run.workspace={tmp_path / 'ws'}"])
+    start = time.perf_counter()
+    with pytest.raises(ServiceUnavailable, match=rf"MLflow tracking server at {dead_url} is not reachable after 3 attempts"):
+        tracking.configure(profile)
+    assert time.perf_counter() - start < 10
+    assert mlflow.get_tracking_uri() == before and not (tmp_path / "ws").exists()
+
+
+runner = CliRunner()
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [["compare"], ["promote", "some-run-id"], ["run"]])
+def test_cli_reports_a_dead_tracking_server_in_one_line(tmp_path, fast_retries, dead_url, command):
+    start = time.perf_counter()
+    result = runner.invoke(app, [*command, "-p", "smoke", "-s", f"tracking.tracking_uri={dead_url}",
+                                 "-s", f"run.workspace={tmp_path / 'ws'}"])  # fmt: skip
+    line = _one_line_error(result)
+    assert line == f"error: MLflow tracking server at {dead_url} is not reachable after 3 attempts: Connection refused"
+    assert time.perf_counter() - start < 10 and not (tmp_path / "ws").exists()
+
+
+def test_dvc_push_to_a_dead_s3_endpoint_fails_before_dvc_runs(tmp_path, fast_retries, dead_url):
+    from tasks.versioning import Remote, version_stages
+
+    (tmp_path / ".dvc").mkdir()
+    remote = Remote(url="s3://longshort/dvc", endpoint_url=dead_url)
+    with pytest.raises(ServiceUnavailable) as err:
+        version_stages(["synthesize"], remote, tmp_path)
+    assert str(err.value) == (
+        f"S3 endpoint of DVC remote s3://longshort/dvc at {dead_url} is not reachable after 3 attempts: Connection refused"
+    )
+    assert list((tmp_path / ".dvc").iterdir()) == []  # no remote configured, nothing reproduced or pushed

@@ -1,0 +1,121 @@
+"""Outputs that cannot be written: a clear error naming the path, and no partial or temporary files.
+
+Tests run as root, so a read-only folder would not stop them: "unwritable" is a file where a folder
+is expected (real, no fake), and "disk full" is ENOSPC raised by ``os.fsync`` (a fake, for something
+outside our control: filling a real disk is not an option in a test).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from longshort.cli import app
+from longshort.config import DemoTaskConfig, load_profile
+from longshort.io import OutputError, atomic_write_text, iter_jsonl, write_jsonl
+from tasks.synthesize import synthesize_demo
+
+SMALL = DemoTaskConfig(n_train=8, n_heldout=4, seed=3)
+
+
+def _disk_full(monkeypatch, after: int = 0) -> None:
+    """``os.fsync`` succeeds ``after`` times, then fails as a full disk does."""
+    calls = {"n": 0}
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_file_in_the_way_of_the_output_folder(tmp_path):
+    (tmp_path / "ws").write_text("not a folder")
+    target = tmp_path / "ws" / "artifacts" / "out.jsonl"
+    with pytest.raises(OutputError) as err:
+        write_jsonl(target, [{"a": 1}])
+    assert str(err.value) == f"cannot write {target.parent}: {tmp_path / 'ws'} is a file, not a folder"
+    assert isinstance(err.value, OSError) and _files(tmp_path) == ["ws"]
+
+
+def test_disk_full_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "rows.jsonl"
+    write_jsonl(target, [{"v": 1}])
+    _disk_full(monkeypatch)
+    with pytest.raises(OutputError, match=rf"^cannot write {target}: No space left on device$") as err:
+        write_jsonl(target, [{"v": 2}] * 1000)
+    assert err.value.errno == errno.ENOSPC
+    assert [r for _, r in iter_jsonl(target)] == [{"v": 1}]  # unchanged, not truncated
+    assert _files(tmp_path) == ["out", "out/rows.jsonl"]  # no .rows.jsonl.*.tmp
+
+
+def test_rename_onto_a_folder_fails_cleanly(tmp_path):
+    (tmp_path / "report.md").mkdir()
+    with pytest.raises(OutputError, match=rf"^cannot write {tmp_path / 'report.md'}: Is a directory$"):
+        atomic_write_text(tmp_path / "report.md", "# results")
+    assert _files(tmp_path) == ["report.md"]
+
+
+def test_dataset_splits_are_written_both_or_neither(tmp_path, monkeypatch):
+    out = tmp_path / "synthesize"
+    _disk_full(monkeypatch, after=1)  # train.jsonl is written, heldout.jsonl hits a full disk
+    with pytest.raises(OutputError, match=rf"cannot write {out / 'heldout.jsonl'}: No space left on device"):
+        synthesize_demo(SMALL, out)
+    assert _files(tmp_path) == ["synthesize"]  # train.jsonl removed again, no temp files
+    monkeypatch.undo()
+    files = synthesize_demo(SMALL, out)  # and a rerun with space writes both
+    assert (files.n_train, files.n_heldout) == (8, 4) and _files(out) == ["heldout.jsonl", "train.jsonl"]
+
+
+runner = CliRunner()
+
+
+def test_cli_synthesize_into_a_file_is_one_line(tmp_path, in_tmp_repo):
+    (tmp_path / "data").write_text("a file, not the data folder")
+    result = runner.invoke(app, ["synthesize", "--out", str(tmp_path / "data" / "demo")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        f"error: cannot write {tmp_path / 'data' / 'demo'}: {tmp_path / 'data'} is a file, not a folder"
+    )
+
+
+def _data_folder(root: Path) -> Path:
+    data = root / "data"
+    synthesize_demo(SMALL, data)
+    return data
+
+
+def test_stage_into_an_unwritable_folder_names_it(in_tmp_repo):
+    from flows.dvc_stages import run_data_stage
+
+    data = _data_folder(in_tmp_repo)
+    (data / "chunk").write_text("a file where the stage folder goes")
+    with pytest.raises(OutputError, match=rf"^cannot write {data / 'chunk'}: {data / 'chunk'} is a file, not a folder$"):
+        run_data_stage("chunk", load_profile("smoke"), data)
+    result = runner.invoke(app, ["stage", "chunk", "-p", "smoke", "--data", str(data)])
+    assert result.exit_code == 2 and result.stderr.strip().startswith(f"error: cannot write {data / 'chunk'}")
+
+
+def test_stage_on_a_full_disk_leaves_no_partial_output(in_tmp_repo, monkeypatch):
+    from flows.dvc_stages import run_data_stage
+
+    data = _data_folder(in_tmp_repo)
+    _disk_full(monkeypatch)
+    with pytest.raises(OutputError, match=rf"cannot write {data / 'chunk' / 'chunks_train.jsonl'}: No space left"):
+        run_data_stage("chunk", load_profile("smoke"), data)
+    assert not (data / "chunk").exists()  # nothing was written, so the stage folder is gone too
+    assert not list(data.rglob("*.tmp"))
+    monkeypatch.undo()
+    record = run_data_stage("chunk", load_profile("smoke"), data)  # the rerun is unaffected
+    assert sorted(record.outputs) == ["heldout", "train"] and (data / "chunk" / "record.json").is_file()
