@@ -1,38 +1,132 @@
-"""Files: atomic writes, jsonl with errors that name the file and line, content digests."""
+"""Files: atomic writes, jsonl with errors that name the file and line, content digests, file locks."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import signal
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+# Test-only fault injection: ``LONGSHORT_FAULT_AFTER=<event>`` makes the process SIGKILL itself at the
+# first ``fault_point(<event>)`` it reaches (tests/test_faults.py). Events: ``write:<file name>`` (inside
+# ``atomic_write_bytes``, after the temporary file is written and before the rename), ``record:<stage>``
+# (a stage's record.json was just saved), ``rl-checkpoint:<step>`` (RL checkpoint ``step`` was just saved).
+FAULT_ENV = "LONGSHORT_FAULT_AFTER"
+# The temporary files of ``atomic_write_bytes``: ``.<name>.<random>.tmp`` next to the target.
+TEMP_GLOB = ".*.tmp"
+
+
+# One jsonl row, line ending excluded. A long-CoT trace of 32k tokens is ~150 kB; a longer line is
+# almost surely a broken file (no newlines), and is refused after reading no more than this much.
+MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
 class DataError(ValueError):
     """A malformed input file; the message names the file and line."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+class OutputError(OSError):
+    """An output that cannot be written (a file where a folder should be, no permission, disk full).
+
+    The message names the path and the reason; the temporary file of an atomic write is removed.
+    """
+
+    def __init__(self, path: Path, cause: OSError, reason: str | None = None) -> None:
+        super().__init__(cause.errno, f"cannot write {path}: {reason or cause.strerror or cause}")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create a folder and its parents, or raise OutputError naming the folder (and a file in the way)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        raise OutputError(path, exc, f"{blocker} is a file, not a folder" if blocker else None) from exc
+    return path
+
+
+def fault_point(event: str) -> None:
+    """SIGKILL this process here when ``$LONGSHORT_FAULT_AFTER`` names ``event`` (a test hook; a no-op otherwise).
+
+    A real ``kill -9`` at a named point: no ``finally`` blocks, no atexit, no flushing, exactly what a crash
+    or an OOM kill leaves on disk; timing a kill from outside by polling races the next write.
+    """
+    if os.environ.get(FAULT_ENV) == event:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    Any OSError (disk full, no permission, a file where the folder should be) becomes an
+    OutputError naming ``path``; the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    ensure_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"write:{path.name}")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(path, exc) from exc
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temporary files that a killed ``atomic_write_bytes`` left under ``folder``; return them.
+
+    Only safe while no other process writes there (``_run_stage`` calls it under the folder's lock).
+    """
+    stale = [p for p in Path(folder).rglob(TEMP_GLOB) if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+@contextmanager
+def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if missing) for the ``with`` block.
+
+    Other processes (and other open file descriptions in this one) block until it is released; the kernel
+    releases it when the holder dies, so a ``kill -9`` never leaves a stale lock. ``on_wait`` is called
+    once if the lock is busy, before blocking. Local filesystems only (flock is advisory, per host).
+    """
+    path = Path(path)
+    ensure_dir(path.parent)
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def dumps_jsonl(rows: Iterable[dict[str, Any]]) -> str:
@@ -43,13 +137,22 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, dumps_jsonl(rows))
 
 
-def iter_jsonl(path: Path, max_line_bytes: int = 50_000_000) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, row)``; a bad line raises DataError naming ``path:line``."""
+def iter_jsonl(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, row)`` for every non-blank line of a jsonl file.
+
+    Anything else raises DataError naming ``path:line``: a line longer than ``max_line_bytes``
+    (default 16 MiB; no more than that is read), bytes that are not UTF-8, text that is not JSON
+    (including numbers over Python's 4300-digit limit and nesting too deep to parse), a value that
+    is not an object, and a string with an unpaired surrogate escape such as ``"\\ud800"`` (valid
+    JSON, but it could not be written back as UTF-8).
+    """
     path = Path(path)
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if len(raw) > max_line_bytes:
-                raise DataError(f"{path}:{lineno}: line is {len(raw)} bytes, over the limit of {max_line_bytes}")
+        lineno = 0
+        while raw := f.readline(max_line_bytes + 2):  # the line ending, and one byte to tell "too long"
+            lineno += 1
+            if len(raw.rstrip(b"\r\n")) > max_line_bytes:
+                raise DataError(f"{path}:{lineno}: line is longer than the limit of {max_line_bytes} bytes")
             if not raw.strip():
                 continue
             try:
@@ -60,8 +163,18 @@ def iter_jsonl(path: Path, max_line_bytes: int = 50_000_000) -> Iterator[tuple[i
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+            except ValueError as exc:  # an integer over sys.get_int_max_str_digits()
+                raise DataError(f"{path}:{lineno}: not valid JSON: {exc}") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: not valid JSON: nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if "\\u" in text:  # only an escape can produce a lone surrogate: decoded UTF-8 never holds one
+                try:
+                    json.dumps(row, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+                    raise DataError(f"{path}:{lineno}: a string holds an unpaired surrogate ({bad})") from None
             yield lineno, row
 
 

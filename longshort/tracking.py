@@ -18,6 +18,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from longshort.config import Profile, TrackingConfig
+from longshort.endpoints import require_reachable
+from longshort.io import file_lock
 from longshort.records import StageRecord
 
 log = logging.getLogger(__name__)
@@ -30,10 +32,16 @@ def tracking_uri(cfg: TrackingConfig, workspace: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{Path(workspace).resolve()}/mlflow.db"
 
 
+def require_tracking_server(uri: str) -> None:
+    """An http(s) tracking URI must answer (retried as ``longshort.endpoints`` says), else ServiceUnavailable."""
+    require_reachable(uri, "MLflow tracking server", path="/health")
+
+
 def configure(profile: Profile) -> str:
     """Point MLflow at the profile's store and experiment; return the tracking URI."""
     ws = profile.run.workspace.resolve()
     uri = tracking_uri(profile.tracking, ws)
+    require_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if mlflow.get_experiment_by_name(profile.tracking.experiment) is None:
@@ -109,7 +117,7 @@ HELDOUT = "demo_heldout"
 
 
 def _log_history(record: StageRecord) -> None:
-    """An RL stage's per-step metrics as MLflow step series (the reward curve)."""
+    """An RL stage's per-step metrics as MLflow step series (the reward curve): ``rl.<role>.*``, ``baseline.*``."""
     from longshort.io import iter_jsonl  # noqa: PLC0415
 
     path = record.outputs.get("history")
@@ -117,9 +125,9 @@ def _log_history(record: StageRecord) -> None:
         return
     for _, row in iter_jsonl(Path(path)):
         step = int(row.get("step", 0))
-        role = row.get("role", "pair")
+        prefix = f"rl.{row.get('role', 'pair')}" if record.stage == "rl" else record.stage
         mlflow.log_metrics(
-            {f"rl.{role}.{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+            {f"{prefix}.{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
             step=step,
         )
 
@@ -139,7 +147,16 @@ def log_pipeline(profile: Profile, records: list[StageRecord], flow_time_s: floa
 
     The evaluation's tables and plots are the run's artifacts; the base model and
     the pair (long, short, and the ``longshort-pair`` pyfunc) are registered.
+
+    Pipeline runs on this machine that share a workspace log one at a time (a file lock in the
+    workspace): the SQLite store is created and migrated once, not by two processes at once, and a
+    model digest that one run registers is found, not registered a second time, by the other.
     """
+    with file_lock(profile.run.workspace.resolve() / "mlflow.lock"):
+        return _log_pipeline(profile, records, flow_time_s, cache_hits)
+
+
+def _log_pipeline(profile: Profile, records: list[StageRecord], flow_time_s: float, cache_hits: int) -> dict[str, Any]:
     uri = configure(profile)
     by_stage = {r.stage: r for r in records}
     commit = git_commit()
@@ -156,7 +173,7 @@ def log_pipeline(profile: Profile, records: list[StageRecord], flow_time_s: floa
                 mlflow.set_tags({"stage": record.stage, "cache_key": record.key, "artifact_dir": record.path})
                 mlflow.log_metrics({k: float(v) for k, v in record.metrics.items()})
                 mlflow.log_metric("duration_s", record.duration_s)
-                if record.stage == "rl":
+                if record.stage in ("rl", "baseline"):
                     _log_history(record)
             mlflow.log_metrics({k: float(v) for k, v in record.metrics.items()})
         mlflow.log_metrics({"flow_time_s": flow_time_s, "cache_hits": cache_hits})

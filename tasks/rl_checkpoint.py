@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from longshort.io import fault_point
+
 CHECKPOINTS = "checkpoints"
 
 
@@ -53,6 +55,7 @@ def save_checkpoint(
     (tmp / "state.json").write_text(json.dumps(state | {"rng": rng}))
     shutil.rmtree(final, ignore_errors=True)  # only when the same step is saved twice
     os.replace(tmp, final)
+    fault_point(f"rl-checkpoint:{step}")
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
