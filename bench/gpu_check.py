@@ -1,0 +1,419 @@
+"""GPU check: the demo's SFT, pair RL and truncation-baseline training on CUDA (bf16 where supported), timed.
+
+    python bench/gpu_check.py --base DIR --d-long FILE --long-model DIR --short-model DIR --train FILE
+    .venv/bin/python bench/gpu_check.py --device cpu --quick ...   # the same code path, tiny step counts
+
+Three stages, each with the demo profile's settings (configs/demo.yaml) unless a flag says otherwise:
+
+1. ``sft``: ``tasks.sft.train_sft`` (TRL SFTTrainer) of the long-thought model from the demo base
+   model on D_long for ``--sft-steps`` steps, ``SFTConfig.bf16=True`` (mixed precision on CUDA only),
+   after a 2-step warm-up run. Reports non-padding tokens/s (TRL's ``num_tokens`` over the Trainer's
+   ``train_runtime``), ms/step and the final logged loss.
+2. ``rl[DTYPE]``: one round of ``tasks.rl.train_pair_rl`` (long model, then short model, each for
+   ``--rl-steps-per-round`` steps) from the given SFT pair. ``tasks.rl`` has no autocast: its precision
+   is the weights' dtype, ``base_model.dtype`` (the GPU profiles set ``bfloat16``), so each DTYPE of
+   ``--rl-dtypes`` is one run with the pair loaded in that dtype. The models go to CUDA through
+   ``models.generation.TransformersBackend`` (cuda when available). Reports seconds per step and each
+   step's logged reward, accuracy and tokens.
+3. ``baseline``: ``--baseline-steps`` steps of ``tasks.baseline.train_truncation_baseline`` (TRL
+   GRPOTrainer, ``model.generate`` rollouts: no vLLM) from the base model, bf16 on CUDA, on the first
+   ``baseline.n_problems`` training problems *without* the easy filter (it would cost a sampling pass).
+   Reports seconds per step and the logged reward and completion length.
+
+Every stage runs even if an earlier one failed (its error is recorded). With ``--budget-s`` a stage
+that would start after that many seconds of the script is skipped. The results go, as JSON, to
+``--json`` (default ``$OUT/gpu_check.json`` when ``OUT`` is set), rewritten after every stage.
+Step 1 of every stage includes one-time costs (CUDA kernels, allocator), so the per-step means are
+also given without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+T0 = time.perf_counter()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md  # noqa: PLC0415
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "datasets", "accelerate", "peft", "pydantic", "pyarrow",
+                 "huggingface_hub", "tokenizers", "safetensors", "math-verify", "vllm", "deepspeed"):  # fmt: skip
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+class Report:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"stages": {}}
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2, default=str))
+            os.replace(tmp, self.path)
+
+
+def _cuda_memory(torch) -> dict[str, float]:  # noqa: ANN001
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+
+
+def stage_sft(args, profile, torch, work: Path) -> dict[str, Any]:  # noqa: ANN001
+    from models.factory import load_model  # noqa: PLC0415
+    from tasks import sft as sft_module  # noqa: PLC0415
+    from tasks.cold_start import pair_sft_examples  # noqa: PLC0415
+    from tasks.synthesize import read_split  # noqa: PLC0415
+
+    # TRL logs ``num_tokens`` (attention-mask tokens trained so far) with each loss; train_sft keeps
+    # only the loss, so catch it as it is logged (as bench/sft.py does).
+    logged: dict[int, dict[str, float]] = {}
+    on_log = sft_module._LossHistory.on_log
+
+    def on_log_with_tokens(self, a, state, control, logs=None, **kwargs):  # noqa: ANN001
+        if logs and "loss" in logs:
+            logged[state.global_step] = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+        return on_log(self, a, state, control, logs=logs, **kwargs)
+
+    sft_module._LossHistory.on_log = on_log_with_tokens
+    cfg = profile.sft_long.model_copy(
+        update={"max_steps": args.sft_steps, "save_steps": 10**6, "logging_steps": args.sft_logging_steps, "bf16": True}
+    )
+    model, tokenizer = load_model(profile.base_model, path=args.base)
+    examples = pair_sft_examples(tokenizer, read_split(args.d_long), "long")
+    plain = sft_module._use_plain_loss(model, cfg)
+    bf16 = cfg.bf16 and torch.cuda.is_available()  # train_sft's rule
+    print(
+        f"[sft] {len(examples)} D_long examples, {model.num_parameters():,} parameters, batch {cfg.batch_size}, "
+        f"max_length {cfg.max_length}, lr {cfg.learning_rate}, {args.sft_steps} steps, bf16 autocast {bf16}, "
+        f"loss {'plain (full logits)' if plain else 'TRL fused'}",
+        flush=True,
+    )
+    if not args.quick:  # the first Trainer run pays one-time costs (kernels, cuBLAS handles)
+        warm = cfg.model_copy(update={"max_steps": 2, "logging_steps": 1})
+        wm, _ = load_model(profile.base_model, path=args.base)
+        sft_module.train_sft(examples[:64], wm.train(), tokenizer, warm, work / "sft-warmup", seed=0)
+        del wm
+    logged.clear()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = sft_module.train_sft(examples, model.train(), tokenizer, cfg, work / "sft", seed=0)
+    wall = time.perf_counter() - start
+    last_step = max(logged) if logged else None
+    tokens = int(logged[last_step]["num_tokens"]) if last_step and "num_tokens" in logged[last_step] else None
+    out = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "bf16_autocast": bf16,
+        "loss_path": "plain" if plain else "fused",
+        "steps": result.steps,
+        "batch_size": cfg.batch_size,
+        "train_runtime_s": round(result.train_runtime_s, 3),
+        "ms_per_step": round(1000 * result.train_runtime_s / max(1, result.steps), 2),
+        "train_sft_wall_s": round(wall, 2),
+        "trained_tokens": tokens,
+        "tokens_per_s": round(tokens / result.train_runtime_s, 1) if tokens and result.train_runtime_s else None,
+        "final_loss": logged[last_step]["loss"] if last_step else None,
+        "mean_train_loss": result.train_loss,
+        "loss_history": [{"step": s, "loss": v["loss"]} for s, v in sorted(logged.items())],
+        **_cuda_memory(torch),
+    }
+    print(
+        f"[sft] {out['steps']} steps in {out['train_runtime_s']} s ({out['ms_per_step']} ms/step), "
+        f"{tokens} tokens -> {out['tokens_per_s']} tokens/s; final loss {out['final_loss']}, "
+        f"mean loss {out['mean_train_loss']:.4f}",
+        flush=True,
+    )
+    return out
+
+
+def stage_rl(args, profile, torch, work: Path, dtype: str) -> dict[str, Any]:  # noqa: ANN001
+    from longshort.config import RLConfig  # noqa: PLC0415
+    from tasks.rl import train_pair_rl  # noqa: PLC0415
+    from tasks.synthesize import read_split  # noqa: PLC0415
+
+    cfg = RLConfig.model_validate(
+        {
+            **profile.rl.model_dump(),
+            "rounds": 1,
+            "steps_per_round": args.rl_steps_per_round,
+            "prompts_per_step": args.rl_prompts,
+            "group_size": args.rl_group,
+            "checkpoint_every": 10**6,  # only the final checkpoint
+        }
+    )
+    model_cfg = profile.base_model.model_copy(update={"dtype": dtype})
+    problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in read_split(args.train)]
+    problems = problems[: cfg.n_problems]
+    print(
+        f"[rl {dtype}] {len(problems)} problems, {2 * cfg.steps_per_round} steps (long then short), "
+        f"{cfg.prompts_per_step} prompts x {cfg.group_size} episodes per step, weights {dtype}, "
+        f"max_turns {profile.protocol.max_turns}",
+        flush=True,
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_step(m: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+        print(
+            f"[rl {dtype}] step {m['step']} ({m['role']}): {times[-1]:.2f} s, reward {m['reward/total']:.3f}, "
+            f"accuracy {m['accuracy']:.3f}, tokens/total {m['tokens/total']:.1f} (long {m['tokens/long']:.1f}, "
+            f"short {m['tokens/short']:.1f}), turns {m['turns']:.2f}, trained_tokens {m['trained_tokens']:.0f}, "
+            f"loss {m['loss']:.4f}",
+            flush=True,
+        )
+
+    start = time.perf_counter()
+    result = train_pair_rl(
+        args.long_model, args.short_model, problems, cfg, work / f"rl-{dtype}", on_step,
+        protocol=profile.protocol, model_cfg=model_cfg,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    keys = ("step", "role", "reward/total", "reward/correctness", "reward/format", "reward/efficiency", "accuracy",
+            "tokens/total", "tokens/long", "tokens/short", "turns", "trained_tokens", "loss", "grad_norm")  # fmt: skip
+    out = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "weights_dtype": dtype,
+        "steps": result.steps,
+        "s_per_step": [round(t, 3) for t in times],
+        "mean_s_per_step": round(_mean(times), 3) if times else None,
+        "mean_s_per_step_after_first": round(_mean(times[1:]), 3) if len(times) > 1 else None,
+        "runtime_s": round(result.runtime_s, 2),
+        "wall_s": round(wall, 2),
+        "history": [{k: h[k] for k in keys if k in h} for h in result.history],
+        **_cuda_memory(torch),
+    }
+    print(
+        f"[rl {dtype}] {result.steps} steps in {out['runtime_s']} s (load + save included); "
+        f"mean {out['mean_s_per_step']} s/step, {out['mean_s_per_step_after_first']} s/step after the first",
+        flush=True,
+    )
+    return out
+
+
+def stage_baseline(args, profile, torch, work: Path) -> dict[str, Any]:  # noqa: ANN001
+    from longshort.config import BaselineConfig  # noqa: PLC0415
+    from models.factory import load_model  # noqa: PLC0415
+    from tasks.baseline import train_truncation_baseline  # noqa: PLC0415
+    from tasks.synthesize import read_split  # noqa: PLC0415
+
+    cfg = BaselineConfig.model_validate(
+        {
+            **profile.baseline.model_dump(),
+            "steps": args.baseline_steps,
+            "prompts_per_step": args.baseline_prompts,
+            "group_size": args.baseline_group,
+            "checkpoint_every": 10**6,
+            "bf16": True,
+        }
+    )
+    problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in read_split(args.train)]
+    problems = problems[: cfg.n_problems]
+    model, tokenizer = load_model(profile.base_model, path=args.base)
+    bf16 = cfg.bf16 and torch.cuda.is_available()
+    print(
+        f"[baseline] {len(problems)} problems (no easy filter), {cfg.steps} steps, {cfg.prompts_per_step} prompts x "
+        f"{cfg.group_size} completions, L_T = L_R = {cfg.length_target}, bf16 autocast {bf16}, no vLLM",
+        flush=True,
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    times: list[float] = []
+    rows: list[dict[str, Any]] = []
+    last = [time.perf_counter()]
+
+    def on_step(m: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+        rows.append(m)
+        print(
+            f"[baseline] step {m['step']}: {times[-1]:.2f} s, reward {m.get('reward', float('nan')):.3f}, "
+            f"mean length {m.get('completions/mean_length', float('nan')):.1f}, "
+            f"clipped ratio {m.get('completions/clipped_ratio', float('nan')):.3f}",
+            flush=True,
+        )
+
+    start = time.perf_counter()
+    result = train_truncation_baseline(model, tokenizer, problems, cfg, work / "baseline", use_vllm=False, on_step=on_step)
+    wall = time.perf_counter() - start
+    keys = ("step", "reward", "reward_std", "completions/mean_length", "completions/clipped_ratio", "loss",
+            "entropy", "grad_norm", "step_time")  # fmt: skip
+    out = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "bf16_autocast": bf16,
+        "vllm": False,
+        "steps": result.steps,
+        "s_per_step": [round(t, 3) for t in times],
+        "mean_s_per_step": round(_mean(times), 3) if times else None,
+        "mean_s_per_step_after_first": round(_mean(times[1:]), 3) if len(times) > 1 else None,
+        "runtime_s": result.runtime_s,
+        "wall_s": round(wall, 2),
+        "history": [{k: h[k] for k in keys if k in h} for h in result.history],
+        **_cuda_memory(torch),
+    }
+    print(
+        f"[baseline] {result.steps} steps in {out['runtime_s']} s; mean {out['mean_s_per_step']} s/step, "
+        f"{out['mean_s_per_step_after_first']} s/step after the first",
+        flush=True,
+    )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    ap.add_argument("--quick", action="store_true", help="tiny step counts, a check that everything runs")
+    ap.add_argument("--base", required=True, help="the demo base model directory (sft_base/*/model)")
+    ap.add_argument("--d-long", required=True, help="cold_start/*/d_long.jsonl")
+    ap.add_argument("--long-model", required=True, help="the SFT long model the RL starts from (sft_long/*/model)")
+    ap.add_argument("--short-model", required=True, help="the SFT short model (sft_short/*/model)")
+    ap.add_argument("--train", required=True, help="training problems (synthesize/*/train.jsonl)")
+    ap.add_argument("--profile", default="demo")
+    ap.add_argument("--stages", default="sft,rl,baseline", help="comma-separated: sft, rl, baseline")
+    ap.add_argument("--sft-steps", type=int, default=100)
+    ap.add_argument("--sft-logging-steps", type=int, default=10)
+    ap.add_argument("--rl-steps-per-round", type=int, default=4)
+    ap.add_argument("--rl-prompts", type=int, default=8)
+    ap.add_argument("--rl-group", type=int, default=4)
+    ap.add_argument("--rl-dtypes", default=None, help="comma-separated weight dtypes for RL runs "
+                    "(default: bfloat16,float32 on CUDA, float32 on CPU); runs after the first go last")
+    ap.add_argument("--baseline-steps", type=int, default=4)
+    ap.add_argument("--baseline-prompts", type=int, default=8)
+    ap.add_argument("--baseline-group", type=int, default=4)
+    ap.add_argument("--budget-s", type=float, default=0.0, help="skip a stage that would start later than this")
+    ap.add_argument("--json", type=Path, default=None, help="default: $OUT/gpu_check.json when OUT is set")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the runs write (default: a temp dir)")
+    args = ap.parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: the code picks cuda when it sees one
+    if args.quick:
+        args.sft_steps, args.sft_logging_steps = 4, 2
+        args.rl_steps_per_round, args.rl_prompts, args.rl_group = 1, 2, 2
+        args.baseline_steps, args.baseline_prompts, args.baseline_group = 1, 2, 2
+    if args.json is None and os.environ.get("OUT"):
+        args.json = Path(os.environ["OUT"]) / "gpu_check.json"
+
+    import logging  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    from longshort.config import load_profile  # noqa: PLC0415
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device")
+    cuda = torch.cuda.is_available()
+    rl_dtypes = [d.strip() for d in (args.rl_dtypes or ("bfloat16,float32" if cuda else "float32")).split(",") if d.strip()]
+    report = Report(args.json)
+    import trl  # noqa: PLC0415
+
+    versions = _versions()
+    # what is imported (a carried package shadows the machine's own when it comes first on sys.path)
+    versions |= {"torch (imported)": torch.__version__, "transformers (imported)": transformers.__version__,
+                 "trl (imported)": trl.__version__, "transformers path": str(Path(transformers.__file__).parent)}  # fmt: skip
+    info = {
+        "versions": versions,
+        "cuda": cuda,
+        "device_name": torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine()),
+        "cuda_runtime": torch.version.cuda,
+        "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported()),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    report.data["info"] = info
+    report.save()
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()), flush=True)
+    print(
+        f"device: {info['device_name']} (cuda {cuda}, CUDA runtime {info['cuda_runtime']}, bf16 supported "
+        f"{info['bf16_supported']}); {info['cpu_count']} CPUs, torch threads {info['torch_threads']}",
+        flush=True,
+    )
+    profile = load_profile(args.profile)
+    wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+    plan: list[tuple[str, Any]] = []
+    if "sft" in wanted:
+        plan.append(("sft", lambda w: stage_sft(args, profile, torch, w)))
+    if "rl" in wanted and rl_dtypes:
+        plan.append((f"rl[{rl_dtypes[0]}]", lambda w, d=rl_dtypes[0]: stage_rl(args, profile, torch, w, d)))
+    if "baseline" in wanted:
+        plan.append(("baseline", lambda w: stage_baseline(args, profile, torch, w)))
+    if "rl" in wanted:
+        for d in rl_dtypes[1:]:
+            plan.append((f"rl[{d}]", lambda w, d=d: stage_rl(args, profile, torch, w, d)))
+
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="gpu-check-")
+    root = args.workdir or Path(tmp.name)
+    failed = False
+    try:
+        for name, run in plan:
+            elapsed = time.perf_counter() - T0
+            if args.budget_s and elapsed > args.budget_s:
+                print(f"[{name}] skipped: {elapsed:.0f} s elapsed > --budget-s {args.budget_s:.0f}", flush=True)
+                report.data["stages"][name] = {"skipped": f"time budget ({elapsed:.0f} s elapsed)"}
+                report.save()
+                continue
+            start = time.perf_counter()
+            try:
+                report.data["stages"][name] = run(root / name.replace("[", "-").replace("]", ""))
+            except Exception as exc:  # noqa: BLE001 - record it, run the next stage
+                failed = True
+                traceback.print_exc()
+                report.data["stages"][name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            report.data["stages"][name]["stage_wall_s"] = round(time.perf_counter() - start, 2)
+            report.save()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    report.data["total_wall_s"] = round(time.perf_counter() - T0, 2)
+    report.save()
+    print("\nsummary:", flush=True)
+    for name, s in report.data["stages"].items():
+        if "error" in s or "skipped" in s:
+            print(f"  {name}: {s.get('error') or s.get('skipped')}")
+        elif name == "sft":
+            print(f"  sft: {s['tokens_per_s']} tokens/s, {s['ms_per_step']} ms/step, final loss {s['final_loss']}, "
+                  f"bf16 {s['bf16_autocast']}, on {s['device']}")  # fmt: skip
+        else:
+            print(f"  {name}: {s['mean_s_per_step']} s/step ({s['mean_s_per_step_after_first']} after the first), on {s['device']}")
+    print(f"total {report.data['total_wall_s']} s", flush=True)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
