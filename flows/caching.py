@@ -43,6 +43,7 @@ STAGE_MODULES: dict[str, list[str]] = {
     "cold_start": ["tasks.cold_start", "tasks.chunking", "models.protocol", "models.generation"],
     "sft_long": ["tasks.sft", "tasks.cold_start", "models.factory", "models.protocol"],
     "sft_short": ["tasks.sft", "tasks.cold_start", "models.factory", "models.protocol"],
+    "baseline": ["tasks.baseline", "tasks.rewards", "tasks.evaluate", "tasks.answers", "tasks.sft", "models.generation", "models.factory", "models.protocol"],
     "rl": ["tasks.rl", "tasks.rewards", "tasks.answers", "models.generation", "models.factory", "models.protocol"],
     "evaluate": [
         "tasks.report",

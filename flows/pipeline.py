@@ -2,6 +2,7 @@
 
     synthesize ─► sft_base ─► chunk ─► score (mapped shards) ─► cold_start ─► sft_long ─┐
                                                                             sft_short ─┴► rl ─► evaluate ─► track
+                         └─► baseline (single-model GRPO, truncation recipe) ─────────────────────┘
 
 Each stage is a cached Prefect task keyed on its inputs and code
 (``flows.caching``); stages pass small records (paths, digests, metrics).
@@ -20,6 +21,7 @@ from prefect.runtime import flow_run
 from flows.caching import stage_dir, stage_key
 from flows.runners import make_task_runner
 from flows.stages import (
+    baseline_task,
     chunk_task,
     cold_start_task,
     evaluate_base_task,
@@ -36,6 +38,8 @@ from flows.stages import (
 )
 from longshort.config import Profile, load_profile
 from longshort.records import StageRecord
+
+BASELINE_SYSTEM = "truncation baseline"  # single-model GRPO, reward = correct and length <= L_T
 
 
 def _stage(task_fn: Any, stage: str, workspace: Path, **inputs: Any) -> StageRecord:
@@ -110,8 +114,18 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
         train_path=data.outputs["train"], base_model=base_model, protocol=cfg.section_dump("protocol"),
         rl=cfg.section_dump("rl"), n_problems=cfg.rl.n_problems,
     )  # fmt: skip
+    baseline = (
+        _stage(
+            baseline_task, "baseline", ws,
+            model_dir=base.outputs["model"], train_path=data.outputs["train"], base_model=base_model,
+            generation=cfg.section_dump("generation"), baseline=cfg.section_dump("baseline"),
+        )  # fmt: skip
+        if cfg.baseline.enabled
+        else None
+    )
     systems = {
         "long-CoT base": {"kind": "single", "model": base.outputs["model"]},
+        **({BASELINE_SYSTEM: {"kind": "single", "model": baseline.outputs["model"]}} if baseline else {}),
         "Long⊗Short SFT": {"kind": "pair", "long": pair["long"].outputs["model"], "short": pair["short"].outputs["model"]},
         "Long⊗Short RL": {"kind": "pair", "long": rl.outputs["long"], "short": rl.outputs["short"]},
     }
@@ -123,6 +137,8 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
     )  # fmt: skip
 
     records = [data, base, base_eval, chunks, scored, cold, pair["long"], pair["short"], rl, evaluation]
+    if baseline:
+        records.insert(-1, baseline)
     this_run = str(flow_run.id) if flow_run.id else None
     computed = [r for r in [*records, *shards] if r.flow_run_id in (this_run, score_run)]
     cache_hits = len(records) + len(shards) - len(computed)
@@ -137,9 +153,10 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
         "cache_hits": cache_hits,
         "n_stages": len(records) + len(shards),
         "stage_times_s": {r.stage: r.duration_s for r in records},
+        "stage_peak_rss_mb": {r.stage: r.metrics.get("peak_rss_mb") for r in records},  # None: a record from before
         "stage_dirs": {r.stage: r.path for r in records},
         "recomputed": sorted({r.stage for r in computed}),
-        "metrics": {k: v for r in records for k, v in r.metrics.items()},
+        "metrics": {k: v for r in records for k, v in r.metrics.items() if k != "peak_rss_mb"},
         "report": evaluation.outputs.get("results.md"),
         **tracked,
         **({"dvc_outputs": versioned} if versioned else {}),

@@ -7,6 +7,7 @@ Nothing here implements an algorithm: that lives in ``tasks/``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from prefect.runtime import flow_run
 
 from flows.caching import STAGE_CACHE
 from longshort.config import (
+    BaselineConfig,
     ChunkConfig,
     ColdStartConfig,
     DataConfig,
@@ -33,7 +35,8 @@ from longshort.config import (
     SFTConfig,
     TokenizerConfig,
 )
-from longshort.io import tree_digest, write_jsonl
+from longshort.memory import PeakRSS
+from longshort.io import ensure_dir, fault_point, file_lock, remove_stale_temps, tree_digest, write_jsonl
 from longshort.records import StageRecord
 
 
@@ -45,25 +48,64 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("longshort.stages")
 
 
+def stage_lock_path(out_dir: Path) -> Path:
+    """``artifacts/<stage>/<key>.lock``, next to the folder it guards (a lock inside would be deleted with it)."""
+    return out_dir.parent / f"{out_dir.name}.lock"
+
+
 def _run_stage(stage: str, key: str, out_dir: str, body: Callable[[Path], dict[str, Any]]) -> StageRecord:
-    """Reuse a finished folder, else run ``body`` and save its record last."""
+    """Reuse a finished folder, else run ``body`` and save its record last.
+
+    The folder is written by one process at a time: ``body`` runs under an exclusive file lock, so two
+    pipeline runs with the same inputs (the same key) never write the same folder at once; the second
+    waits, then finds the first one's record and reuses it. A run killed mid-stage releases the lock with
+    its death and leaves no record, so the next run redoes the stage, resuming from the checkpoints that
+    ``body`` wrote there (SFT, RL), after deleting the temporary files of writes that were cut short.
+    """
     logger = _logger()
-    done = StageRecord.load(Path(out_dir))
-    if done is not None:
-        logger.info("%s: reusing finished artifacts in %s", stage, out_dir)
-        return done
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    folder = Path(out_dir)
+    done = StageRecord.load(folder)
+    if done is None:
+        def waiting() -> None:
+            logger.info("%s: another run is writing %s; waiting for it", stage, out_dir)
+
+        with file_lock(stage_lock_path(folder), on_wait=waiting):
+            done = StageRecord.load(folder)  # the run we waited for may have finished it
+            if done is None:
+                return _run_body(stage, key, folder, body, logger)
+    logger.info("%s: reusing finished artifacts in %s", stage, out_dir)
+    return done
+
+
+def _run_body(
+    stage: str, key: str, folder: Path, body: Callable[[Path], dict[str, Any]],
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> StageRecord:  # fmt: skip
+    created = not folder.exists()
+    ensure_dir(folder)
+    for stale in remove_stale_temps(folder):
+        logger.warning("%s: removed %s, left by an interrupted write", stage, stale)
     start = time.perf_counter()
-    fields = body(Path(out_dir))
+    try:
+        with PeakRSS() as rss:  # the stage's peak_rss_mb metric (an output: not part of any cache key)
+            fields = body(folder)
+    except Exception:
+        if created:  # failed before writing anything (bad input): leave no empty folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds when empty; checkpoints stay for the rerun
+        raise
+    if rss.peak_mb is not None:
+        fields = {**fields, "metrics": {**fields.get("metrics", {}), "peak_rss_mb": rss.peak_mb}}
     record = StageRecord(
         stage=stage,
         key=key,
-        path=out_dir,
+        path=str(folder),
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         duration_s=round(time.perf_counter() - start, 3),
         **fields,
     )
     record.save()
+    fault_point(f"record:{stage}")
     logger.info("%s: done in %.1f s; metrics %s", stage, record.duration_s, record.metrics)
     return record
 
@@ -332,9 +374,64 @@ def rl_task(
     return _run_stage("rl", key, out_dir, body)
 
 
+@task(name="baseline", cache_policy=STAGE_CACHE, persist_result=True)
+def baseline_task(
+    key: str, out_dir: str, model_dir: str, train_path: str, base_model: dict, generation: dict, baseline: dict,
+) -> StageRecord:  # fmt: skip
+    """The single-model baseline: GRPO of the long-CoT base with the truncation recipe (tasks/baseline.py)."""
+    from models.factory import load_model  # noqa: PLC0415
+    from models.generation import make_backend, vllm_available  # noqa: PLC0415
+    from tasks.baseline import easy_problems, train_truncation_baseline  # noqa: PLC0415
+    from tasks.synthesize import read_split  # noqa: PLC0415
+
+    logger = _logger()
+    cfg, model_cfg, gen_cfg = (
+        BaselineConfig.model_validate(baseline), ModelConfig.model_validate(base_model),
+        GenerationConfig.model_validate(generation),
+    )  # fmt: skip
+
+    def body(folder: Path) -> dict[str, Any]:
+        rows = read_split(train_path)[: cfg.n_problems]
+        problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in rows]
+        rates: dict[str, float] = {}
+        if cfg.easy_filter:
+            backend = make_backend(model_dir, model_cfg, gen_cfg, cfg.seed)
+            problems, rates = easy_problems(
+                backend, problems, samples=cfg.easy_samples, temperature=cfg.temperature,
+                max_new_tokens=gen_cfg.max_new_tokens, seed=cfg.seed,
+            )  # fmt: skip
+            del backend
+            logger.info("baseline: %d of %d problems are easy (base pass rate > 0.5)", len(problems), len(rows))
+        model, tokenizer = load_model(model_cfg, path=model_dir)
+        result = train_truncation_baseline(
+            model, tokenizer, problems, cfg, folder,
+            use_vllm=gen_cfg.backend in ("auto", "vllm") and vllm_available(),
+            on_step=lambda m: logger.info("baseline step %s: %s", m.get("step"), _brief(m)),
+        )  # fmt: skip
+        write_jsonl(folder / "history.jsonl", result.history)
+        first, last = result.history[0], result.history[-1]
+        return {
+            "outputs": {"model": result.model_dir, "history": str(folder / "history.jsonl")},
+            "digests": {"model": tree_digest(Path(result.model_dir))},
+            "metrics": {
+                "baseline_steps": result.steps,
+                "baseline_problems": result.n_problems,
+                "baseline_easy_fraction": result.n_problems / max(1, len(rows)),
+                "baseline_first_reward": first["reward"],
+                "baseline_last_reward": last["reward"],
+                "baseline_first_length": first["completions/mean_length"],
+                "baseline_last_length": last["completions/mean_length"],
+                "baseline_runtime_s": result.runtime_s,
+                **({"baseline_mean_pass_rate": sum(rates.values()) / len(rates)} if rates else {}),
+            },
+        }
+
+    return _run_stage("baseline", key, out_dir, body)
+
+
 def _brief(metrics: dict[str, Any]) -> str:
-    keys = ("role", "reward/total", "accuracy", "tokens/total")
-    return ", ".join(f"{k}={metrics[k]:.3g}" if isinstance(metrics.get(k), float) else f"{k}={metrics.get(k)}" for k in keys)
+    keys = ("role", "reward/total", "reward", "accuracy", "tokens/total", "completions/mean_length")
+    return ", ".join(f"{k}={metrics[k]:.3g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys if k in metrics)
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)

@@ -297,6 +297,27 @@ class RLConfig(Section):
     n_problems: int = Field(512, ge=1)  # training problems the pool is drawn from (before the easy filter)
     seed: int = 0
 
+class BaselineConfig(Section):
+    """The single-model baseline trained with the truncation recipe (tasks/baseline.py): GRPO from the
+    long-CoT base, reward = correct and length <= L_T, easy prompts, rollouts capped at L_R = L_T."""
+
+    enabled: bool = True
+    steps: int = Field(20, ge=1)  # optimizer steps
+    prompts_per_step: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=2)  # G rollouts per problem
+    learning_rate: float = Field(1e-6, gt=0)
+    kl_coef: float = Field(0.0, ge=0)  # beta; 0 as TRL's default
+    length_target: int = Field(4096, ge=1)  # L_T = L_R, in tokens
+    easy_filter: bool = True  # keep problems the base model solves > half the time
+    easy_samples: int = Field(4, ge=2)  # draws per problem to estimate that pass rate
+    temperature: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(10, ge=1)  # steps
+    n_problems: int = Field(512, ge=1)  # training problems the pool is drawn from (before the easy filter)
+    bf16: bool = True  # on CUDA only
+    deepspeed: str | None = None  # path to a ZeRO config in infra/, used on CUDA only
+    seed: int = 0
+
+
 class TrackingConfig(Section):
     tracking_uri: str | None = None  # default: sqlite:///<workspace>/mlflow.db
     artifact_location: str | None = None  # default: <workspace>/mlartifacts
@@ -320,6 +341,7 @@ class Profile(Section):
     score: ScoreConfig = ScoreConfig()
     cold_start: ColdStartConfig = ColdStartConfig()
     rl: RLConfig = RLConfig()
+    baseline: BaselineConfig = BaselineConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def section_dump(self, name: str) -> dict[str, Any]:
@@ -365,10 +387,20 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _format_validation_error(path: Path, err: ValidationError) -> str:
+def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """``FILE:LINE:COLUMN: not valid YAML: problem`` in one line (PyYAML's own message spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return f"{where}: not valid YAML: {problem}"
+
+
+def format_validation_error(path: Path, err: ValidationError, section: str = "") -> str:
+    """One line per error: ``FILE: field 'SECTION.FIELD': reason (got VALUE)``."""
+    prefix = tuple(section.split(".")) if section else ()
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(profile)"
+        field = ".".join(str(p) for p in (*prefix, *e["loc"])) or "(profile)"
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         else:
@@ -387,12 +419,14 @@ def load_profile(name_or_path: str | Path, overrides: list[str] | None = None) -
         raise ConfigError(f"profile '{name_or_path}' not found ({path}); known profiles: {known}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(yaml_error(path, exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a profile must be a mapping of sections")
     data = _merge(data, parse_overrides(overrides))
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(path, exc)) from None
+        raise ConfigError(format_validation_error(path, exc)) from None

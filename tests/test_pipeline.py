@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 STAGES = {"synthesize", "sft_base", "evaluate_base", "chunk", "score_shard", "merge_scores", "cold_start",
-          "sft_long", "sft_short", "rl", "evaluate"}  # fmt: skip
+          "sft_long", "sft_short", "rl", "baseline", "evaluate"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_first_run_computes_every_stage(smoke_runs):
     assert m["train_steps"] >= 3
     assert m["chunk_train_traces"] == 16 and m["chunk_heldout_traces"] == 8
     assert m["cold_start_n_episodes"] == 16 and m["rl_steps"] == 2
-    for system in ("long_cot_base", "long_short_sft", "long_short_rl"):
+    assert m["baseline_steps"] == 1 and 0.0 <= m["baseline_last_reward"] <= 1.0
+    for system in ("long_cot_base", "truncation_baseline", "long_short_sft", "long_short_rl"):
         assert 0.0 <= m[f"demo_heldout.{system}.accuracy"] <= 1.0
     assert (Path(first["report"]).parent / "demo_heldout_budget.png").stat().st_size > 0
 

@@ -1,0 +1,220 @@
+"""The single-model efficient-reasoning baseline: GRPO with the truncation recipe.
+
+"The Art of Efficient Reasoning" (arXiv 2602.20945) trains one long-CoT model to
+think less with GRPO and the simplest length reward: an answer earns 1 only if it
+is correct *and* at most ``L_T`` tokens long (``tasks.rewards.truncation_reward``).
+Its recipe: train on *easy* prompts (problems the starting model solves more than
+half the time), cap rollouts at ``L_R = L_T`` tokens so an over-long answer is cut
+and scores 0, and stay on-policy. Long⊗Short is compared against it on the same
+problems and seeds (``tasks.report.evaluate_systems``).
+
+This is plain single-model GRPO, so TRL's ``GRPOTrainer`` runs it (vLLM colocated
+with training on GPU profiles, ``model.generate`` on CPU); only the reward and the
+easy-prompt filter are ours. Checkpoints go to ``out_dir/checkpoints`` and a
+rerun after an interruption resumes from the last complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
+
+from longshort.config import BaselineConfig
+from models.generation import GenerationBackend, vllm_available
+from models.protocol import SYSTEM_PROMPTS, ProtocolError, parse_response
+from tasks.answers import check_answer
+from tasks.evaluate import single_model_records
+from tasks.rewards import truncation_reward
+from tasks.sft import last_complete_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    model_dir: str
+    steps: int
+    n_problems: int  # training problems after the easy filter
+    history: list[dict[str, Any]]  # one row per GRPO step (TRL's logged metrics)
+    runtime_s: float
+    resumed_from: str | None
+
+
+def response_correct(text: str, reference: str, kind: str = "math") -> bool:
+    """A long-CoT response is correct when it is well formed and its boxed answer checks."""
+    try:
+        _, final = parse_response(text)
+    except ProtocolError:
+        return False
+    return check_answer(final.answer, kind, reference)
+
+
+def make_truncation_reward(length_target: int, eos_ids: Sequence[int] = ()) -> Callable[..., list[float]]:
+    """A TRL reward function: 1 for a correct response of at most ``length_target`` tokens, else 0.
+
+    TRL passes the dataset's columns as keyword lists (``answer`` here) and the
+    completion token ids; a trailing end-of-sequence token is not counted.
+    """
+    eos = set(eos_ids)
+
+    def truncation(completions: list[Any], completion_ids: list[list[int]], answer: list[str], **_: Any) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        lengths = [len(ids) - (1 if ids and ids[-1] in eos else 0) for ids in completion_ids]
+        correct = [response_correct(t, ref) for t, ref in zip(texts, answer)]
+        return truncation_reward(correct, lengths, length_target)
+
+    return truncation
+
+
+def keep_easy(
+    problems: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]
+) -> tuple[list[Mapping[str, Any]], dict[str, float]]:
+    """The problems whose pass rate over their sampled records is above one half, and every rate."""
+    solved: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        solved[r["problem_id"]].append(bool(r["correct"]))
+    rates = {pid: sum(v) / len(v) for pid, v in solved.items()}
+    return [p for p in problems if rates.get(p["id"], 0.0) > 0.5], rates
+
+
+def easy_problems(
+    backend: GenerationBackend,
+    problems: Sequence[Mapping[str, Any]],
+    *,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int = 0,
+) -> tuple[list[Mapping[str, Any]], dict[str, float]]:
+    """The problems the model solves more than half the time over ``samples`` draws (``keep_easy``)."""
+    records = single_model_records(
+        backend, [dict(p) for p in problems], benchmark="train", system="base", k=samples,
+        temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+    )  # fmt: skip
+    return keep_easy(problems, records)
+
+
+class _History(TrainerCallback):
+    def __init__(self, on_step: Callable[[dict[str, Any]], None] | None) -> None:
+        self.on_step = on_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        if self.on_step and logs and "reward" in logs:
+            self.on_step(history_row(state.global_step, logs))
+
+
+def history_row(step: int, logs: Mapping[str, Any]) -> dict[str, Any]:
+    """One GRPO step's logged numbers (reward, completion lengths, loss, ...) as a history row."""
+    return {"step": step, "role": "baseline", **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and k != "step"}}
+
+
+def train_truncation_baseline(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[Mapping[str, Any]],
+    cfg: BaselineConfig,
+    out_dir: Path,
+    *,
+    use_vllm: bool = False,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> BaselineResult:
+    """GRPO of one model on ``problems`` (already filtered) with the truncation reward; saves ``out_dir/model``."""
+    from trl import GRPOConfig, GRPOTrainer  # noqa: PLC0415 - heavy import, only this stage needs it
+
+    if not problems:
+        raise ValueError("baseline: no training problems left (is the easy filter too strict for this model?)")
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    use_cuda = torch.cuda.is_available()
+    if use_vllm and not vllm_available():
+        raise RuntimeError("baseline: use_vllm needs CUDA and the vllm package")
+    # The model stops at </answer> as the evaluation does, not only at end-of-sequence.
+    eos = [tokenizer.eos_token_id]
+    stop_ids = tokenizer("</answer>", add_special_tokens=False)["input_ids"]
+    if len(stop_ids) == 1:
+        eos.append(stop_ids[0])
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    batch = cfg.prompts_per_step * cfg.group_size
+    args = GRPOConfig(
+        output_dir=str(ckpt_dir),
+        max_steps=cfg.steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_generations=cfg.group_size,
+        max_completion_length=cfg.length_target,  # L_R = L_T: a longer answer is cut and scores 0
+        temperature=cfg.temperature,
+        beta=cfg.kl_coef,
+        num_iterations=1,  # on-policy
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_every,
+        save_total_limit=2,
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.bf16 and use_cuda,
+        use_cpu=not use_cuda,
+        deepspeed=cfg.deepspeed if (cfg.deepspeed and use_cuda) else None,
+        use_vllm=use_vllm,
+        vllm_mode="colocate",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [
+                    {"role": "system", "content": SYSTEM_PROMPTS["base"]},
+                    {"role": "user", "content": p["problem"]},
+                ],
+                "answer": str(p["answer"]),
+            }
+            for p in problems
+        ]
+    )
+    history = _History(on_step)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[make_truncation_reward(cfg.length_target, eos)],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[history],
+    )
+    trainer.remove_callback(PrinterCallback)  # each step is logged once, by ``on_step``
+    last = last_complete_checkpoint(ckpt_dir)
+    if last:
+        log.info("resuming the truncation baseline from %s", last)
+    result = trainer.train(resume_from_checkpoint=last)
+    tmp, model_dir = out_dir / "model.tmp", out_dir / "model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return BaselineResult(
+        model_dir=str(model_dir),
+        steps=int(result.global_step),
+        n_problems=len(problems),
+        history=[history_row(int(h["step"]), h) for h in trainer.state.log_history if "reward" in h],
+        runtime_s=round(time.perf_counter() - start, 2),
+        resumed_from=last,
+    )

@@ -1,0 +1,93 @@
+"""The truncation-recipe baseline: its reward by hand, the easy-prompt filter and a real GRPO run (TRL)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from longshort.config import BaselineConfig, ModelConfig
+from models.factory import load_model
+from models.generation import TransformersBackend
+from models.protocol import format_response
+from tasks.baseline import easy_problems, keep_easy, make_truncation_reward, response_correct, train_truncation_baseline
+
+EOS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_truncation_reward_is_one_only_for_correct_answers_within_the_target():
+    reward = make_truncation_reward(length_target=5, eos_ids=[EOS])
+    right, wrong = format_response("3 + 4 = 7", "\\boxed{7}"), format_response("3 + 4 = 8", "\\boxed{8}")
+    completions = [right, right, right, wrong, "<think>\nno answer"]
+    ids = [
+        [9, 9, 9, 9, 9],  # 5 tokens: at the target
+        [9, 9, 9, 9, 9, EOS],  # 5 tokens and the end-of-sequence token, which is not counted
+        [9, 9, 9, 9, 9, 9],  # 6 tokens: over
+        [9, 9],  # short but wrong
+        [9],  # malformed
+    ]
+    got = reward(completions=completions, completion_ids=ids, answer=["7"] * 5, trainer_state=None)
+    assert got == [1.0, 1.0, 0.0, 0.0, 0.0]
+    # TRL's conversational form: the completion is a list of messages
+    assert reward(completions=[[{"role": "assistant", "content": right}]], completion_ids=[[9]], answer=["7"]) == [1.0]
+
+
+def test_response_correct_needs_a_well_formed_response():
+    assert response_correct(format_response("x", "The final number is \\boxed{12}."), "12")
+    assert not response_correct("<think>\nx\n</think>\n<answer>\\boxed{12}", "12")  # no </answer>
+    assert not response_correct(format_response("x", "\\boxed{13}"), "12")
+
+
+def test_keep_easy_keeps_pass_rates_strictly_above_half():
+    problems = [{"id": i} for i in "abcd"]
+    draws = {"a": [1, 1, 1, 0], "b": [1, 1, 0, 0], "c": [0, 0, 0, 0], "d": [1, 1, 1, 1]}
+    records = [{"problem_id": pid, "correct": bool(c)} for pid, cs in draws.items() for c in cs]
+    kept, rates = keep_easy(problems, records)
+    assert [p["id"] for p in kept] == ["a", "d"]
+    assert rates == {"a": 0.75, "b": 0.5, "c": 0.0, "d": 1.0}
+
+
+def test_easy_problems_samples_the_model_for_each_problem(trained_tiny, demo_rows_small):
+    model, tok = load_model(ModelConfig(), path=trained_tiny)
+    backend = TransformersBackend(model, tok)
+    train, _ = demo_rows_small
+    impossible = [{"id": r["id"], "problem": r["problem"], "answer": "-999"} for r in train[:3]]
+    kept, rates = easy_problems(backend, impossible, samples=2, temperature=1.0, max_new_tokens=32)
+    assert kept == [] and rates == {p["id"]: 0.0 for p in impossible}
+
+
+def test_grpo_run_saves_a_model_and_logs_each_step(trained_tiny, demo_rows_small, tmp_path: Path):
+    model, tok = load_model(ModelConfig(), path=trained_tiny)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train, _ = demo_rows_small
+    problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in train[:4]]
+    cfg = BaselineConfig(steps=2, prompts_per_step=2, group_size=2, learning_rate=1e-2, length_target=64,
+                         temperature=1.0, checkpoint_every=1)  # fmt: skip
+    steps: list[dict] = []
+    result = train_truncation_baseline(model, tok, problems, cfg, tmp_path, on_step=steps.append)
+    assert result.steps == 2 and [h["step"] for h in result.history] == [1, 2] == [s["step"] for s in steps]
+    for row in result.history:
+        assert 0.0 <= row["reward"] <= 1.0
+        assert 0 < row["completions/mean_length"] <= cfg.length_target  # L_R = L_T caps every rollout
+    saved = load_file(str(Path(result.model_dir) / "model.safetensors"))
+    assert saved.keys() <= before.keys()
+    assert (Path(result.model_dir) / "tokenizer.json").is_file()
+    assert not (tmp_path / "checkpoints").exists()  # removed once the model is saved
+    json.dumps(result.history)  # JSON-able, as history.jsonl stores it
+
+
+def test_no_problem_left_is_a_clear_error(trained_tiny, tmp_path: Path):
+    model, tok = load_model(ModelConfig(), path=trained_tiny)
+    with pytest.raises(ValueError, match="no training problems left"):
+        train_truncation_baseline(model, tok, [], BaselineConfig(), tmp_path)
