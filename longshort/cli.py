@@ -97,7 +97,12 @@ def run(profile: ProfileOpt = "demo", set_: SetOpt = None) -> None:
     _print_summary(_run_pipeline(profile, set_))
 
 
-SYSTEMS = (("long-CoT base", "long_cot_base"), ("Long⊗Short SFT", "long_short_sft"), ("Long⊗Short RL", "long_short_rl"))
+SYSTEMS = (
+    ("long-CoT base", "long_cot_base"),
+    ("truncation baseline (1 model, GRPO)", "truncation_baseline"),
+    ("Long⊗Short SFT", "long_short_sft"),
+    ("Long⊗Short RL", "long_short_rl"),
+)
 
 
 def _fmt(value: float | None, pattern: str) -> str:

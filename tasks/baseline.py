@@ -132,8 +132,11 @@ def train_truncation_baseline(
     """GRPO of one model on ``problems`` (already filtered) with the truncation reward; saves ``out_dir/model``."""
     from trl import GRPOConfig, GRPOTrainer  # noqa: PLC0415 - heavy import, only this stage needs it
 
-    if not problems:
-        raise ValueError("baseline: no training problems left (is the easy filter too strict for this model?)")
+    if len(problems) < cfg.prompts_per_step:
+        raise ValueError(
+            f"baseline: {len(problems)} training problems left, fewer than prompts_per_step={cfg.prompts_per_step} "
+            "(is the easy filter too strict for this model?)"
+        )
     start = time.perf_counter()
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"

@@ -143,12 +143,15 @@ def train_sft(
     cfg: SFTConfig,
     out_dir: Path,
     seed: int = 0,
-    loss: Literal["auto", "fused", "plain"] = "auto",
+    loss: Literal["auto", "fused", "plain"] = "fused",
 ) -> SFTResult:
     """Fine-tune ``model`` on prompt/completion pairs and save it to ``out_dir/model``.
 
     ``loss`` picks how the (same) loss is computed: ``fused`` is TRL's chunked LM head, ``plain``
     the full logits (see ``_SFTTrainer``), ``auto`` the plain one when the logits are small.
+    ``fused`` is the default: ``plain`` is 1.2x faster on CPU and equal to float rounding over 60
+    steps, but over the demo's 1125-step base SFT the rounding compounded into another model
+    (18% held-out accuracy instead of 98.7%: the demo model's copying skill emerges abruptly).
     """
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"

@@ -89,5 +89,5 @@ def test_grpo_run_saves_a_model_and_logs_each_step(trained_tiny, demo_rows_small
 
 def test_no_problem_left_is_a_clear_error(trained_tiny, tmp_path: Path):
     model, tok = load_model(ModelConfig(), path=trained_tiny)
-    with pytest.raises(ValueError, match="no training problems left"):
+    with pytest.raises(ValueError, match="0 training problems left, fewer than prompts_per_step=8"):
         train_truncation_baseline(model, tok, [], BaselineConfig(), tmp_path)
