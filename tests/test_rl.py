@@ -75,7 +75,7 @@ def protocol_pair(trained_tiny, demo_rows_small, tmp_path_factory) -> str:
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(60):
+    for _ in range(25):
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1], -1)
         nll = -(logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum() / mask[:, 1:].sum()
         opt.zero_grad()
