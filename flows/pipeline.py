@@ -136,9 +136,8 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
         evaluate=cfg.section_dump("evaluate"), seed=seed,
     )  # fmt: skip
 
-    records = [data, base, base_eval, chunks, scored, cold, pair["long"], pair["short"], rl, evaluation]
-    if baseline:
-        records.insert(-1, baseline)
+    trained = [pair["long"], pair["short"], rl, *([baseline] if baseline else [])]
+    records = [data, base, base_eval, chunks, scored, cold, *trained, evaluation]
     this_run = str(flow_run.id) if flow_run.id else None
     computed = [r for r in [*records, *shards] if r.flow_run_id in (this_run, score_run)]
     cache_hits = len(records) + len(shards) - len(computed)

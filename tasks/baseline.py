@@ -32,9 +32,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallba
 
 from longshort.config import BaselineConfig
 from models.generation import GenerationBackend, vllm_available
-from models.protocol import SYSTEM_PROMPTS, ProtocolError, parse_response
+from models.protocol import SYSTEM_PROMPTS
 from tasks.answers import check_answer
-from tasks.evaluate import single_model_records
+from tasks.evaluate import response_answer, single_model_records
 from tasks.rewards import truncation_reward
 from tasks.sft import last_complete_checkpoint
 
@@ -53,11 +53,8 @@ class BaselineResult:
 
 def response_correct(text: str, reference: str, kind: str = "math") -> bool:
     """A long-CoT response is correct when it is well formed and its boxed answer checks."""
-    try:
-        _, final = parse_response(text)
-    except ProtocolError:
-        return False
-    return check_answer(final.answer, kind, reference)
+    answer, well_formed = response_answer(text)
+    return well_formed and check_answer(answer, kind, reference)
 
 
 def make_truncation_reward(length_target: int, eos_ids: Sequence[int] = ()) -> Callable[..., list[float]]:

@@ -94,6 +94,15 @@ def evaluate_single_model(
 # --------------------------------------------------------------------------- systems side by side
 
 
+def response_answer(text: str) -> tuple[str | None, bool]:
+    """(boxed answer, well formed) of one long-CoT response; one that breaks the protocol is (None, False)."""
+    try:
+        _, final = parse_response(text)
+    except ProtocolError:
+        return None, False
+    return final.answer, True
+
+
 def single_model_records(
     backend: GenerationBackend,
     rows: list[dict[str, Any]],
@@ -116,11 +125,7 @@ def single_model_records(
     records = []
     for row, completions in zip(rows, outs):
         for sample, completion in enumerate(completions):
-            try:
-                _, final = parse_response(completion.text)
-                answer, well_formed = final.answer, True
-            except ProtocolError:
-                answer, well_formed = None, False
+            answer, well_formed = response_answer(completion.text)
             records.append(
                 {
                     "benchmark": benchmark,

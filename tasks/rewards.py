@@ -189,5 +189,12 @@ def combined_reward(
         length_target=length_target,
         alpha=alpha,
     )
-    weights = {"correctness": correctness_weight, "format": format_weight, "efficiency": efficiency_weight}
-    return [sum(weights[k] * parts[k][i] for k in parts) for i in range(len(answers))]
+    return weighted_total(
+        parts, {"correctness": correctness_weight, "format": format_weight, "efficiency": efficiency_weight}
+    )
+
+
+def weighted_total(parts: dict[str, list[float]], weights: dict[str, float]) -> list[float]:
+    """Σ_k w_k · parts[k][i] per episode, over the terms of ``reward_components``."""
+    n = _check_same_length(**parts)
+    return [sum(weights[k] * parts[k][i] for k in parts) for i in range(n)]

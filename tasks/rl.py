@@ -58,7 +58,7 @@ from models.factory import load_model
 from models.generation import Completion, TransformersBackend
 from models.protocol import SYSTEM_PROMPTS, Episode, history_suffix, run_episodes
 from tasks.answers import is_correct
-from tasks.rewards import reward_components
+from tasks.rewards import reward_components, weighted_total
 from tasks.rl_checkpoint import changed_settings, last_checkpoint, restore_checkpoint, save_checkpoint, save_models
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ def rl_step(
         alpha=cfg.alpha,
     )
     weights = {"correctness": cfg.correctness_weight, "format": cfg.format_weight, "efficiency": cfg.efficiency_weight}
-    rewards = [sum(w * parts[k][i] for k, w in weights.items()) for i in range(len(episodes))]
+    rewards = weighted_total(parts, weights)
     advantages = group_advantages(rewards, cfg.group_size)
     ids = turn_token_ids(episodes, role, recorder.calls)
     seqs = trained_turn_sequences(episodes, role, ids, pair.tokenizers[role])

@@ -95,6 +95,17 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
         log.close()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module: faster than two for these tiny models on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def seeded():
     import numpy as np

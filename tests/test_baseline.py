@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from longshort.config import BaselineConfig, ModelConfig
@@ -18,12 +17,7 @@ from tasks.baseline import easy_problems, keep_easy, make_truncation_reward, res
 EOS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_truncation_reward_is_one_only_for_correct_answers_within_the_target():
