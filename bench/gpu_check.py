@@ -65,6 +65,15 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _step_times(times: list[float]) -> dict[str, Any]:
+    """Seconds per step, their mean, and the mean without the first (warm-up) step."""
+    return {
+        "s_per_step": [round(t, 3) for t in times],
+        "mean_s_per_step": round(_mean(times), 3) if times else None,
+        "mean_s_per_step_after_first": round(_mean(times[1:]), 3) if len(times) > 1 else None,
+    }
+
+
 class Report:
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -205,9 +214,7 @@ def stage_rl(args, profile, torch, work: Path, dtype: str) -> dict[str, Any]:  #
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "weights_dtype": dtype,
         "steps": result.steps,
-        "s_per_step": [round(t, 3) for t in times],
-        "mean_s_per_step": round(_mean(times), 3) if times else None,
-        "mean_s_per_step_after_first": round(_mean(times[1:]), 3) if len(times) > 1 else None,
+        **_step_times(times),
         "runtime_s": round(result.runtime_s, 2),
         "wall_s": round(wall, 2),
         "history": [{k: h[k] for k in keys if k in h} for h in result.history],
@@ -274,9 +281,7 @@ def stage_baseline(args, profile, torch, work: Path) -> dict[str, Any]:  # noqa:
         "bf16_autocast": bf16,
         "vllm": False,
         "steps": result.steps,
-        "s_per_step": [round(t, 3) for t in times],
-        "mean_s_per_step": round(_mean(times), 3) if times else None,
-        "mean_s_per_step_after_first": round(_mean(times[1:]), 3) if len(times) > 1 else None,
+        **_step_times(times),
         "runtime_s": result.runtime_s,
         "wall_s": round(wall, 2),
         "history": [{k: h[k] for k in keys if k in h} for h in result.history],
