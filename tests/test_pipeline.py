@@ -44,6 +44,9 @@ def test_first_run_computes_every_stage(smoke_runs):
     assert m["train_steps"] >= 3
     assert m["chunk_train_traces"] == 16 and m["chunk_heldout_traces"] == 8
     assert m["cold_start_n_episodes"] == 16 and m["rl_steps"] == 2
+    # two steps: the first quarter is step 1, the last is step 2
+    assert m["rl_reward_first_quarter"] == m["rl_first_reward"] and m["rl_reward_last_quarter"] == m["rl_last_reward"]
+    assert 0.0 <= m["rl_accuracy_last_quarter"] <= 1.0 and m["rl_tokens_first_quarter"] > 0
     assert m["baseline_steps"] == 1 and 0.0 <= m["baseline_last_reward"] <= 1.0
     for system in ("long_cot_base", "truncation_baseline", "long_short_sft", "long_short_rl"):
         assert 0.0 <= m[f"demo_heldout.{system}.accuracy"] <= 1.0
@@ -116,3 +119,14 @@ def test_dvc_repro_writes_the_same_bytes_as_the_flow(smoke_runs, tmp_path):
     lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
     outs = {Path(o["path"]).name: o["md5"] for o in lock["stages"]["synthesize"]["outs"]}
     assert outs["train.jsonl"] == json.loads((dirs["synthesize"] / "record.json").read_text())["digests"]["train_md5"]
+
+
+def test_quarter_means_average_the_first_and_last_quarter_of_steps():
+    from flows.stages import quarter_means
+
+    history = [{"r": float(k), "t": 10.0 * k} for k in range(1, 9)]  # 8 steps: quarters are 2 steps
+    assert quarter_means(history, {"reward": "r", "tokens": "t"}) == {
+        "rl_reward_first_quarter": 1.5, "rl_reward_last_quarter": 7.5,
+        "rl_tokens_first_quarter": 15.0, "rl_tokens_last_quarter": 75.0,
+    }  # fmt: skip
+    assert quarter_means(history[:3], {"reward": "r"}) == {"rl_reward_first_quarter": 1.0, "rl_reward_last_quarter": 3.0}
