@@ -346,7 +346,7 @@ def rl_task(
     rl: dict, n_problems: int,
 ) -> StageRecord:  # fmt: skip
     """Synergizing multi-turn GRPO of the pair; resumes from its own checkpoints after a crash."""
-    from tasks.rl import train_pair_rl  # noqa: PLC0415
+    from tasks.rl import quarter_means, train_pair_rl  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
 
     logger = _logger()
@@ -428,18 +428,6 @@ def baseline_task(
         }
 
     return _run_stage("baseline", key, out_dir, body)
-
-
-def quarter_means(history: list[dict[str, Any]], fields: dict[str, str]) -> dict[str, float]:
-    """``rl_{name}_first_quarter`` / ``rl_{name}_last_quarter``: a field's mean over the first and the last
-    quarter of the RL steps (at least one step each). Each step samples new prompts, so one step's
-    reward is noisy; these say whether training moved it."""
-    q = max(1, len(history) // 4)
-    out: dict[str, float] = {}
-    for name, key in fields.items():
-        for part, steps in (("first", history[:q]), ("last", history[-q:])):
-            out[f"rl_{name}_{part}_quarter"] = sum(float(h[key]) for h in steps) / len(steps)
-    return out
 
 
 def _brief(metrics: dict[str, Any]) -> str:

@@ -364,6 +364,18 @@ def rl_step(
     return metrics
 
 
+def quarter_means(history: Sequence[Mapping[str, Any]], fields: Mapping[str, str]) -> dict[str, float]:
+    """``rl_{name}_first_quarter`` / ``rl_{name}_last_quarter``: a field's mean over the first and the last
+    quarter of the RL steps (at least one step each). Each step samples new prompts, so one step's
+    reward is noisy; these say whether training moved it."""
+    q = max(1, len(history) // 4)
+    out: dict[str, float] = {}
+    for name, key in fields.items():
+        for part, steps in (("first", history[:q]), ("last", history[-q:])):
+            out[f"rl_{name}_{part}_quarter"] = sum(float(h[key]) for h in steps) / len(steps)
+    return out
+
+
 def train_pair_rl(
     long_dir: str | Path,
     short_dir: str | Path,

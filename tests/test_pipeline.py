@@ -120,13 +120,3 @@ def test_dvc_repro_writes_the_same_bytes_as_the_flow(smoke_runs, tmp_path):
     outs = {Path(o["path"]).name: o["md5"] for o in lock["stages"]["synthesize"]["outs"]}
     assert outs["train.jsonl"] == json.loads((dirs["synthesize"] / "record.json").read_text())["digests"]["train_md5"]
 
-
-def test_quarter_means_average_the_first_and_last_quarter_of_steps():
-    from flows.stages import quarter_means
-
-    history = [{"r": float(k), "t": 10.0 * k} for k in range(1, 9)]  # 8 steps: quarters are 2 steps
-    assert quarter_means(history, {"reward": "r", "tokens": "t"}) == {
-        "rl_reward_first_quarter": 1.5, "rl_reward_last_quarter": 7.5,
-        "rl_tokens_first_quarter": 15.0, "rl_tokens_last_quarter": 75.0,
-    }  # fmt: skip
-    assert quarter_means(history[:3], {"reward": "r"}) == {"rl_reward_first_quarter": 1.0, "rl_reward_last_quarter": 3.0}

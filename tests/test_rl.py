@@ -20,6 +20,7 @@ from tasks.rl import (
     pass_rates,
     phase_of,
     policy_update,
+    quarter_means,
     trained_turn_sequences,
     train_pair_rl,
     turn_token_ids,
@@ -227,3 +228,12 @@ def test_easy_filter_keeps_problems_above_half(protocol_pair, problems, tmp_path
     impossible = [{"problem": p["problem"], "answer": "-999"} for p in problems[:2]]
     with pytest.raises(ValueError, match="kept none of 2 problems"):
         train_pair_rl(protocol_pair, protocol_pair, impossible, cfg, tmp_path, protocol=PROTOCOL)
+
+
+def test_quarter_means_average_the_first_and_last_quarter_of_steps():
+    history = [{"r": float(k), "t": 10.0 * k} for k in range(1, 9)]  # 8 steps: quarters are 2 steps
+    assert quarter_means(history, {"reward": "r", "tokens": "t"}) == {
+        "rl_reward_first_quarter": 1.5, "rl_reward_last_quarter": 7.5,
+        "rl_tokens_first_quarter": 15.0, "rl_tokens_last_quarter": 75.0,
+    }  # fmt: skip
+    assert quarter_means(history[:3], {"reward": "r"}) == {"rl_reward_first_quarter": 1.0, "rl_reward_last_quarter": 3.0}
