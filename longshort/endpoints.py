@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from longshort.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -56,7 +58,8 @@ class RetryPolicy:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> RetryPolicy:
-        """The defaults, with ``LONGSHORT_RETRIES``, ``LONGSHORT_RETRY_BACKOFF_S`` and ``LONGSHORT_RETRY_TIMEOUT_S``."""
+        """The defaults, with ``LONGSHORT_RETRIES``, ``LONGSHORT_RETRY_BACKOFF_S`` and ``LONGSHORT_RETRY_TIMEOUT_S``;
+        a value that is not a number, or out of range, is a ``ConfigError`` naming the variable."""
         values: dict[str, float] = {}
         for name, field, kind in ((RETRIES_ENV, "attempts", int), (BACKOFF_ENV, "backoff_s", float),
                                   (TIMEOUT_ENV, "timeout_s", float)):  # fmt: skip
@@ -65,11 +68,11 @@ class RetryPolicy:
                 try:
                     values[field] = kind(raw)
                 except ValueError:
-                    raise ValueError(f"{name}={raw!r} is not a{'n integer' if kind is int else ' number'}") from None
+                    raise ConfigError(f"{name}={raw!r} is not a{'n integer' if kind is int else ' number'}") from None
         try:
             return cls(**values)  # type: ignore[arg-type]
         except ValueError as exc:
-            raise ValueError(f"{exc} (from {RETRIES_ENV}, {BACKOFF_ENV}, {TIMEOUT_ENV})") from None
+            raise ConfigError(f"{exc} (from {RETRIES_ENV}, {BACKOFF_ENV}, {TIMEOUT_ENV})") from None
 
 
 def display_url(url: str) -> str:

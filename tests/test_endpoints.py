@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import free_port
 from longshort.cli import app
-from longshort.config import load_profile
+from longshort.config import ConfigError, load_profile
 from longshort.endpoints import RetryPolicy, ServiceUnavailable, display_url, require_reachable, retry
 
 FAST = {"LONGSHORT_RETRIES": "3", "LONGSHORT_RETRY_BACKOFF_S": "0.05", "LONGSHORT_RETRY_TIMEOUT_S": "2"}
@@ -36,9 +36,9 @@ def test_policy_defaults_env_and_backoff():
     assert RetryPolicy.from_env({}).waits_s() == [1.0, 2.0]
     policy = RetryPolicy.from_env({"LONGSHORT_RETRIES": "6", "LONGSHORT_RETRY_BACKOFF_S": "3"})
     assert policy.waits_s() == [3.0, 6.0, 10.0, 10.0, 10.0]  # doubling, capped at max_backoff_s
-    with pytest.raises(ValueError, match="LONGSHORT_RETRIES='many' is not an integer"):
+    with pytest.raises(ConfigError, match="LONGSHORT_RETRIES='many' is not an integer"):
         RetryPolicy.from_env({"LONGSHORT_RETRIES": "many"})
-    with pytest.raises(ValueError, match="attempts >= 1"):
+    with pytest.raises(ConfigError, match="attempts >= 1"):
         RetryPolicy.from_env({"LONGSHORT_RETRIES": "0"})
 
 
@@ -145,3 +145,11 @@ def test_dvc_push_to_a_dead_s3_endpoint_fails_before_dvc_runs(tmp_path, fast_ret
         f"S3 endpoint of DVC remote s3://longshort/dvc at {dead_url} is not reachable after 3 attempts: Connection refused"
     )
     assert list((tmp_path / ".dvc").iterdir()) == []  # no remote configured, nothing reproduced or pushed
+
+
+def test_cli_names_a_bad_retry_setting_in_one_line(tmp_path, dead_url, monkeypatch):
+    monkeypatch.setenv("LONGSHORT_RETRIES", "many")
+    result = runner.invoke(app, ["compare", "-p", "smoke", "-s", f"tracking.tracking_uri={dead_url}",
+                                 "-s", f"run.workspace={tmp_path / 'ws'}"])  # fmt: skip
+    assert _one_line_error(result) == "error: LONGSHORT_RETRIES='many' is not an integer"
+    assert not (tmp_path / "ws").exists()
