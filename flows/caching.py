@@ -1,7 +1,8 @@
 """Cache keys for pipeline stages.
 
 A stage's key is a digest of its inputs (config sections, upstream artifact
-digests) and of the source of every module the stage runs: Prefect's
+digests) and of the source of every module the stage runs, plus its task
+function in ``flows/stages.py`` and the helpers that write its record: Prefect's
 TASK_SOURCE would hash only the task function itself, so a change in
 ``tasks/sft.py`` would not invalidate the SFT stage. The key also names the
 stage's artifact folder, so the cached record and the files it points to
@@ -59,13 +60,33 @@ STAGE_MODULES: dict[str, list[str]] = {
 }
 
 
-def code_digest(modules: list[str]) -> str:
-    sources = {m: inspect.getsource(importlib.import_module(m)) for m in sorted(modules)}
-    return json_digest(sources)
+# The stage's own task in flows/stages.py (what its record holds: outputs, metrics, digests) and the
+# helpers every stage runs through: a change there must not reuse records written by the old code.
+STAGE_TASKS: dict[str, str] = {
+    "synthesize": "synthesize_task", "sft_base": "sft_base_task", "evaluate_base": "evaluate_base_task",
+    "chunk": "chunk_task", "score_shard": "score_shard_task", "merge_scores": "merge_scores_task",
+    "cold_start": "cold_start_task", "sft_long": "sft_role_task", "sft_short": "sft_role_task",
+    "baseline": "baseline_task", "rl": "rl_task", "evaluate": "evaluate_task",
+}  # fmt: skip
+STAGE_HELPERS = ("_run_stage", "_run_body")
+
+
+def stage_sources(stage: str) -> dict[str, str]:
+    """The source texts a stage's key covers: its modules (whole files) and its functions in ``flows.stages``."""
+    sources = {m: inspect.getsource(importlib.import_module(m)) for m in sorted(STAGE_MODULES[stage])}
+    stages = importlib.import_module("flows.stages")
+    for name in (STAGE_TASKS[stage], *STAGE_HELPERS):
+        obj = getattr(stages, name)
+        sources[f"flows.stages:{name}"] = inspect.getsource(getattr(obj, "fn", obj))  # a Prefect task's function
+    return sources
+
+
+def code_digest(stage: str) -> str:
+    return json_digest(stage_sources(stage))
 
 
 def stage_key(stage: str, inputs: dict[str, Any]) -> str:
-    return json_digest({"stage": stage, "inputs": inputs, "code": code_digest(STAGE_MODULES[stage])})
+    return json_digest({"stage": stage, "inputs": inputs, "code": code_digest(stage)})
 
 
 def stage_dir(workspace: Path, stage: str, key: str) -> Path:

@@ -1,0 +1,29 @@
+"""Stage cache keys: inputs plus the source of everything that decides a stage's record."""
+
+from __future__ import annotations
+
+import inspect
+
+import flows.stages
+from flows.caching import STAGE_MODULES, STAGE_TASKS, stage_key, stage_sources
+
+
+def test_every_stage_key_covers_its_modules_and_its_task_in_flows_stages():
+    assert STAGE_TASKS.keys() == STAGE_MODULES.keys()
+    for stage, task_name in STAGE_TASKS.items():
+        task = getattr(flows.stages, task_name)
+        assert task.name == stage.replace("sft_long", "sft_role").replace("sft_short", "sft_role")
+        sources = stage_sources(stage)
+        assert sources[f"flows.stages:{task_name}"] == inspect.getsource(task.fn)
+        assert set(STAGE_MODULES[stage]) < sources.keys() and "flows.stages:_run_stage" in sources
+
+
+def test_a_changed_stage_task_changes_that_stage_key_only(monkeypatch):
+    inputs = {"rl": {"steps_per_round": 1}, "workspace": "ws"}
+    before = {s: stage_key(s, inputs) for s in ("rl", "evaluate", "baseline")}
+    # stands in for an edit of rl_task's body (what its record holds): another function's source
+    monkeypatch.setattr(flows.stages, "rl_task", flows.stages.baseline_task)
+    after = {s: stage_key(s, inputs) for s in before}
+    assert after["rl"] != before["rl"]
+    assert after["evaluate"] == before["evaluate"] and after["baseline"] == before["baseline"]
+    assert stage_key("rl", inputs) == after["rl"]  # deterministic
