@@ -353,21 +353,32 @@ def rl_task(
 
     def body(folder: Path) -> dict[str, Any]:
         problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in read_split(train_path)]
+        cfg = RLConfig.model_validate(rl)
         result = train_pair_rl(
-            long_dir, short_dir, problems[:n_problems], RLConfig.model_validate(rl), folder,
+            long_dir, short_dir, problems[:n_problems], cfg, folder,
             model_cfg=ModelConfig.model_validate(base_model), protocol=ProtocolConfig.model_validate(protocol),
             on_step=lambda m: logger.info("rl step %s: %s", m.get("step"), _brief(m)),
+            probe_problems=problems[n_problems : n_problems + cfg.probe_problems],
         )  # fmt: skip
         write_jsonl(folder / "history.jsonl", result.history)
+        outputs = {"long": result.long_dir, "short": result.short_dir, "history": str(folder / "history.jsonl")}
+        probe_metrics: dict[str, float] = {}
+        if result.probes:
+            write_jsonl(folder / "probes.jsonl", result.probes)
+            outputs["probes"] = str(folder / "probes.jsonl")
+            for name in ("reward", "accuracy", "tokens"):
+                probe_metrics[f"rl_probe_{name}_start"] = result.probes[0][name]
+                probe_metrics[f"rl_probe_{name}_end"] = result.probes[-1][name]
         first, last = result.history[0], result.history[-1]
         return {
-            "outputs": {"long": result.long_dir, "short": result.short_dir, "history": str(folder / "history.jsonl")},
+            "outputs": outputs,
             "digests": {"long": tree_digest(Path(result.long_dir)), "short": tree_digest(Path(result.short_dir))},
             "metrics": {
                 "rl_steps": result.steps,
                 "rl_first_reward": first["reward/total"],
                 "rl_last_reward": last["reward/total"],
                 **quarter_means(result.history, {"reward": "reward/total", "accuracy": "accuracy", "tokens": "tokens/total"}),
+                **probe_metrics,
                 "rl_runtime_s": result.runtime_s,
             },
         }

@@ -295,6 +295,8 @@ class RLConfig(Section):
     checkpoint_every: int = Field(10, ge=1)  # steps
     keep_checkpoints: int = Field(2, ge=1)
     n_problems: int = Field(512, ge=1)  # training problems the pool is drawn from (before the easy filter)
+    probe_problems: int = Field(0, ge=0)  # the next training problems, a fixed batch the reward curve is measured on
+    probe_every: int = Field(8, ge=1)  # steps between probes (also before the first step and after the last)
     seed: int = 0
 
 class BaselineConfig(Section):

@@ -117,19 +117,24 @@ HELDOUT = "demo_heldout"
 
 
 def _log_history(record: StageRecord) -> None:
-    """An RL stage's per-step metrics as MLflow step series (the reward curve): ``rl.<role>.*``, ``baseline.*``."""
+    """An RL stage's per-step metrics as MLflow step series (the reward curve): ``rl.<role>.*``, ``baseline.*``,
+    and the RL probe's fixed-batch measurements as ``rl.probe.*`` (step 0 = the SFT pair)."""
     from longshort.io import iter_jsonl  # noqa: PLC0415
 
-    path = record.outputs.get("history")
-    if not path or not Path(path).is_file():
-        return
-    for _, row in iter_jsonl(Path(path)):
-        step = int(row.get("step", 0))
-        prefix = f"rl.{row.get('role', 'pair')}" if record.stage == "rl" else record.stage
-        mlflow.log_metrics(
-            {f"{prefix}.{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
-            step=step,
-        )
+    for output in ("history", "probes"):
+        path = record.outputs.get(output)
+        if not path or not Path(path).is_file():
+            continue
+        for _, row in iter_jsonl(Path(path)):
+            step = int(row.get("step", 0))
+            if output == "probes":
+                prefix = "rl.probe"
+            else:
+                prefix = f"rl.{row.get('role', 'pair')}" if record.stage == "rl" else record.stage
+            mlflow.log_metrics(
+                {f"{prefix}.{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                step=step,
+            )
 
 
 def pair_gate_metrics(metrics: dict[str, float]) -> dict[str, float] | None:

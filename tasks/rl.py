@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 Role = Literal["long", "short"]
 ROLES: tuple[Role, Role] = ("long", "short")
 ADV_EPS = 1e-4
+PROBE_SEED_OFFSET = 7_777  # the probe's sampling seed, apart from the training steps' (seed + 1000·(step+1))
 
 
 
@@ -78,6 +79,7 @@ class RLResult:
     resumed_from_step: int | None
     n_problems: int  # after the easy filter
     runtime_s: float
+    probes: list[dict[str, Any]] = field(default_factory=list)  # ``probe`` at step 0 and every probe_every
 
 
 @dataclass
@@ -302,6 +304,55 @@ def _load_pair(long_dir: Path, short_dir: Path, model_cfg: ModelConfig) -> _Pair
     return pair
 
 
+def score_episodes(
+    episodes: Sequence[Episode], references: Sequence[str], cfg: RLConfig, role: Role | None
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Each reward term per episode and the weighted total, as a training step of ``role`` scores them
+    (``role`` None: lengths are the episode's tokens whatever ``length_of`` says)."""
+    total = [e.tokens() for e in episodes]
+    over_cap = [cfg.cap_rollout_at_length_target and n > cfg.length_target for n in total]
+    parts = reward_components(
+        [None if cut else e.answer for e, cut in zip(episodes, over_cap)],
+        list(references),
+        [e.transcript for e in episodes],
+        total if cfg.length_of == "episode" or role is None else [e.tokens(role) for e in episodes],
+        group_size=cfg.group_size,
+        efficiency=cfg.efficiency,
+        length_target=cfg.length_target,
+        alpha=cfg.alpha,
+    )
+    weights = {"correctness": cfg.correctness_weight, "format": cfg.format_weight, "efficiency": cfg.efficiency_weight}
+    return parts, weighted_total(parts, weights)
+
+
+def probe(
+    step: int, problems: Sequence[Mapping[str, str]], pair: _Pair, cfg: RLConfig, protocol: ProtocolConfig
+) -> dict[str, float]:
+    """The pair's mean reward on a FIXED batch: G episodes per probe problem, same seed at every probe.
+
+    A training step's reward is measured on freshly drawn prompts, so its curve is noisy; the probe
+    plays the same problems with the same sampling seed each time, so differences between probes
+    are the models' (common random numbers). Step 0 is the starting (SFT) pair. Lengths are
+    the episode's tokens (long + short) whatever ``length_of`` says.
+    """
+    rows = _repeat(problems, cfg.group_size)
+    episodes = run_episodes(
+        [p["problem"] for p in rows],
+        pair.backends["long"],
+        pair.backends["short"],
+        **_episode_kwargs(cfg, protocol),
+        seed=cfg.seed + PROBE_SEED_OFFSET,
+    )
+    parts, rewards = score_episodes(episodes, [p["answer"] for p in rows], cfg, None)
+    return {
+        "step": step,
+        "reward": float(np.mean(rewards)),
+        "accuracy": float(np.mean(parts["correctness"])),
+        "tokens": float(np.mean([e.tokens() for e in episodes])),
+        "turns": float(np.mean([len(e.turns) for e in episodes])),
+    }
+
+
 def rl_step(
     step: int,
     batch: Sequence[Mapping[str, str]],
@@ -323,20 +374,8 @@ def rl_step(
         **_episode_kwargs(cfg, protocol),
         seed=cfg.seed + 1000 * (step + 1),
     )
+    parts, rewards = score_episodes(episodes, [p["answer"] for p in rows], cfg, role)
     total = [e.tokens() for e in episodes]
-    over_cap = [cfg.cap_rollout_at_length_target and n > cfg.length_target for n in total]
-    parts = reward_components(
-        [None if cut else e.answer for e, cut in zip(episodes, over_cap)],
-        [p["answer"] for p in rows],
-        [e.transcript for e in episodes],
-        total if cfg.length_of == "episode" else [e.tokens(role) for e in episodes],
-        group_size=cfg.group_size,
-        efficiency=cfg.efficiency,
-        length_target=cfg.length_target,
-        alpha=cfg.alpha,
-    )
-    weights = {"correctness": cfg.correctness_weight, "format": cfg.format_weight, "efficiency": cfg.efficiency_weight}
-    rewards = weighted_total(parts, weights)
     advantages = group_advantages(rewards, cfg.group_size)
     ids = turn_token_ids(episodes, role, recorder.calls)
     seqs = trained_turn_sequences(episodes, role, ids, pair.tokenizers[role])
@@ -386,6 +425,7 @@ def train_pair_rl(
     *,
     protocol: ProtocolConfig = ProtocolConfig(),
     model_cfg: ModelConfig = ModelConfig(),
+    probe_problems: Sequence[Mapping[str, Any]] = (),
 ) -> RLResult:
     """Alternating multi-turn GRPO; resumes from ``out_dir``'s last checkpoint when there is one.
 
@@ -398,9 +438,14 @@ def train_pair_rl(
 
     With ``cap_rollout_at_length_target`` each turn is capped at L_T tokens and an episode
     longer than L_T in total counts as wrong (``run_episodes`` has per-turn caps only).
+
+    With ``probe_problems`` (best kept out of ``problems``), ``probe`` measures the pair on them
+    before the first step, every ``cfg.probe_every`` steps and after the last: ``RLResult.probes``.
     """
     t0 = time.time()
     _check_problems(problems)
+    if probe_problems:
+        _check_problems(probe_problems)
     out_dir = Path(out_dir)
     total_steps = 2 * cfg.rounds * cfg.steps_per_round
     ckpt = last_checkpoint(out_dir)
@@ -434,7 +479,11 @@ def train_pair_rl(
     else:
         pool_idx = list(range(len(problems)))
     history: list[dict[str, Any]] = state.get("history", [])
+    probes: list[dict[str, Any]] = state.get("probes", [])
     start = state.get("step", 0)
+    if probe_problems and start == 0:
+        probes.append(probe(0, probe_problems, pair, cfg, protocol))
+        log.info("RL probe before training: %s", probes[-1])
 
     for step in range(start, total_steps):
         pick = random.Random(cfg.seed * 1_000_003 + step)  # the batch depends on (seed, step) only
@@ -442,9 +491,13 @@ def train_pair_rl(
         metrics = rl_step(step, [problems[pool_idx[k]] for k in chosen], pair, refs, optimizers, cfg, protocol)
         history.append(metrics)
         log.info("RL step %d/%d (%s): %s", step + 1, total_steps, metrics["role"], metrics)
+        if probe_problems and ((step + 1) % cfg.probe_every == 0 or step + 1 == total_steps):
+            probes.append(probe(step + 1, probe_problems, pair, cfg, protocol))
+            log.info("RL probe after step %d: %s", step + 1, probes[-1])
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps:
             round_idx, role = phase_of(step, cfg)
             saved = {"step": step + 1, "round": round_idx, "role": role, "pool": pool_idx, "history": history}
+            saved["probes"] = probes
             saved["config"] = cfg.model_dump(mode="json")
             save_checkpoint(out_dir, step + 1, pair.models, pair.tokenizers, optimizers, saved, cfg.keep_checkpoints)
         if on_step is not None:
@@ -465,4 +518,5 @@ def train_pair_rl(
         resumed_from_step=start if ckpt else None,
         n_problems=len(pool_idx),
         runtime_s=time.time() - t0,
+        probes=probes,
     )

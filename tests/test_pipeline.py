@@ -47,6 +47,11 @@ def test_first_run_computes_every_stage(smoke_runs):
     # two steps: the first quarter is step 1, the last is step 2
     assert m["rl_reward_first_quarter"] == m["rl_first_reward"] and m["rl_reward_last_quarter"] == m["rl_last_reward"]
     assert 0.0 <= m["rl_accuracy_last_quarter"] <= 1.0 and m["rl_tokens_first_quarter"] > 0
+    # the probe: the same 4 problems before step 1 (the SFT pair) and after step 2 (the RL pair)
+    assert 0.0 <= m["rl_probe_accuracy_start"] <= 1.0 and m["rl_probe_tokens_end"] > 0
+    probes = [json.loads(line) for line in (Path(first["stage_dirs"]["rl"]) / "probes.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in probes] == [0, 1, 2]
+    assert (probes[0]["reward"], probes[-1]["reward"]) == (m["rl_probe_reward_start"], m["rl_probe_reward_end"])
     assert m["baseline_steps"] == 1 and 0.0 <= m["baseline_last_reward"] <= 1.0
     for system in ("long_cot_base", "truncation_baseline", "long_short_sft", "long_short_rl"):
         assert 0.0 <= m[f"demo_heldout.{system}.accuracy"] <= 1.0
@@ -87,6 +92,10 @@ def test_mlflow_holds_runs_params_metrics_and_registered_model(smoke_runs):
     exp = client.get_experiment(run.info.experiment_id)
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert {c.data.tags["stage"] for c in children} == STAGES - {"score_shard"}
+    rl_run = next(c for c in children if c.data.tags["stage"] == "rl")
+    curve = client.get_metric_history(rl_run.info.run_id, "rl.probe.reward")
+    assert [h.step for h in sorted(curve, key=lambda h: h.step)] == [0, 1, 2]
+    assert {h.step for h in client.get_metric_history(rl_run.info.run_id, "rl.long.reward/total")} == {1}
     version = client.get_model_version("longshort-base", first["base_model_version"])
     assert version.tags["run_id"] == first["mlflow_run_id"] and len(version.tags["model_digest"]) == 64
 

@@ -18,8 +18,10 @@ from tasks.rl import (
     TurnSequence,
     group_advantages,
     pass_rates,
+    _load_pair,
     phase_of,
     policy_update,
+    probe,
     quarter_means,
     trained_turn_sequences,
     train_pair_rl,
@@ -237,3 +239,34 @@ def test_quarter_means_average_the_first_and_last_quarter_of_steps():
         "rl_tokens_first_quarter": 15.0, "rl_tokens_last_quarter": 75.0,
     }  # fmt: skip
     assert quarter_means(history[:3], {"reward": "r"}) == {"rl_reward_first_quarter": 1.0, "rl_reward_last_quarter": 3.0}
+
+
+def test_probe_measures_a_fixed_batch_without_changing_training(protocol_pair, problems, full_run, tmp_path):
+    reference, _, _ = full_run
+    cfg = CFG.model_copy(update={"probe_every": 1})
+    held_in = [{"problem": p["problem"], "answer": p["answer"]} for p in problems[:2]]
+
+    class Killed(Exception):
+        pass
+
+    def die_after_first_step(metrics: dict) -> None:
+        raise Killed(metrics["step"])
+
+    with pytest.raises(Killed):
+        train_pair_rl(
+            protocol_pair, protocol_pair, problems, cfg, tmp_path, on_step=die_after_first_step,
+            protocol=PROTOCOL, probe_problems=held_in,
+        )  # fmt: skip
+    result = train_pair_rl(protocol_pair, protocol_pair, problems, cfg, tmp_path, protocol=PROTOCOL, probe_problems=held_in)
+    # the probe samples with its own seed: the training steps are those of the run without probes
+    assert result.resumed_from_step == 1 and result.history == reference.history
+    # before the first step, after each step (probe_every 1), and the resumed run kept the first two
+    assert [p["step"] for p in result.probes] == [0, 1, 2]
+    start = probe(0, held_in, _load_pair(Path(protocol_pair), Path(protocol_pair), ModelConfig()), cfg, PROTOCOL)
+    assert result.probes[0] == start  # the same problems and seed: step 0 is the starting pair, reproducibly
+    for p in result.probes:
+        assert 0 <= p["accuracy"] <= 1 and p["tokens"] > 0 and 1 <= p["turns"] <= PROTOCOL.max_turns
+        # kimi's efficiency term is in [-0.5, 0.5]; correctness weight 1, format weight 0.5
+        assert p["accuracy"] - 0.5 <= p["reward"] <= p["accuracy"] + 0.5 + 0.5
+    # step 1 trained the long model: with the same problems and seed, its episodes changed
+    assert result.probes[1] != result.probes[0]
