@@ -354,11 +354,15 @@ def rl_task(
     def body(folder: Path) -> dict[str, Any]:
         problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in read_split(train_path)]
         cfg = RLConfig.model_validate(rl)
+        probe_rows = problems[n_problems : n_problems + cfg.probe_problems]
+        if len(probe_rows) < cfg.probe_problems:
+            logger.warning("rl: %d probe problems asked for, %d training problems left after rl.n_problems = %d",
+                           cfg.probe_problems, len(probe_rows), n_problems)  # fmt: skip
         result = train_pair_rl(
             long_dir, short_dir, problems[:n_problems], cfg, folder,
             model_cfg=ModelConfig.model_validate(base_model), protocol=ProtocolConfig.model_validate(protocol),
             on_step=lambda m: logger.info("rl step %s: %s", m.get("step"), _brief(m)),
-            probe_problems=problems[n_problems : n_problems + cfg.probe_problems],
+            probe_problems=probe_rows,
         )  # fmt: skip
         write_jsonl(folder / "history.jsonl", result.history)
         outputs = {"long": result.long_dir, "short": result.short_dir, "history": str(folder / "history.jsonl")}
