@@ -194,14 +194,17 @@ def test_one_round_trains_each_model_in_turn(protocol_pair, full_run):
     assert (out / "long" / "tokenizer.json").exists() and (out / "short" / "model.safetensors").exists()
 
 
+class Killed(Exception):
+    pass
+
+
+def die_after_first_step(metrics: dict) -> None:
+    """An ``on_step`` that stands for a kill right after step 1's checkpoint."""
+    raise Killed(metrics["step"])
+
+
 def test_kill_and_resume_matches_an_uninterrupted_run(protocol_pair, problems, full_run, tmp_path):
     reference, _, _ = full_run
-
-    class Killed(Exception):
-        pass
-
-    def die_after_first_step(metrics: dict) -> None:
-        raise Killed(metrics["step"])
 
     with pytest.raises(Killed):
         train_pair_rl(
@@ -244,13 +247,7 @@ def test_quarter_means_average_the_first_and_last_quarter_of_steps():
 def test_probe_measures_a_fixed_batch_without_changing_training(protocol_pair, problems, full_run, tmp_path):
     reference, _, _ = full_run
     cfg = CFG.model_copy(update={"probe_every": 1})
-    held_in = [{"problem": p["problem"], "answer": p["answer"]} for p in problems[:2]]
-
-    class Killed(Exception):
-        pass
-
-    def die_after_first_step(metrics: dict) -> None:
-        raise Killed(metrics["step"])
+    held_in = problems[:2]  # already {problem, answer} rows
 
     with pytest.raises(Killed):
         train_pair_rl(
