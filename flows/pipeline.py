@@ -48,6 +48,19 @@ def _stage(task_fn: Any, stage: str, workspace: Path, **inputs: Any) -> StageRec
     return task_fn.with_options(result_storage=workspace / "prefect-results")(key=key, out_dir=out_dir, **inputs)
 
 
+def _version_data(cfg: Profile, data: StageRecord) -> dict[str, str] | None:
+    """Service profile (infra/services.py sets LONGSHORT_DVC_REMOTE): `dvc repro` the synthesize stage in this
+    checkout and push it to S3, when it writes this run's data (params.yaml's `demo` = the profile's)."""
+    from tasks.versioning import unversioned_reason  # noqa: PLC0415
+
+    reason = unversioned_reason(cfg.section_dump("data"))
+    if reason:
+        get_run_logger().warning("dvc: this run's data are not versioned (%s); MLflow's data.* tags hold their digests", reason)
+        return None
+    outs = {"train": "data/demo/train.jsonl", "heldout": "data/demo/heldout.jsonl"}  # dvc.yaml's synthesize outs
+    return version_data_task(["synthesize"], expect={out: data.outputs[split] for split, out in outs.items()})
+
+
 @flow(name="score")
 def score_flow(cfg: Profile, ws: Path, chunks: StageRecord, model: StageRecord) -> tuple[StageRecord, list[StageRecord], str]:
     """Monte Carlo scoring fanned out over shards of traces with Prefect task mapping (a subflow, so
@@ -76,8 +89,7 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
         synthesize_task, "synthesize", ws,
         data=cfg.section_dump("data"), generation=cfg.section_dump("generation"), base_model=base_model, seed=seed,
     )  # fmt: skip
-    # service profile: `dvc repro` the data stages here and push them to S3 (infra/services.py sets the variable)
-    versioned = version_data_task(["synthesize"]) if os.environ.get("LONGSHORT_DVC_REMOTE") else None
+    versioned = _version_data(cfg, data) if os.environ.get("LONGSHORT_DVC_REMOTE") else None
     base = _stage(
         sft_base_task, "sft_base", ws,
         train_path=data.outputs["train"], base_model=base_model,

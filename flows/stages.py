@@ -206,14 +206,15 @@ def track_task(profile: dict, records: list[StageRecord], flow_time_s: float, ca
 
 
 @task(name="version_data", cache_policy=NO_CACHE)
-def version_data_task(stages: list[str]) -> dict[str, str]:
-    """Reproduce the DVC data stages in this checkout and push them to LONGSHORT_DVC_REMOTE (a side effect)."""
+def version_data_task(stages: list[str], expect: dict[str, str] | None = None) -> dict[str, str]:
+    """Reproduce the DVC data stages in this checkout and push them to LONGSHORT_DVC_REMOTE (a side effect);
+    ``expect`` maps DVC outputs to the run's own files, which must have the same bytes."""
     from tasks import versioning  # noqa: PLC0415
 
     remote = versioning.Remote.from_env()
     if remote is None:
         raise versioning.DVCError(f"{versioning.REMOTE_ENV} is not set: no DVC remote to push to")
-    digests = versioning.version_stages(stages, remote)
+    digests = versioning.version_stages(stages, remote, expect=expect)
     get_run_logger().info("dvc: pushed %s to %s: %s", stages, remote.url, digests)
     return digests
 

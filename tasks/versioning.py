@@ -15,6 +15,7 @@ The environment (``python -m infra.services env`` prints it for the local servic
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from longshort.config import DataConfig, DemoTaskConfig
 from longshort.endpoints import require_reachable
 
 log = logging.getLogger(__name__)
@@ -144,14 +146,54 @@ def require_remote(remote: Remote) -> None:
         require_reachable(remote.endpoint_url, f"S3 endpoint of DVC remote {remote.url}")
 
 
-def version_stages(stages: Sequence[str], remote: Remote, repo: Path | None = None) -> dict[str, str]:
+def unversioned_reason(data: Mapping, repo: Path | None = None) -> str | None:
+    """Why dvc.yaml's ``synthesize`` stage would not write the data a run with this ``data`` section uses,
+    or None when it would.
+
+    That stage synthesizes params.yaml's ``demo`` section; pushing it for a run whose data come from a file,
+    a hub id, a teacher or other demo settings would version data the run never saw.
+    """
+    cfg = DataConfig.model_validate(data)
+    if cfg.source != "demo":
+        return f"data.source is '{cfg.source}': dvc.yaml versions only the demo task's splits"
+    params_file = project_root(repo) / "params.yaml"
+    try:
+        params = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
+        versioned = DemoTaskConfig.model_validate(params.get("demo") or {})
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        return f"{params_file} has no valid 'demo' section ({str(exc).splitlines()[0]})"
+    if versioned != cfg.demo:
+        changed = sorted(k for k, v in cfg.demo.model_dump().items() if versioned.model_dump()[k] != v)
+        return f"data.demo differs from {params_file}'s 'demo' section in {', '.join(changed)}"
+    return None
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def version_stages(
+    stages: Sequence[str], remote: Remote, repo: Path | None = None, expect: Mapping[str, str | Path] | None = None
+) -> dict[str, str]:
     """Reproduce ``stages`` and push their outputs to ``remote``; return the pushed outputs' digests.
 
-    An S3 endpoint that does not answer raises ServiceUnavailable before anything runs.
+    ``expect`` maps a DVC output path to the file the run itself wrote: when their bytes differ, DVCError is
+    raised before anything is pushed. An S3 endpoint that does not answer raises ServiceUnavailable before
+    anything runs.
     """
     require_remote(remote)
     root = project_root(repo)
     configure_remote(root, remote)
     repro(root, stages)
+    digests = lock_digests(root, stages)
+    for out, run_file in (expect or {}).items():
+        if out not in digests:
+            raise DVCError(f"dvc.lock has no output {out} in stages {list(stages)}")
+        if _md5(Path(run_file)) != digests[out]:
+            raise DVCError(f"{root / out} (dvc repro) differs from the run's {run_file}: not pushing it")
     push(root, stages)
-    return lock_digests(root, stages)
+    return digests
