@@ -289,7 +289,7 @@ def promote(
     profile: ProfileOpt = "demo",
     set_: SetOpt = None,
 ) -> None:
-    """Move longshort-pair@production to RUN_ID's pair if it passes the gate; otherwise refuse (exit 1)."""
+    """Move @production to RUN_ID's pair (longshort-long, -short and -pair) if it passes the gate; else refuse (exit 1)."""
     from longshort import registry  # noqa: PLC0415
     from longshort.config import ConfigError  # noqa: PLC0415
     from longshort.endpoints import ServiceUnavailable  # noqa: PLC0415
@@ -305,7 +305,12 @@ def promote(
     except (ConfigError, registry.RegistryError, ServiceUnavailable) as exc:
         _fail(exc)
     console.print(registry.comparison_table(decision))
-    console.print(f"[green]promoted[/] {registry.PAIR_MODEL} v{decision.candidate.version} to @{registry.PRODUCTION}")
+    tags = decision.candidate.tags
+    console.print(
+        f"[green]promoted[/] {registry.PAIR_MODEL} v{decision.candidate.version} "
+        f"({registry.LONG_MODEL} v{tags['pair.long_version']}, {registry.SHORT_MODEL} v{tags['pair.short_version']}) "
+        f"to @{registry.PRODUCTION}"
+    )
 
 
 def main() -> None:

@@ -351,16 +351,22 @@ def evaluate_promotion(
 
 
 def promote(run_id: str, tolerance: float = DEFAULT_TOLERANCE, client: MlflowClient | None = None) -> Decision:
-    """Move ``longshort-pair@production`` to the pair of ``run_id`` if it passes the gate.
+    """Move ``@production`` to the pair of ``run_id`` if it passes the gate: on ``longshort-long`` and
+    ``longshort-short`` (the versions the pair's tags name), then on ``longshort-pair``, the one served.
 
-    Raises :class:`PromotionRefused` (alias unchanged) when it does not.
+    Raises :class:`PromotionRefused` (aliases unchanged) when it does not.
     """
     client = client or MlflowClient()
     decision = evaluate_promotion(run_id, tolerance, client)
     if not decision.passed:
         log.warning("promotion refused: %s", decision.summary())
         raise PromotionRefused(decision)
-    version = decision.candidate.version
+    version, tags = decision.candidate.version, decision.candidate.tags
+    members = {LONG_MODEL: tags.get("pair.long_version"), SHORT_MODEL: tags.get("pair.short_version")}
+    if not all(members.values()):
+        raise RegistryError(f"{PAIR_MODEL} v{version} lacks the tags pair.long_version / pair.short_version")
+    for name, member in members.items():
+        client.set_registered_model_alias(name, PRODUCTION, member)
     client.set_registered_model_alias(PAIR_MODEL, PRODUCTION, version)
     client.set_model_version_tag(PAIR_MODEL, version, "promoted_at", datetime.now(timezone.utc).isoformat())
     previous = decision.production.version if decision.production else "none"

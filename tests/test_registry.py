@@ -169,6 +169,7 @@ def test_refused_promotion_leaves_production_where_it_was(store, trained_tiny, m
     with pytest.raises(registry.PromotionRefused, match="pair_mean_tokens"):
         registry.promote(third.run_id)
     assert _production_version(store) == "1"
+    assert str(store.get_model_version_by_alias(registry.LONG_MODEL, "production").version) == first.long
 
     better = {**metrics, "pair_accuracy": acc - 0.01, "pair_mean_tokens": tokens - 5}
     fourth = _register(trained_tiny, better, "candidate-shorter")
@@ -176,6 +177,8 @@ def test_refused_promotion_leaves_production_where_it_was(store, trained_tiny, m
     assert decision.promoted and decision.production.version == "1"
     prod = store.get_model_version_by_alias(registry.PAIR_MODEL, "production")
     assert str(prod.version) == fourth.pair == "4" and prod.tags["promoted_over"] == "1"
+    for name, member in ((registry.LONG_MODEL, fourth.long), (registry.SHORT_MODEL, fourth.short)):
+        assert str(store.get_model_version_by_alias(name, "production").version) == member  # both models move with it
 
 
 def test_compare_lists_both_sides_and_the_verdict(store, trained_tiny, measured):
