@@ -8,9 +8,9 @@ Builds the demo profile's tokenizer and tiny Llama model (configs/demo.yaml: 3 l
 number of steps, twice per repeat, from the same initial weights, alternating the order, after a
 short warm-up run of each:
 
-* ``plain``: the loss from the model's full logits (``train_sft(loss="plain")``, what ``auto``
-  picks for the demo's 600-token vocabulary: the pipeline's path);
-* ``fused``: TRL's chunked fused LM head (``loss="fused"``, TRL's default, the path before issue 6).
+* ``plain``: the loss from the model's full logits (``train_sft(loss="plain")``, opt-in; ``auto``
+  picks it for the demo's 600-token vocabulary);
+* ``fused``: TRL's chunked fused LM head (``loss="fused"``, TRL's default and the pipeline's).
 
 It prints tokens/s for each (TRL's ``num_tokens``: the attention-mask tokens, prompt and completion,
 of the batches trained, divided by the Trainer's ``train_runtime``, which excludes tokenising the
