@@ -285,15 +285,19 @@ def _snapshot(client: MlflowClient, version: Any) -> Snapshot:
 
 
 def candidate_for_run(run_id: str, client: MlflowClient | None = None) -> Snapshot:
-    """The newest ``longshort-pair`` version registered from ``run_id``."""
+    """The newest ``longshort-pair`` version registered from ``run_id``, or from the one run whose id starts
+    with it (``compare`` prints 12 characters)."""
     client = client or MlflowClient()
     versions = [
         v
         for v in client.search_model_versions(f"name = '{PAIR_MODEL}'")
-        if (v.run_id or v.tags.get("run_id")) == run_id
+        if run_id and (v.run_id or v.tags.get("run_id") or "").startswith(run_id)
     ]
+    runs = sorted({v.run_id or v.tags.get("run_id") for v in versions})
     if not versions:
         raise RegistryError(f"run {run_id} registered no version of {PAIR_MODEL}")
+    if len(runs) > 1:
+        raise RegistryError(f"run id prefix {run_id} matches {len(runs)} runs: {', '.join(runs)}")
     return _snapshot(client, max(versions, key=lambda v: int(v.version)))
 
 
@@ -318,8 +322,14 @@ def production(client: MlflowClient | None = None) -> Snapshot | None:
 # --- the gate --------------------------------------------------------------------------------------
 
 
+def _check_tolerance(tolerance: float) -> None:
+    if not 0.0 <= tolerance <= 1.0:  # also refuses nan, which would switch the accuracy check off
+        raise RegistryError(f"tolerance must be an accuracy difference between 0 and 1, got {tolerance}")
+
+
 def gate(candidate: Mapping[str, float], current: Mapping[str, float], tolerance: float) -> list[str]:
     """Reasons to refuse (empty: promote). Accuracy may drop by at most ``tolerance``; tokens may not rise."""
+    _check_tolerance(tolerance)
     for side, values in (("candidate", candidate), ("production", current)):
         if missing := [m for m in GATE_METRICS if m not in values]:
             raise RegistryError(f"the {side}'s run has no metric {missing}; it cannot be compared")
@@ -340,6 +350,7 @@ def evaluate_promotion(
     run_id: str, tolerance: float = DEFAULT_TOLERANCE, client: MlflowClient | None = None
 ) -> Decision:
     """The gate's decision for the pair registered from ``run_id``, without moving anything."""
+    _check_tolerance(tolerance)
     client = client or MlflowClient()
     candidate = candidate_for_run(run_id, client)
     current = production(client)

@@ -135,7 +135,7 @@ def test_pair_input_forms():
 
 
 def test_gate_rules_on_their_edges():
-    from longshort.registry import gate
+    from longshort.registry import RegistryError, gate
 
     prod = {"pair_accuracy": 0.50, "pair_mean_tokens": 100.0}
     assert gate({"pair_accuracy": 0.48, "pair_mean_tokens": 100.0}, prod, 0.02) == []  # exactly the tolerance
@@ -144,6 +144,9 @@ def test_gate_rules_on_their_edges():
     longer = gate({"pair_accuracy": 0.60, "pair_mean_tokens": 100.5}, prod, 0.02)
     assert len(longer) == 1 and "100.5" in longer[0]
     assert len(gate({"pair_accuracy": 0.1, "pair_mean_tokens": 200.0}, prod, 0.02)) == 2
+    for bad in (float("nan"), -0.5, 5.0):  # nan would pass any accuracy
+        with pytest.raises(RegistryError, match=f"tolerance must be an accuracy difference between 0 and 1, got {bad}"):
+            gate({"pair_accuracy": 0.1, "pair_mean_tokens": 90.0}, prod, bad)
 
 
 def test_refused_promotion_leaves_production_where_it_was(store, trained_tiny, measured):
@@ -201,6 +204,8 @@ def test_compare_lists_both_sides_and_the_verdict(store, trained_tiny, measured)
     text = console.export_text()
     assert "candidate v2" in text and "production v1" in text and "would be refused" in text
     assert _production_version(store) == "1"
+    short_id = candidate.run_id[:12]  # what the table shows
+    assert f"run {short_id}" in text and registry.candidate_for_run(short_id).version == candidate.pair
 
 
 def test_register_refuses_a_credential_in_tags(store, trained_tiny, measured, monkeypatch):
