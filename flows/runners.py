@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from longshort.config import RunConfig
+from longshort.config import ConfigError, RunConfig
 
 
 def make_task_runner(cfg: RunConfig) -> TaskRunner:
@@ -24,7 +24,7 @@ def make_task_runner(cfg: RunConfig) -> TaskRunner:
 
         return RayTaskRunner(address=cfg.cluster_address) if cfg.cluster_address else RayTaskRunner()
     except ImportError as exc:
-        raise RuntimeError(
+        raise ConfigError(
             f"run.task_runner is '{cfg.task_runner}' but prefect-{cfg.task_runner} is not installed: "
             f"pip install prefect-{cfg.task_runner}"
         ) from exc

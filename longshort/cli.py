@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from longshort.config import Profile
 
 app = typer.Typer(help="Long⊗Short: two models that reason together with far fewer tokens.", no_args_is_help=True)
-console = Console()
+# to a file or a pipe rich would wrap at 80 columns, splitting table rows and paths: keep lines whole there
+console = Console() if sys.stdout.isatty() else Console(width=160, soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays on one line, however long its path
 
 ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="profile name in configs/ or a YAML path")]
@@ -55,11 +56,23 @@ def _pipeline_errors() -> tuple[type[BaseException], ...]:
 
 def _preflight(cfg: Profile) -> None:
     """Check what a run needs from outside before Prefect starts, so a bad input fails in seconds, writing nothing:
-    the local data and benchmark files (every row) and the MLflow tracking server."""
+    the optional packages the profile asks for, the local data and benchmark files (every row) and the MLflow
+    tracking server."""
+    import importlib.util  # noqa: PLC0415
+
+    from longshort.config import ConfigError  # noqa: PLC0415
     from longshort.tracking import require_tracking_server, tracking_uri  # noqa: PLC0415
     from tasks.benchmarks import is_local_source, load_benchmark  # noqa: PLC0415
     from tasks.synthesize import load_problems  # noqa: PLC0415
 
+    runner = cfg.run.task_runner
+    if runner != "threads" and importlib.util.find_spec(f"prefect_{runner}") is None:
+        raise ConfigError(f"run.task_runner is '{runner}' but prefect-{runner} is not installed: pip install prefect-{runner}")
+    if cfg.generation.backend == "vllm":
+        from models.generation import vllm_available  # noqa: PLC0415
+
+        if not vllm_available():
+            raise ConfigError("generation.backend is 'vllm' but CUDA or the vllm package is missing")
     if cfg.data.source != "demo" and cfg.data.path:
         load_problems(cfg.data, need_response=cfg.data.source == "traces")
     for bench in cfg.evaluate.benchmarks:
@@ -168,22 +181,31 @@ def solve(
     profile: ProfileOpt = "demo",
     set_: SetOpt = None,
 ) -> None:
-    """Solve one problem with a long-thought and a short-thought model, printing each turn."""
+    """Solve one problem with a long-thought and a short-thought model, printing each turn.
+
+    Decoding follows the profile's ``generation.temperature`` (greedy at 0) and ``run.seed``, as the served pair does.
+    """
     from longshort.config import ConfigError, load_profile  # noqa: PLC0415
     from models.generation import make_backend  # noqa: PLC0415
     from models.protocol import run_episodes  # noqa: PLC0415
 
     try:
         cfg = load_profile(profile, set_)
+        if not problem.strip():
+            raise ConfigError("the problem text is empty")
+        for option, folder in (("--long", long), ("--short", short)):
+            if not folder.is_dir():
+                raise ConfigError(f"{option} {folder}: no such folder (a saved model with its tokenizer)")
     except ConfigError as exc:
         _fail(exc)
     from models.factory import ModelLoadError  # noqa: PLC0415
 
+    seed = cfg.run.seed
     try:
         with console.status("loading models"):
-            long_backend = make_backend(long, cfg.base_model, cfg.generation, cfg.run.seed)
-            short_backend = long_backend if short == long else make_backend(short, cfg.base_model, cfg.generation)
-    except (ModelLoadError, OSError) as exc:  # pickle weights, custom code not allowed, a missing folder
+            long_backend = make_backend(long, cfg.base_model, cfg.generation, seed)
+            short_backend = long_backend if short == long else make_backend(short, cfg.base_model, cfg.generation, seed)
+    except (ConfigError, ModelLoadError, OSError) as exc:  # pickle weights, custom code not allowed, no vLLM
         _fail(exc)
     with console.status("solving"):
         (episode,) = run_episodes(
@@ -193,6 +215,8 @@ def solve(
             max_turns=cfg.protocol.max_turns,
             max_new_tokens_long=cfg.protocol.max_new_tokens_long,
             max_new_tokens_short=cfg.protocol.max_new_tokens_short,
+            temperature=cfg.generation.temperature,
+            seed=seed,
         )
     for k, turn in enumerate(episode.turns, start=1):
         style = "cyan" if turn.role == "long" else "green"
@@ -314,7 +338,6 @@ def promote(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO)
     app()
 
 

@@ -8,14 +8,32 @@ Defaults live here, not in the code that reads the config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.protocol import extract_boxed
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+REPO_DIR = CONFIG_DIR.parent
+
+
+def repo_file(path: str) -> str:
+    """``path`` as written when it exists from the working directory (or is absolute), else the same path
+    under the repository (profiles name e.g. ``infra/deepspeed/zero3.json`` relative to it)."""
+    if Path(path).is_absolute() or Path(path).exists():
+        return path
+    return str(REPO_DIR / path)
+
+
+def _existing_file(path: str | None) -> str | None:
+    if path is not None and not Path(repo_file(path)).is_file():
+        raise ValueError(f"no such file {path!r} (relative paths are looked up from here, then from {REPO_DIR})")
+    return path
+
+
+DeepSpeedFile = Annotated[str | None, AfterValidator(_existing_file)]
 
 
 class ConfigError(ValueError):
@@ -23,7 +41,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RunConfig(Section):
@@ -132,9 +150,9 @@ class LoraConfig(Section):
 
 class SFTConfig(Section):
     epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1
+    max_steps: int = Field(-1, ge=-1)  # -1: train for `epochs`
     learning_rate: float = Field(3e-3, gt=0)
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = "cosine"  # a transformers SchedulerType value
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1)
@@ -145,7 +163,24 @@ class SFTConfig(Section):
     bf16: bool = False
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
-    deepspeed: str | None = None  # path to a ZeRO config in infra/, used on CUDA only
+    deepspeed: DeepSpeedFile = None  # path to a ZeRO config in infra/, used on CUDA only
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (train for `epochs`) or a positive number of steps")
+        return value
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        from transformers.trainer_utils import SchedulerType  # noqa: PLC0415 - only when a section is validated
+
+        known = [s.value for s in SchedulerType]
+        if name not in known:
+            raise ValueError(f"unknown scheduler, expected one of {known}")
+        return name
 
 
 class GenerationConfig(Section):
@@ -284,9 +319,9 @@ class RLConfig(Section):
     length_target: int = Field(512, ge=1)  # L_T, in tokens
     alpha: float = Field(0.5, ge=0)
     length_of: Literal["episode", "trained"] = "episode"  # L = long+short tokens, or the trained model's
-    correctness_weight: float = 1.0
-    format_weight: float = 0.1
-    efficiency_weight: float = 1.0
+    correctness_weight: float = Field(1.0, ge=0)
+    format_weight: float = Field(0.1, ge=0)
+    efficiency_weight: float = Field(1.0, ge=0)
     easy_filter: bool = False  # keep problems whose pass rate under the starting pair is > 0.5
     cap_rollout_at_length_target: bool = False  # L_R = L_T: a longer episode counts as wrong
     temperature: float = Field(1.0, gt=0)
@@ -316,8 +351,23 @@ class BaselineConfig(Section):
     checkpoint_every: int = Field(10, ge=1)  # steps
     n_problems: int = Field(512, ge=1)  # training problems the pool is drawn from (before the easy filter)
     bf16: bool = True  # on CUDA only
-    deepspeed: str | None = None  # path to a ZeRO config in infra/, used on CUDA only
+    deepspeed: DeepSpeedFile = None  # path to a ZeRO config in infra/, used on CUDA only
     seed: int = 0
+
+
+# MLflow stores with a registry (MLflow 3 refuses the ./mlruns file store); "+driver" suffixes are allowed
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+
+
+def check_tracking_uri(uri: str) -> str:
+    """``uri`` if MLflow can track and register models there, else ValueError saying what to use."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ValueError(
+            f"{uri!r} is not an MLflow store with a model registry: use http(s)://HOST:PORT, "
+            "sqlite:///PATH/mlflow.db or postgresql://… (MLflow 3 no longer accepts a ./mlruns folder)"
+        )
+    return uri
 
 
 class TrackingConfig(Section):
@@ -326,6 +376,11 @@ class TrackingConfig(Section):
     experiment: str = "longshort"
     register_models: bool = True
     base_model_name: str = "longshort-base"
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _usable_store(cls, uri: str | None) -> str | None:
+        return None if uri is None else check_tracking_uri(uri)
 
 
 class Profile(Section):
@@ -368,14 +423,25 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """``["sft_base.epochs=1", "run.seed=3"]`` -> nested dict (values parsed as YAML)."""
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip() or "" in key.strip().split("."):
+        raise ConfigError(f"override '{item}' must look like section.field=value")
+    return key.strip(), raw
+
+
+def parse_overrides(overrides: list[str] | None, as_text: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``["sft_base.epochs=1", "run.seed=3"]`` -> nested dict (values parsed as YAML; keys in ``as_text`` kept
+    as the text written)."""
     out: dict[str, Any] = {}
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.field=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(out, key.strip(), yaml.safe_load(raw))
+        key, raw = _split_override(item)
+        try:
+            value = raw if key in as_text else yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            raise ConfigError(f"override '{item}': not valid YAML: {problem}") from None
+        _set_dotted(out, key, value)
     return out
 
 
@@ -397,8 +463,11 @@ def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
     return f"{where}: not valid YAML: {problem}"
 
 
-def format_validation_error(path: Path, err: ValidationError, section: str = "") -> str:
-    """One line per error: ``FILE: field 'SECTION.FIELD': reason (got VALUE)``."""
+def format_validation_error(
+    path: Path, err: ValidationError, section: str = "", overrides: dict[str, str] | None = None
+) -> str:
+    """One line per error: ``FILE: field 'SECTION.FIELD': reason (got VALUE)``; a field that an override
+    (``{dotted key: "key=value"}``) set, or lies under, is blamed on ``--set key=value`` instead of the file."""
     prefix = tuple(section.split(".")) if section else ()
     lines = []
     for e in err.errors():
@@ -409,7 +478,12 @@ def format_validation_error(path: Path, err: ValidationError, section: str = "")
             msg = e["msg"]
             if "input" in e and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
-        lines.append(f"{path}: field '{field}': {msg}")
+        origin = next(
+            (f"--set {item}" for key, item in (overrides or {}).items()
+             if f"{field}.".startswith(f"{key}.") or f"{key}.".startswith(f"{field}.")),
+            path,
+        )  # fmt: skip
+        lines.append(f"{origin}: field '{field}': {msg}")
     return "\n".join(lines)
 
 
@@ -427,8 +501,19 @@ def load_profile(name_or_path: str | Path, overrides: list[str] | None = None) -
         raise ConfigError(yaml_error(path, exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a profile must be a mapping of sections")
-    data = _merge(data, parse_overrides(overrides))
+    items = {_split_override(item)[0]: item for item in overrides or []}
     try:
-        return Profile.model_validate(data)
+        return Profile.model_validate(_merge(data, parse_overrides(overrides)))
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(path, exc)) from None
+        # YAML reads `run.name=2024` or `revision=0123` as numbers: a text field takes the text as written
+        as_text = frozenset(
+            key for e in exc.errors() if e["type"] == "string_type"
+            for key in [".".join(str(p) for p in e["loc"])] if key in items
+        )  # fmt: skip
+        error = exc
+    if as_text:
+        try:
+            return Profile.model_validate(_merge(data, parse_overrides(overrides, as_text)))
+        except ValidationError as exc:
+            error = exc
+    raise ConfigError(format_validation_error(path, error, overrides=items)) from None

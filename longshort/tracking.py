@@ -17,7 +17,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from longshort.config import Profile, TrackingConfig
+from longshort.config import ConfigError, Profile, TrackingConfig, check_tracking_uri
 from longshort.endpoints import require_reachable
 from longshort.io import file_lock
 from longshort.records import StageRecord
@@ -33,7 +33,13 @@ def tracking_uri(cfg: TrackingConfig, workspace: Path) -> str:
 
 
 def require_tracking_server(uri: str) -> None:
-    """An http(s) tracking URI must answer (retried as ``longshort.endpoints`` says), else ServiceUnavailable."""
+    """The tracking URI must be a store MLflow can register models in (else ConfigError) and, when it is
+    http(s), answer (retried as ``longshort.endpoints`` says), else ServiceUnavailable."""
+    try:
+        check_tracking_uri(uri)
+    except ValueError as exc:
+        where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") == uri else "tracking.tracking_uri"
+        raise ConfigError(f"{where}: {exc}") from None
     require_reachable(uri, "MLflow tracking server", path="/health")
 
 

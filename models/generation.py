@@ -293,7 +293,9 @@ def make_backend(
         choice = "vllm" if vllm_available() else "transformers"
     if choice == "vllm":
         if not vllm_available():
-            raise RuntimeError("generation.backend is 'vllm' but CUDA or the vllm package is missing")
+            from longshort.config import ConfigError  # noqa: PLC0415
+
+            raise ConfigError("generation.backend is 'vllm' but CUDA or the vllm package is missing")
         return VLLMBackend(str(model_path), model_cfg, gen_cfg, seed=seed)
     from models.factory import load_model  # noqa: PLC0415 - avoid a cycle at import time
 

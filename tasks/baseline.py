@@ -30,7 +30,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 
-from longshort.config import BaselineConfig
+from longshort.config import BaselineConfig, repo_file
 from models.generation import GenerationBackend, vllm_available
 from models.protocol import SYSTEM_PROMPTS
 from tasks.answers import check_answer
@@ -170,7 +170,7 @@ def train_truncation_baseline(
         data_seed=cfg.seed,
         bf16=cfg.bf16 and use_cuda,
         use_cpu=not use_cuda,
-        deepspeed=cfg.deepspeed if (cfg.deepspeed and use_cuda) else None,
+        deepspeed=repo_file(cfg.deepspeed) if (cfg.deepspeed and use_cuda) else None,
         use_vllm=use_vllm,
         vllm_mode="colocate",
         dataloader_num_workers=0,

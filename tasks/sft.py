@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
-from longshort.config import SFTConfig
+from longshort.config import SFTConfig, repo_file
 from longshort.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def train_sft(
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     use_cuda = torch.cuda.is_available()
-    deepspeed = cfg.deepspeed if (cfg.deepspeed and use_cuda) else None
+    deepspeed = repo_file(cfg.deepspeed) if (cfg.deepspeed and use_cuda) else None
     if cfg.deepspeed and not use_cuda:
         log.info("no CUDA: training without the DeepSpeed config %s", cfg.deepspeed)
     args = TRLSFTConfig(

@@ -153,7 +153,25 @@ def _one_line_error(result, *fragments: str) -> str:
 )
 def test_cli_run_refuses_a_bad_override_naming_the_field(in_tmp_repo, override, fragment):
     result = runner.invoke(app, ["run", "-p", "smoke", "-s", override, "-s", "run.workspace=ws"])
-    _one_line_error(result, "smoke.yaml", fragment)
+    _one_line_error(result, f"--set {override}: {fragment}")  # the override is to blame, not smoke.yaml
+    assert not (in_tmp_repo / "ws").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("run.task_runner=dask", "run.task_runner is 'dask' but prefect-dask is not installed: pip install prefect-dask"),
+        ("generation.backend=vllm", "generation.backend is 'vllm' but CUDA or the vllm package is missing"),
+        ("rl.learning_rate=[1", "override 'rl.learning_rate=[1': not valid YAML: expected ',' or ']', but got '<stream end>'"),
+    ],
+)
+def test_cli_run_refuses_what_would_fail_minutes_later(in_tmp_repo, override, message):
+    from models.generation import vllm_available
+
+    if override.startswith("generation") and vllm_available():
+        pytest.skip("vLLM and CUDA are present here")
+    result = runner.invoke(app, ["run", "-p", "smoke", "-s", override, "-s", "run.workspace=ws"])
+    assert _one_line_error(result) == f"error: {message}"
     assert not (in_tmp_repo / "ws").exists()
 
 
@@ -245,6 +263,31 @@ def test_solve_refuses_pickle_weights_unless_the_profile_allows_them(saved_tiny)
     allowed = runner.invoke(app, args + ["-s", "protocol.max_turns=1", "-s", "base_model.allow_pickle=true",
                                          "-s", "protocol.max_new_tokens_long=2"])  # fmt: skip
     assert allowed.exit_code == 0, allowed.output
+
+
+def test_solve_names_a_missing_folder_and_an_empty_problem(saved_tiny, tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = runner.invoke(app, ["solve", "Start with 3.", "--long", str(missing), "--short", str(saved_tiny), "-p", "smoke"])
+    assert _one_line_error(result) == f"error: --long {missing}: no such folder (a saved model with its tokenizer)"
+    result = runner.invoke(app, ["solve", "  ", "--long", str(saved_tiny), "--short", str(saved_tiny), "-p", "smoke"])
+    assert _one_line_error(result) == "error: the problem text is empty"
+
+
+def test_solve_samples_with_the_profiles_temperature_and_seed(saved_tiny):
+    """Greedy at temperature 0; at 1.0 the seed picks the sample, as in the served pair."""
+
+    def first_turn(*overrides: str) -> str:
+        args = ["solve", "Start with 3.", "--long", str(saved_tiny), "--short", str(saved_tiny), "-p", "smoke",
+                "-s", "protocol.max_turns=1", "-s", "protocol.max_new_tokens_long=12", *(a for o in overrides for a in ("-s", o))]  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    greedy = first_turn("generation.temperature=0")
+    assert first_turn("generation.temperature=0", "run.seed=5") == greedy
+    sampled = {seed: first_turn("generation.temperature=1.0", f"run.seed={seed}") for seed in (1, 2)}
+    assert first_turn("generation.temperature=1.0", "run.seed=1") == sampled[1]
+    assert sampled[1] != sampled[2] and greedy not in sampled.values()
 
 
 def test_custom_model_code_is_not_run_without_trust_remote_code(saved_tiny):

@@ -66,3 +66,61 @@ def test_overrides_are_typed_and_validated():
 def test_dvc_params_match_demo_profile():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert DemoTaskConfig.model_validate(params["demo"]) == load_profile("demo").data.demo
+
+
+PROFILE = CONFIG_DIR / "smoke.yaml"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rl.learning_rate=[1", "override 'rl.learning_rate=[1': not valid YAML: expected ',' or ']', but got '<stream end>'"),
+        ("=3", "override '=3' must look like section.field=value"),
+        ("rl..x=3", "override 'rl..x=3' must look like section.field=value"),
+        ("rl.group_size=1", "--set rl.group_size=1: field 'rl.group_size': Input should be greater than or equal to 2 (got 1)"),
+        ("rl.group_size.x=3", "--set rl.group_size.x=3: field 'rl.group_size': Input should be a valid integer"),
+        ("rl.alpha=.inf", "--set rl.alpha=.inf: field 'rl.alpha': Input should be a finite number (got inf)"),
+        ("rl.format_weight=.nan", "--set rl.format_weight=.nan: field 'rl.format_weight': Input should be a finite number (got nan)"),
+        ("rl.correctness_weight=-1",
+         "--set rl.correctness_weight=-1: field 'rl.correctness_weight': Input should be greater than or equal to 0 (got -1)"),
+        ("sft_base.max_steps=0", "--set sft_base.max_steps=0: field 'sft_base.max_steps': Value error, "
+                                 "must be -1 (train for `epochs`) or a positive number of steps (got 0)"),
+    ],
+)  # fmt: skip
+def test_a_bad_override_is_named_in_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_profile("smoke", [override])
+    assert str(err.value) == message
+
+
+def test_settings_that_would_fail_minutes_into_a_run_fail_at_load():
+    with pytest.raises(ConfigError, match=r"field 'sft_long.lr_scheduler': Value error, unknown scheduler, expected one of \["):
+        load_profile("smoke", ["sft_long.lr_scheduler=bogus"])
+    with pytest.raises(ConfigError, match="'nonsense' is not an MLflow store with a model registry"):
+        load_profile("smoke", ["tracking.tracking_uri=nonsense"])
+    for uri in ("sqlite:////tmp/x/mlflow.db", "postgresql+psycopg2://u@127.0.0.1:5432/mlflow", "https://mlflow.example"):
+        assert load_profile("smoke", [f"tracking.tracking_uri={uri}"]).tracking.tracking_uri == uri
+
+
+def test_text_fields_take_overrides_as_written():
+    """YAML would read these as 2024, 42798 (octal) and False; a text field keeps the text."""
+    cfg = load_profile("smoke", ["run.name=2024", "base_model.revision=0123456", "tracking.experiment=no"])
+    assert (cfg.run.name, cfg.base_model.revision, cfg.tracking.experiment) == ("2024", "0123456", "no")
+    assert load_profile("smoke", ["run.seed=12", "rl.alpha=1e-1"]).rl.alpha == 0.1  # numeric fields still parse
+
+
+def test_an_error_in_the_file_still_names_the_file(tmp_path):
+    path = write(tmp_path, {"rl": {"group_size": 1}})
+    with pytest.raises(ConfigError) as err:
+        load_profile(path, ["rl.alpha=0.3"])
+    assert str(err.value) == f"{path}: field 'rl.group_size': Input should be greater than or equal to 2 (got 1)"
+
+
+def test_deepspeed_configs_are_found_from_anywhere_and_a_missing_one_is_named(tmp_path, monkeypatch):
+    from longshort.config import repo_file
+
+    monkeypatch.chdir(tmp_path)  # a GPU worker may start the flow outside the checkout
+    cfg = load_profile("qwen2.5-7b")
+    assert repo_file(cfg.sft_base.deepspeed) == str(REPO / "infra/deepspeed/zero3.json")
+    with pytest.raises(ConfigError, match=r"field 'baseline.deepspeed': Value error, no such file 'infra/nope.json'"):
+        load_profile("qwen2.5-7b", ["baseline.deepspeed=infra/nope.json"])
