@@ -65,10 +65,20 @@ def fault_point(event: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # read it by setting it: once, at import, before any worker thread starts
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_process_umask()  # what open(path, "w") would give (mkstemp makes 0600)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``.
 
-    Any OSError (disk full, no permission, a file where the folder should be) becomes an
+    The file gets the mode a plain ``open(path, "w")`` would (0666 less the umask), so a shared
+    workspace, a DVC or MLflow server run by another user can read it. Any OSError (disk full, no permission, a file where the folder should be) becomes an
     OutputError naming ``path``; the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
@@ -79,6 +89,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise OutputError(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -119,3 +119,16 @@ def test_stage_on_a_full_disk_leaves_no_partial_output(in_tmp_repo, monkeypatch)
     monkeypatch.undo()
     record = run_data_stage("chunk", load_profile("smoke"), data)  # the rerun is unaffected
     assert sorted(record.outputs) == ["heldout", "train"] and (data / "chunk" / "record.json").is_file()
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_would(tmp_path):
+    """mkstemp makes 0600 files; outputs in a shared workspace must stay readable by others."""
+    import longshort.io as io
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    atomic_write_text(tmp_path / "out.txt", "x")
+    with open(tmp_path / "plain.txt", "w") as f:
+        f.write("x")
+    mode = (tmp_path / "out.txt").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777 == io._FILE_MODE == 0o666 & ~mask
