@@ -226,6 +226,12 @@ class EvaluateConfig(Section):
             raise ValueError("k > 1 samples need temperature > 0")
         if not self.budgets or any(b < 1 for b in self.budgets):
             raise ValueError("budgets must be positive token counts")
+        if self.benchmarks:
+            from tasks.benchmarks import benchmark_name  # noqa: PLC0415 - only when benchmarks are listed
+
+            names = [b.name or benchmark_name(b.source) for b in self.benchmarks]
+            if dupes := sorted({n for n in names if names.count(n) > 1 or n == "demo_heldout"}):
+                raise ValueError(f"benchmarks share the name(s) {dupes}: give each a distinct `name`")
         return self
 
 

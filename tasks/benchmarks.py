@@ -72,9 +72,20 @@ def benchmark_name(source: str) -> str:
     return Path(source).stem if source.endswith(".jsonl") else source.split(":")[0].rsplit("/", 1)[-1].lower()
 
 
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+
+
 def is_local_source(source: str) -> bool:
-    """A jsonl path or a folder (as opposed to a hub dataset id)."""
-    return source.endswith(".jsonl") or Path(source).exists() or source.startswith((".", "/", "~"))
+    """A path (as opposed to a hub dataset id ``owner/name[:config]``): it exists, starts like a path, names a
+    data file, or starts with a folder that exists here. So a mistyped path is reported missing at once
+    instead of being looked up on the hub."""
+    path = Path(source).expanduser()
+    return (
+        path.exists()
+        or source.startswith((".", "/", "~"))
+        or path.suffix.lower() in FILE_SUFFIXES
+        or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    )
 
 
 @dataclass(frozen=True)
@@ -206,7 +217,11 @@ def _rows_from_hub(dataset_id: str, split: str) -> Iterable[tuple[_Source, Mappi
         config = config or known[1] or ""
         split = known[2] or split
     log.info("loading %s (config %s, split %s) from the hub", repo, config or "default", split)
-    ds = datasets.load_dataset(repo, config or None, split=split)
+    try:
+        ds = datasets.load_dataset(repo, config or None, split=split)
+    except (ConnectionError, OSError, ValueError) as exc:  # offline, unknown id or split (DatasetNotFoundError)
+        detail = " ".join(str(exc).split())[:300]
+        raise DataError(f"benchmark {dataset_id}: cannot load split '{split}' from the hub: {detail}") from exc
     for i, row in enumerate(ds):
         yield _Source(f"{dataset_id}[{split}] row {i}"), row
 

@@ -20,7 +20,7 @@ from typing import Any
 from longshort.config import EvaluateConfig, GenerationConfig, ModelConfig, ProtocolConfig
 from longshort.io import write_jsonl
 from models.generation import GenerationBackend, make_backend
-from tasks.benchmarks import load_benchmark
+from tasks.benchmarks import benchmark_name, load_benchmark
 from tasks.evaluate import pair_records, single_model_records
 from tasks.importance import auroc
 from tasks.metrics import summarize
@@ -73,7 +73,7 @@ def _benchmarks(heldout_path: str, cfg: EvaluateConfig, seed: int) -> list[tuple
     for bench in cfg.benchmarks:
         items = load_benchmark(bench.source, split=bench.split, seed=seed, limit=bench.limit, name=bench.name)
         rows = [{"id": i.id, "problem": i.problem, "answer": i.answer, "kind": i.kind} for i in items]
-        out.append((bench.name or Path(bench.source).stem, rows))
+        out.append((bench.name or benchmark_name(bench.source), rows))
     return out
 
 

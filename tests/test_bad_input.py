@@ -200,6 +200,14 @@ def test_cli_evaluate_checks_benchmark_files_before_anything_runs(tmp_path):
     assert not (tmp_path / "ws").exists()
 
 
+def test_cli_evaluate_reports_a_mistyped_benchmark_path_before_anything_runs(tmp_path):
+    missing = tmp_path / "benchmarks" / "math500.json"  # .json, not .jsonl: still a path, not a hub id
+    profile = _profile(tmp_path, evaluate={"n_problems": 4, "budgets": [64], "benchmarks": [{"source": str(missing)}]})
+    result = runner.invoke(app, ["evaluate", "-p", str(profile)])
+    _one_line_error(result, str(missing))
+    assert not (tmp_path / "ws").exists()
+
+
 def test_cli_stage_names_the_bad_line_and_leaves_no_stage_folder(in_tmp_repo):
     data = in_tmp_repo / "data"
     data.mkdir()
@@ -237,14 +245,6 @@ def test_cli_synthesize_real_process_one_line_no_traceback(tmp_path, params, fra
 
 
 # --- models: pickle weights and custom code
-
-
-@pytest.fixture()
-def saved_tiny(tmp_path, tiny_model, demo_tokenizer) -> Path:
-    folder = tmp_path / "model"
-    tiny_model.save_pretrained(folder)
-    demo_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_solve_refuses_pickle_weights_unless_the_profile_allows_them(saved_tiny):

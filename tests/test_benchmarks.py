@@ -183,3 +183,42 @@ def test_hub_branch_loads_through_datasets(tmp_path: Path, monkeypatch: pytest.M
     items = [_item(src, i, row, "x", "math", 0) for i, (src, row) in enumerate(rows)]
     assert [(it.id, it.answer) for it in items] == [("u1", "2"), ("u2", "4")]
     assert rows[1][0].where.endswith("[test] row 1")
+
+
+def test_a_mistyped_path_is_local_and_a_hub_id_is_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.benchmarks import is_local_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench").mkdir()
+    for source in ("data/typo.json", "bench/math500", "mine.parquet", "./x", "~/b.jsonl"):
+        assert is_local_source(source), source
+    for source in ("HuggingFaceH4/MATH-500", "math-ai/aime24", "Idavidrein/gpqa:gpqa_diamond"):
+        assert not is_local_source(source), source
+    with pytest.raises(FileNotFoundError):
+        load_benchmark("bench/math500")
+
+
+def test_an_unreachable_hub_is_a_data_error_naming_the_id() -> None:
+    """No network here; HF_HUB_OFFLINE makes `datasets` say so at once (its value is read at import)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tasks.benchmarks import load_benchmark; load_benchmark('someone/no-such-set')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith(
+        "longshort.io.DataError: benchmark someone/no-such-set: cannot load split 'test' from the hub: "
+        "Couldn't reach 'someone/no-such-set' on the Hub"
+    ), done.stderr[-2000:]
+
+
+def test_benchmarks_need_distinct_names() -> None:
+    from longshort.config import ConfigError, load_profile
+
+    same = '[{source: a/test.jsonl}, {source: b/test.jsonl}]'
+    with pytest.raises(ConfigError, match=r"benchmarks share the name\(s\) \['test'\]: give each a distinct `name`"):
+        load_profile("smoke", [f"evaluate.benchmarks={same}"])
+    named = '[{source: a/test.jsonl, name: a}, {source: b/test.jsonl, name: b}]'
+    assert [b.name for b in load_profile("smoke", [f"evaluate.benchmarks={named}"]).evaluate.benchmarks] == ["a", "b"]
