@@ -37,15 +37,43 @@ from flows.stages import (
     version_data_task,
 )
 from longshort.config import Profile, load_profile
+from longshort.io import tree_digest
 from longshort.records import StageRecord
 
 BASELINE_SYSTEM = "truncation baseline"  # single-model GRPO, reward = correct and length <= L_T
 
 
-def _stage(task_fn: Any, stage: str, workspace: Path, **inputs: Any) -> StageRecord:
-    key = stage_key(stage, {**inputs, "workspace": str(workspace)})
+def _stage(task_fn: Any, stage: str, workspace: Path, key_extra: dict[str, str] | None = None, **inputs: Any) -> StageRecord:
+    """Run ``task_fn`` keyed on its inputs (and on ``key_extra``, e.g. digests of files it reads by path)."""
+    key = stage_key(stage, {**inputs, **(key_extra or {}), "workspace": str(workspace)})
     out_dir = str(stage_dir(workspace, stage, key))
     return task_fn.with_options(result_storage=workspace / "prefect-results")(key=key, out_dir=out_dir, **inputs)
+
+
+def _file_digests(cfg: Profile) -> tuple[dict[str, str], dict[str, str]]:
+    """Digests of the local files the synthesize and evaluate stages read by path (data.path, benchmark files or
+    folders), for their cache keys: editing such a file in place recomputes what read it. Hub ids are keyed
+    by name only (pin a revision in the id's dataset if it may change)."""
+    from tasks.benchmarks import is_local_source  # noqa: PLC0415
+
+    data = {}
+    if cfg.data.path and Path(cfg.data.path).expanduser().exists():
+        data["data_file"] = tree_digest(Path(cfg.data.path).expanduser())
+    bench = {
+        f"benchmark_file:{b.source}": tree_digest(Path(b.source).expanduser())
+        for b in cfg.evaluate.benchmarks
+        if is_local_source(b.source) and Path(b.source).expanduser().exists()
+    }
+    return data, bench
+
+
+def _chunk_llm(cfg: Profile, base: StageRecord) -> dict[str, Any]:
+    """``chunk.method: llm`` prompts the run's base model (DESIGN §3, Chunk); the rules need no model (and no
+    extra input, so their cache key stays as it was)."""
+    if cfg.chunk.method != "llm":
+        return {}
+    return {"llm": {"model_dir": base.outputs["model"], "base_model": cfg.section_dump("base_model"),
+                    "generation": cfg.section_dump("generation")}}  # fmt: skip
 
 
 def _version_data(cfg: Profile, data: StageRecord) -> dict[str, str] | None:
@@ -84,9 +112,10 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
     logger = get_run_logger()
     cfg = load_profile(profile, overrides)
     ws, seed, base_model = cfg.run.workspace.resolve(), cfg.run.seed, cfg.section_dump("base_model")
+    data_files, bench_files = _file_digests(cfg)
 
     data = _stage(
-        synthesize_task, "synthesize", ws,
+        synthesize_task, "synthesize", ws, key_extra=data_files,
         data=cfg.section_dump("data"), generation=cfg.section_dump("generation"), base_model=base_model, seed=seed,
     )  # fmt: skip
     versioned = _version_data(cfg, data) if os.environ.get("LONGSHORT_DVC_REMOTE") else None
@@ -104,6 +133,7 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
         chunk_task, "chunk", ws,
         train_path=data.outputs["train"], heldout_path=data.outputs["heldout"], chunk=cfg.section_dump("chunk"),
         n_train=cfg.score.n_train_traces, n_heldout=cfg.score.n_heldout_traces, seed=seed,
+        **_chunk_llm(cfg, base),
     )  # fmt: skip
     scored, shards, score_run = score_flow.with_options(task_runner=make_task_runner(cfg.run))(cfg, ws, chunks, base)
     cold = _stage(
@@ -142,7 +172,7 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
         "Long⊗Short RL": {"kind": "pair", "long": rl.outputs["long"], "short": rl.outputs["short"]},
     }
     evaluation = _stage(
-        evaluate_task, "evaluate", ws,
+        evaluate_task, "evaluate", ws, key_extra=bench_files,
         systems=systems, heldout_path=data.outputs["heldout"], scored_heldout=scored.outputs["heldout"],
         base_model=base_model, generation=cfg.section_dump("generation"), protocol=cfg.section_dump("protocol"),
         evaluate=cfg.section_dump("evaluate"), seed=seed,

@@ -27,3 +27,22 @@ def test_a_changed_stage_task_changes_that_stage_key_only(monkeypatch):
     assert after["rl"] != before["rl"]
     assert after["evaluate"] == before["evaluate"] and after["baseline"] == before["baseline"]
     assert stage_key("rl", inputs) == after["rl"]  # deterministic
+
+
+def test_files_read_by_path_are_keyed_by_their_bytes(tmp_path):
+    """Editing a traces file or a benchmark in place must recompute the stages that read it."""
+    from flows.pipeline import _file_digests
+    from longshort.config import load_profile
+
+    assert _file_digests(load_profile("demo")) == ({}, {})  # nothing read by path: the demo's keys are as before
+    traces, bench = tmp_path / "traces.jsonl", tmp_path / "mine.jsonl"
+    traces.write_text('{"problem": "1+1", "answer": "2", "response": "<think>1+1=2</think> \\\\boxed{2}"}\n')
+    bench.write_text('{"problem": "2+2", "answer": "4"}\n')
+    overrides = ["data.source=traces", f"data.path={traces}", f"evaluate.benchmarks=[{{source: {bench}}}]"]
+    first = _file_digests(load_profile("smoke", overrides))
+    assert list(first[0]) == ["data_file"] and list(first[1]) == [f"benchmark_file:{bench}"]
+    traces.write_text(traces.read_text().replace("1+1", "1 + 1"))
+    second = _file_digests(load_profile("smoke", overrides))
+    assert second[0] != first[0] and second[1] == first[1]
+    bench.write_text('{"problem": "2+3", "answer": "5"}\n')
+    assert _file_digests(load_profile("smoke", overrides))[1] != first[1]
