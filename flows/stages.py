@@ -221,17 +221,29 @@ def version_data_task(stages: list[str], expect: dict[str, str] | None = None) -
 
 @task(name="chunk", cache_policy=STAGE_CACHE, persist_result=True)
 def chunk_task(
-    key: str, out_dir: str, train_path: str, heldout_path: str, chunk: dict, n_train: int, n_heldout: int, seed: int
-) -> StageRecord:
-    """Thoughts of the first ``n_train`` training traces and ``n_heldout`` held-out traces."""
+    key: str, out_dir: str, train_path: str, heldout_path: str, chunk: dict, n_train: int, n_heldout: int, seed: int,
+    llm: dict | None = None,
+) -> StageRecord:  # fmt: skip
+    """Thoughts of the first ``n_train`` training traces and ``n_heldout`` held-out traces. ``chunk.method: llm``
+    needs ``llm`` = ``{model_dir, base_model, generation}``: the model that is prompted for the blocks."""
     from tasks.chunking import chunk_rows  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
 
     def body(folder: Path) -> dict[str, Any]:
         cfg = ChunkConfig.model_validate(chunk)
+        backend = None
+        if cfg.method == "llm":
+            from models.generation import make_backend  # noqa: PLC0415
+
+            if not llm:
+                raise ValueError("chunk.method is 'llm' but no model was given to prompt")
+            backend = make_backend(
+                llm["model_dir"], ModelConfig.model_validate(llm["base_model"]),
+                GenerationConfig.model_validate(llm["generation"]), seed,
+            )  # fmt: skip
         outputs, metrics = {}, {}
         for split, path, n in (("train", train_path, n_train), ("heldout", heldout_path, n_heldout)):
-            rows = chunk_rows(read_split(path)[:n], cfg, seed=seed)
+            rows = chunk_rows(read_split(path)[:n], cfg, backend, seed=seed)
             write_jsonl(folder / f"chunks_{split}.jsonl", rows)
             outputs[split] = str(folder / f"chunks_{split}.jsonl")
             metrics[f"chunk_{split}_traces"] = len(rows)

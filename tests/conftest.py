@@ -145,6 +145,15 @@ def tiny_model(demo_tokenizer, seeded):
 
 
 @pytest.fixture()
+def saved_tiny(tmp_path, tiny_model, demo_tokenizer) -> Path:
+    """The tiny model and its tokenizer saved as a model folder."""
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    demo_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
 def in_tmp_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A scratch copy of the repository's config files, as the working directory."""
     for name in ("configs", "params.yaml", "dvc.yaml"):

@@ -297,3 +297,26 @@ def test_first_limo_traces_chunk_without_error():
         assert 5 < len(thoughts) < len(split_steps(trace))  # merged, but not into one block
         assert all(len(t.text.strip()) >= cfg.min_chars for t in thoughts)
         assert thoughts[-1].type == "conclude"  # "**Final Answer**" opens the last thought
+
+
+def test_the_chunk_stage_prompts_the_given_model_when_the_method_is_llm(tmp_path, saved_tiny):
+    """The flow's chunk task builds a backend from ``llm`` (the run's base model); an untrained tiny model
+    writes no valid JSON, so each trace falls back to the rules after its tries, and the records say so."""
+    import json
+
+    from flows.stages import chunk_task
+    from longshort.config import DemoTaskConfig, load_profile
+    from tasks.synthesize import synthesize_demo
+
+    files = synthesize_demo(DemoTaskConfig(n_train=3, n_heldout=2, seed=5), tmp_path / "data")
+    smoke = load_profile("smoke")
+    chunk = {**smoke.section_dump("chunk"), "method": "llm", "llm_max_retries": 1, "llm_max_new_tokens": 16}
+    inputs = dict(train_path=files.train, heldout_path=files.heldout, chunk=chunk, n_train=2, n_heldout=1, seed=0)
+    with pytest.raises(ValueError, match="chunk.method is 'llm' but no model was given to prompt"):
+        chunk_task.fn(key="k0", out_dir=str(tmp_path / "none"), **inputs)
+    llm = {"model_dir": str(saved_tiny), "base_model": smoke.section_dump("base_model"),
+           "generation": smoke.section_dump("generation")}  # fmt: skip
+    record = chunk_task.fn(key="k1", out_dir=str(tmp_path / "chunk"), llm=llm, **inputs)
+    rows = [json.loads(line) for line in open(record.outputs["train"])] + [json.loads(line) for line in open(record.outputs["heldout"])]
+    assert [r["chunk_method"] for r in rows] == ["fallback"] * 3
+    assert record.metrics["chunk_train_traces"] == 2 and record.metrics["chunk_heldout_traces"] == 1
