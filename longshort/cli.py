@@ -257,7 +257,7 @@ def synthesize(
         _fail(exc)
     try:
         files = synthesize_demo(cfg, out)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # OutputError; ConfigError: the settings allow too few problems
         _fail(exc)
     console.print(json.dumps({"train": files.train, "heldout": files.heldout, "n_train": files.n_train}))
 

@@ -18,7 +18,7 @@ import hashlib
 import random
 from dataclasses import asdict, dataclass
 
-from longshort.config import DemoTaskConfig
+from longshort.config import ConfigError, DemoTaskConfig
 from models.protocol import format_response
 
 NUMBER_WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
@@ -76,9 +76,36 @@ def sample_problem(rng: random.Random, cfg: DemoTaskConfig) -> DemoProblem:
     return DemoProblem(start, tuple(ops))
 
 
+def count_problems(cfg: DemoTaskConfig) -> int:
+    """How many distinct problems ``sample_problem`` can draw: chains of ``min_ops..max_ops`` operations
+    (operands ``1..max_operand``) whose running value stays within ``[0, max_value]``, from every start."""
+    values = range(cfg.max_value + 1)
+    moves = [v for v in range(-cfg.max_operand, cfg.max_operand + 1) if v]
+    chains = [1] * len(values)  # chains[v]: the chains of the current length that start at v
+    total = 0
+    for n_ops in range(1, cfg.max_ops + 1):
+        chains = [sum(chains[v + m] for m in moves if 0 <= v + m <= cfg.max_value) for v in values]
+        if n_ops >= cfg.min_ops:
+            total += sum(chains)
+    return total
+
+
+def _too_many(cfg: DemoTaskConfig, possible: int, detail: str) -> ConfigError:
+    return ConfigError(
+        f"demo task: cannot draw {cfg.n_train}+{cfg.n_heldout} distinct problems with max_value={cfg.max_value}, "
+        f"max_operand={cfg.max_operand}, ops {cfg.min_ops}..{cfg.max_ops}: data.demo.n_train + n_heldout = "
+        f"{cfg.n_train + cfg.n_heldout} but {detail} (lower n_train/n_heldout or raise max_value/max_operand/max_ops)"
+    )
+
+
 def generate_splits(cfg: DemoTaskConfig) -> tuple[list[DemoProblem], list[DemoProblem]]:
     """Disjoint train and held-out problems. Held-out is drawn first, so growing
-    ``n_train`` never changes the held-out set."""
+    ``n_train`` never changes the held-out set.
+
+    Asking for more problems than the settings allow is a ConfigError naming the fields."""
+    possible = count_problems(cfg)
+    if cfg.n_train + cfg.n_heldout > possible:
+        raise _too_many(cfg, possible, f"the settings allow only {possible} distinct problems")
     rng = random.Random(cfg.seed)
     seen: set[DemoProblem] = set()
     heldout: list[DemoProblem] = []
@@ -87,10 +114,9 @@ def generate_splits(cfg: DemoTaskConfig) -> tuple[list[DemoProblem], list[DemoPr
     limit = 200 * (cfg.n_train + cfg.n_heldout)
     while len(heldout) < cfg.n_heldout or len(train) < cfg.n_train:
         attempts += 1
-        if attempts > limit:
-            raise ValueError(
-                f"demo task: cannot draw {cfg.n_train}+{cfg.n_heldout} distinct problems "
-                f"with max_value={cfg.max_value}, ops {cfg.min_ops}..{cfg.max_ops}"
+        if attempts > limit:  # possible, but too close to all of them to draw at random
+            raise _too_many(
+                cfg, possible, f"only {len(seen)} of the {possible} distinct problems turned up in {limit} random draws"
             )
         p = sample_problem(rng, cfg)
         if p in seen:

@@ -12,15 +12,28 @@ Three sources, one output format (``train.jsonl`` and ``heldout.jsonl`` with
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from longshort.config import DataConfig, DemoTaskConfig, GenerationConfig, ModelConfig
-from longshort.io import DataError, file_digest, iter_jsonl, require_str, write_jsonl
+from longshort.io import (
+    DataError,
+    OutputError,
+    dumps_jsonl,
+    ensure_dir,
+    fault_point,
+    file_digest,
+    iter_jsonl,
+    require_str,
+)
 from models.protocol import (
     STOP_STRINGS,
     SYSTEM_PROMPTS,
@@ -55,20 +68,93 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_splits(out_dir: Path, train: list[dict], heldout: list[dict]) -> DatasetFiles:
-    """Both splits or neither: when the second write fails (disk full), the first file is removed."""
-    out_dir = Path(out_dir)
-    write_jsonl(out_dir / "train.jsonl", train)
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` in a new temporary file next to ``path`` (``longshort.io.TEMP_GLOB``), fsynced."""
     try:
-        write_jsonl(out_dir / "heldout.jsonl", heldout)
-    except BaseException:
-        (out_dir / "train.jsonl").unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(path, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(path, exc) from exc
         raise
+    return Path(tmp)
+
+
+def _backup(path: Path) -> Path | None:
+    """A temporary copy (a hard link where possible) of an existing file, to put back if a later step fails."""
+    if not path.is_file():
+        return None
+    # a name, not a file: os.link refuses a name that is taken
+    link = Path(tempfile.mktemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))  # noqa: S306
+    try:
+        os.link(path, link)
+        return link
+    except OSError:  # no hard links here (or the name was taken): copy the bytes
+        pass
+    fd, copy = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(path, copy)
+    except BaseException:
+        Path(copy).unlink(missing_ok=True)
+        raise
+    return Path(copy)
+
+
+def write_splits(out_dir: Path, train: list[dict], heldout: list[dict]) -> DatasetFiles:
+    """Both splits or neither: a failed write leaves the previous pair (or no pair) as it was.
+
+    Both files are written to temporary files in ``out_dir`` first (a full disk fails here, before any
+    rename), then renamed over ``train.jsonl`` and ``heldout.jsonl``; when the second rename fails (a folder
+    in the way), the previous ``train.jsonl`` is put back (or the new one removed). Temporary files are
+    removed on any error; a kill leaves only ``.NAME.*.tmp`` files, which the next run deletes.
+    """
+    out_dir = ensure_dir(Path(out_dir))
+    train_path, heldout_path = out_dir / "train.jsonl", out_dir / "heldout.jsonl"
+    for path in (train_path, heldout_path):
+        if path.is_dir():  # found before anything is written or renamed
+            raise OutputError(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
+    temps: list[Path] = []
+    try:
+        temps.append(_write_temp(train_path, dumps_jsonl(train).encode("utf-8")))
+        temps.append(_write_temp(heldout_path, dumps_jsonl(heldout).encode("utf-8")))
+        try:
+            old_train = _backup(train_path)
+        except OSError as exc:
+            raise OutputError(train_path, exc) from exc
+        if old_train is not None:
+            temps.append(old_train)
+        fault_point(f"write:{train_path.name}")
+        try:
+            os.replace(temps[0], train_path)
+        except OSError as exc:
+            raise OutputError(train_path, exc) from exc
+        try:
+            fault_point(f"write:{heldout_path.name}")
+            os.replace(temps[1], heldout_path)
+        except BaseException as exc:
+            if old_train is not None:
+                os.replace(old_train, train_path)
+            else:
+                train_path.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise OutputError(heldout_path, exc) from exc
+            raise
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
     return DatasetFiles(
-        train=str(out_dir / "train.jsonl"),
-        heldout=str(out_dir / "heldout.jsonl"),
-        train_md5=_md5(out_dir / "train.jsonl"),
-        heldout_md5=_md5(out_dir / "heldout.jsonl"),
+        train=str(train_path),
+        heldout=str(heldout_path),
+        train_md5=_md5(train_path),
+        heldout_md5=_md5(heldout_path),
         n_train=len(train),
         n_heldout=len(heldout),
     )
@@ -110,38 +196,120 @@ def _rows_from_source(cfg: DataConfig) -> list[tuple[str, int, dict[str, Any]]]:
         return [(str(path), lineno, row) for lineno, row in iter_jsonl(path)]
     from datasets import load_dataset  # noqa: PLC0415 - hub access only when asked for
 
-    ds = load_dataset(cfg.hub_id, split=cfg.split)
+    try:
+        ds = load_dataset(cfg.hub_id, split=cfg.split)
+    except (ConnectionError, OSError, ValueError) as exc:  # offline, unknown id or split (DatasetNotFoundError)
+        detail = " ".join(str(exc).split())[:300]
+        raise DataError(f"data.hub_id {cfg.hub_id}: cannot load split '{cfg.split}' from the hub: {detail}") from exc
     return [(f"{cfg.hub_id}[{cfg.split}]", i + 1, dict(row)) for i, row in enumerate(ds)]
+
+
+def _int_str(value: Any) -> str | None:
+    """An int (not a bool) or an integral float in decimal (``27.0`` -> ``"27"``, as ``tasks.benchmarks``), else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return None
+
+
+def _answer(source: str, lineno: int, row: dict[str, Any]) -> str:
+    """A non-empty string as it is, an integer (or integral float) in decimal, another finite float as ``str``."""
+    answer = row.get("answer")
+    as_int = _int_str(answer)
+    if as_int is not None:
+        return as_int
+    if isinstance(answer, float) and math.isfinite(answer):
+        return str(answer)
+    return require_str(Path(source), lineno, row, "answer")
+
+
+def _id(source: str, lineno: int, row: dict[str, Any]) -> str:
+    """The row's ``id`` (a non-empty string, stripped, or an integer, as ``tasks.benchmarks`` reads ids), or
+    ``<file stem>-<line>`` when the row has none."""
+    if "id" not in row:
+        return f"{Path(source).stem}-{lineno}"
+    value = row["id"]
+    as_int = _int_str(value)
+    if as_int is not None:
+        return as_int
+    if isinstance(value, str):
+        return require_str(Path(source), lineno, row, "id").strip()
+    raise DataError(
+        f"{source}:{lineno}: field 'id' must be a string or an integer, got {type(value).__name__} {value!r}"
+    )
+
+
+def trace_answer(response: str) -> str | None:
+    """The final answer a trace gives itself: the last ``\\boxed{}`` after its ``</think>``, or, in a trace
+    written without tags (as R1 distillations are often stored), the last one in the whole text.
+
+    None when it has none: cut off inside ``<think>`` (opened, never closed), or no box where the answer goes.
+    """
+    head, close, final = response.partition(THINK_CLOSE)
+    if close:
+        return extract_boxed(final)
+    return None if THINK_OPEN in head else extract_boxed(response)
+
+
+def _lines(numbers: list[int], first: int = 5) -> str:
+    """``3, 7, 9`` or ``3, 7, 9, 12, 20, … (14 in all)``."""
+    shown = ", ".join(str(n) for n in numbers[:first])
+    return shown + (f", … ({len(numbers)} in all)" if len(numbers) > first else "")
 
 
 def load_problems(cfg: DataConfig, need_response: bool) -> list[dict[str, str]]:
     """Validated ``{id, problem, answer[, response]}`` rows; a bad row names its file and line.
 
-    ``problem`` and ``response`` must be non-empty strings, ``answer`` a non-empty string or a
-    finite number; a response must be in the protocol format once normalized (no stray tags inside its
-    thinking). A source with no rows at all is an error too.
+    ``problem`` and ``response`` must be non-empty strings, ``answer`` a non-empty string or a finite number
+    (an integral one in decimal: ``27.0`` -> ``"27"``), ``id`` (optional; ``<file stem>-<line>`` when absent)
+    a non-empty string or an integer, unique in the source. A response must be in the protocol format once
+    normalized (no stray tags inside its thinking) with a non-empty thinking section. A trace whose own final
+    ``\\boxed{}`` answer is missing (cut off) or differs from ``answer`` is dropped with a warning, as the
+    teacher source drops wrong traces; a source with no rows at all, or none left, is an error.
     """
     rows = []
+    seen: dict[str, int] = {}  # id -> first line
+    dropped: list[int] = []
+    name = cfg.path or f"{cfg.hub_id}[{cfg.split}]"
     for source, lineno, row in _rows_from_source(cfg):
         problem = require_str(Path(source), lineno, row, "problem")
-        answer = row.get("answer")
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool) and math.isfinite(answer):
-            answer = str(answer)
-        else:
-            answer = require_str(Path(source), lineno, row, "answer")
-        out = {"id": str(row.get("id", f"{Path(source).stem}-{lineno}")), "problem": problem, "answer": answer}
+        answer = _answer(source, lineno, row)
+        row_id = _id(source, lineno, row)
+        if row_id in seen:
+            raise DataError(f"{source}:{lineno}: duplicate id {row_id!r} (first at line {seen[row_id]})")
+        seen[row_id] = lineno
+        out = {"id": row_id, "problem": problem, "answer": answer}
         if need_response:
             response = require_str(Path(source), lineno, row, "response")
             out["response"] = normalize_response(response, answer)
             try:
-                parse_response(out["response"])
+                thinking, _ = parse_response(out["response"])
             except ProtocolError as exc:
                 raise DataError(f"{source}:{lineno}: field 'response': {exc}") from None
+            if not thinking.strip():
+                raise DataError(f"{source}:{lineno}: field 'response' has an empty thinking section")
+            if not is_correct(trace_answer(response), answer):
+                dropped.append(lineno)
+                continue
         rows.append(out)
         if cfg.max_examples and len(rows) >= cfg.max_examples:
             break
+    if dropped and not rows:
+        raise DataError(
+            f"{name}: no traces left: all {len(dropped)} have a final \\boxed{{}} answer that is missing "
+            f"or differs from 'answer' (lines {_lines(dropped)})"
+        )
     if not rows:
         raise DataError(f"{cfg.path or cfg.hub_id}: no problems (no non-blank rows)")
+    if dropped:
+        log.warning(
+            "%s: dropped %d of %d traces whose final \\boxed{} answer is missing or differs from 'answer' (lines %s)",
+            name,
+            len(dropped),
+            len(dropped) + len(rows),
+            _lines(dropped),
+        )
     return rows
 
 
@@ -168,10 +336,15 @@ def synthesize_with_teacher(
     outs = backend.generate(prompts, max_new_tokens=max_new_tokens, stop=STOP_STRINGS["base"], seed=seed)
     kept = []
     for row, out in zip(rows, outs):
-        response = normalize_response(out[0].text, row["answer"])
-        _, final = parse_response(response)
-        if is_correct(final.answer, row["answer"]):
-            kept.append({**row, "response": response})
+        text = out[0].text
+        if not is_correct(trace_answer(text), row["answer"]):  # its own answer: a cut-off trace has none
+            continue
+        response = normalize_response(text, row["answer"])
+        try:
+            parse_response(response)
+        except ProtocolError:
+            continue
+        kept.append({**row, "response": response})
     log.info("teacher kept %d of %d traces (correct final answer)", len(kept), len(rows))
     return kept
 
