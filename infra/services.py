@@ -47,6 +47,8 @@ from glob import glob
 from pathlib import Path
 from typing import Any
 
+from longshort.io import atomic_write_text
+
 log = logging.getLogger("infra.services")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,7 +134,7 @@ class Layout:
         return ServiceState(**json.loads(self.state_file.read_text()))
 
     def save(self, state: ServiceState) -> None:
-        self.state_file.write_text(json.dumps(asdict(state), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.state_file, json.dumps(asdict(state), indent=2, sort_keys=True) + "\n")
 
 
 # --- credentials -----------------------------------------------------------------------------------
@@ -148,9 +150,8 @@ def s3_credentials(layout: Layout) -> tuple[str, str]:
             "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
-        fd = os.open(layout.s3_config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"identities": [identity]}, f, indent=2)
+        # atomic: a crash mid-write must not leave an empty file that every later start fails to parse
+        atomic_write_text(layout.s3_config, json.dumps({"identities": [identity]}, indent=2), mode=0o600)
     cred = json.loads(layout.s3_config.read_text())["identities"][0]["credentials"][0]
     return cred["accessKey"], cred["secretKey"]
 
@@ -289,7 +290,7 @@ def _spawn(
             argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             env=dict(env), cwd=cwd, start_new_session=True, **as_user,
         )  # fmt: skip
-    layout.pid_file(name).write_text(f"{proc.pid}\n")
+    atomic_write_text(layout.pid_file(name), f"{proc.pid}\n")
     log.info("%s: started, PID %d, log %s", name, proc.pid, layout.log(name))
     return proc.pid
 

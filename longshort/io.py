@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import fcntl
 import hashlib
 import json
@@ -74,11 +75,12 @@ def _process_umask() -> int:
 _FILE_MODE = 0o666 & ~_process_umask()  # what open(path, "w") would give (mkstemp makes 0600)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``.
 
     The file gets the mode a plain ``open(path, "w")`` would (0666 less the umask), so a shared
-    workspace, a DVC or MLflow server run by another user can read it. Any OSError (disk full, no permission, a file where the folder should be) becomes an
+    workspace, a DVC or MLflow server run by another user can read it; ``mode`` overrides that (0o600 for a
+    secret, which is then never readable by others, not even for a moment). Any OSError (disk full, no permission, a file where the folder should be) becomes an
     OutputError naming ``path``; the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
@@ -89,7 +91,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise OutputError(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _FILE_MODE)
+            os.fchmod(f.fileno(), _FILE_MODE if mode is None else mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -102,8 +104,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
@@ -162,6 +164,8 @@ def iter_jsonl(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tup
         lineno = 0
         while raw := f.readline(max_line_bytes + 2):  # the line ending, and one byte to tell "too long"
             lineno += 1
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark, as some editors write
+                raw = raw[len(codecs.BOM_UTF8) :]
             if len(raw.rstrip(b"\r\n")) > max_line_bytes:
                 raise DataError(f"{path}:{lineno}: line is longer than the limit of {max_line_bytes} bytes")
             if not raw.strip():

@@ -132,3 +132,17 @@ def test_atomic_writes_get_the_mode_a_plain_write_would(tmp_path):
         f.write("x")
     mode = (tmp_path / "out.txt").stat().st_mode & 0o777
     assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777 == io._FILE_MODE == 0o666 & ~mask
+
+
+def test_the_services_secret_is_written_whole_and_private(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # infra/ is not an installed package
+    from infra.services import Layout, s3_credentials
+
+    layout = Layout(tmp_path / "state")
+    layout.s3_config.parent.mkdir(parents=True, exist_ok=True)
+    first = s3_credentials(layout)
+    assert layout.s3_config.stat().st_mode & 0o777 == 0o600
+    assert s3_credentials(layout) == first and len(first[1]) >= 30  # generated once, read back after
+    assert [p.name for p in layout.s3_config.parent.iterdir() if p.name.endswith(".tmp")] == []
