@@ -38,7 +38,7 @@ STAGE_MODULES: dict[str, list[str]] = {
         "models.factory",
         "models.protocol",
     ],
-    "chunk": ["tasks.chunking", "models.protocol"],
+    "chunk": ["tasks.chunking", "models.protocol", "models.generation", "models.factory"],  # generation: method llm
     "score_shard": ["tasks.importance", "tasks.answers", "models.generation", "models.factory", "models.protocol"],
     "merge_scores": ["tasks.importance"],
     "cold_start": ["tasks.cold_start", "tasks.chunking", "models.protocol", "models.generation"],

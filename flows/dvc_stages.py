@@ -10,8 +10,11 @@ byte-identical datasets. The synthesize stage is ``longshort synthesize`` (it re
 from __future__ import annotations
 
 from pathlib import Path
+
 from flows import stages as st
+from flows.caching import stage_key
 from longshort.config import Profile
+from longshort.io import file_digest
 from longshort.records import StageRecord
 
 DATA_STAGES = ("sft_base", "chunk", "score", "cold_start")
@@ -24,20 +27,33 @@ def _record(data: Path, stage: str) -> StageRecord:
     return record
 
 
+def _inputs_key(name: str, cfg: Profile, data: Path) -> str:
+    """What a stage folder under ``data`` is made from: the profile, the splits' bytes, the upstream folders'
+    keys and the stage's code. A folder of other inputs is recomputed, not reused (``dvc repro`` removes its
+    outputs first anyway; a manual ``longshort stage`` after a settings change does not)."""
+    upstream = {s: r.key for s in DATA_STAGES[: DATA_STAGES.index(name)] if (r := StageRecord.load(data / s))}
+    splits = {n: file_digest(data / n) for n in ("train.jsonl", "heldout.jsonl") if (data / n).is_file()}
+    code = {"score": "score_shard"}.get(name, name)
+    return stage_key(code, {"profile": cfg.model_dump(mode="json"), "splits": splits, "upstream": upstream})
+
+
 def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
     """Run one data stage for profile ``cfg``, reading upstream outputs from ``data``."""
     data = Path(data)
+    if name not in DATA_STAGES:
+        raise ValueError(f"unknown data stage '{name}'; known: {', '.join(DATA_STAGES)}")
     seed, base_model = cfg.run.seed, cfg.section_dump("base_model")
     train, heldout = str(data / "train.jsonl"), str(data / "heldout.jsonl")
     out = str(data / name)
+    key = _inputs_key(name, cfg, data)
     if name == "sft_base":
         return st.sft_base_task.fn(
-            key="dvc", out_dir=out, train_path=train, base_model=base_model,
+            key=key, out_dir=out, train_path=train, base_model=base_model,
             tokenizer=cfg.section_dump("tokenizer"), sft=cfg.section_dump("sft_base"), seed=seed,
         )  # fmt: skip
     if name == "chunk":
         return st.chunk_task.fn(
-            key="dvc", out_dir=out, train_path=train, heldout_path=heldout, chunk=cfg.section_dump("chunk"),
+            key=key, out_dir=out, train_path=train, heldout_path=heldout, chunk=cfg.section_dump("chunk"),
             n_train=cfg.score.n_train_traces, n_heldout=cfg.score.n_heldout_traces, seed=seed,
             llm={"model_dir": _record(data, "sft_base").outputs["model"], "base_model": base_model,
                  "generation": cfg.section_dump("generation")} if cfg.chunk.method == "llm" else None,
@@ -46,12 +62,12 @@ def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
         shards, shared = st.score_shards(cfg, _record(data, "chunk"), _record(data, "sft_base"))
         scored: dict[str, list[str]] = {}
         for i, (split, rows) in enumerate(shards):
-            shard = st.score_shard_task.fn(key="dvc", out_dir=str(data / "score" / "shards" / f"{i:04d}"), rows=rows, **shared)
+            shard = st.score_shard_task.fn(key=key, out_dir=str(data / "score" / "shards" / f"{i:04d}"), rows=rows, **shared)
             scored.setdefault(split, []).append(shard.outputs["scored"])
-        return st.merge_scores_task.fn(key="dvc", out_dir=out, shards=scored)
+        return st.merge_scores_task.fn(key=key, out_dir=out, shards=scored)
     if name == "cold_start":
         return st.cold_start_task.fn(
-            key="dvc", out_dir=out, scored_path=_record(data, "score").outputs["train"], train_path=train,
+            key=key, out_dir=out, scored_path=_record(data, "score").outputs["train"], train_path=train,
             model_dir=_record(data, "sft_base").outputs["model"], base_model=base_model,
             generation=cfg.section_dump("generation"), cold_start=cfg.section_dump("cold_start"), seed=seed,
         )  # fmt: skip

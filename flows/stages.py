@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,16 +65,29 @@ def _run_stage(stage: str, key: str, out_dir: str, body: Callable[[Path], dict[s
     """
     logger = _logger()
     folder = Path(out_dir)
-    done = StageRecord.load(folder)
+    done = _finished(stage, key, folder, logger)
     if done is None:
         def waiting() -> None:
             logger.info("%s: another run is writing %s; waiting for it", stage, out_dir)
 
         with file_lock(stage_lock_path(folder), on_wait=waiting):
-            done = StageRecord.load(folder)  # the run we waited for may have finished it
+            done = _finished(stage, key, folder, logger)  # the run we waited for may have finished it
             if done is None:
                 return _run_body(stage, key, folder, body, logger)
     logger.info("%s: reusing finished artifacts in %s", stage, out_dir)
+    return done
+
+
+def _finished(stage: str, key: str, folder: Path, logger: logging.Logger | logging.LoggerAdapter) -> StageRecord | None:
+    """The folder's record when it was made from these inputs (``key``). A record of other inputs (a folder
+    that `longshort stage` fills again after a settings change) is stale: the folder is removed, checkpoints
+    included, since they belong to the other inputs."""
+    done = StageRecord.load(folder)
+    if done is not None and done.key != key:
+        logger.warning("%s: %s holds results of other inputs (key %s, now %s); recomputing", stage, folder,
+                       done.key[:16], key[:16])  # fmt: skip
+        shutil.rmtree(folder)
+        return None
     return done
 
 

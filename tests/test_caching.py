@@ -46,3 +46,22 @@ def test_files_read_by_path_are_keyed_by_their_bytes(tmp_path):
     assert second[0] != first[0] and second[1] == first[1]
     bench.write_text('{"problem": "2+3", "answer": "5"}\n')
     assert _file_digests(load_profile("smoke", overrides))[1] != first[1]
+
+
+def test_a_data_stage_folder_of_other_settings_is_recomputed_not_reused(tmp_path):
+    """`longshort stage chunk` run again after a settings change (dvc repro would delete the outputs first)."""
+    from flows.dvc_stages import run_data_stage
+    from longshort.config import DemoTaskConfig, load_profile
+    from tasks.synthesize import synthesize_demo
+
+    data = tmp_path / "data"
+    synthesize_demo(DemoTaskConfig(n_train=12, n_heldout=4, seed=2), data)
+    first = run_data_stage("chunk", load_profile("smoke"), data)
+    again = run_data_stage("chunk", load_profile("smoke"), data)
+    assert again == first  # same inputs: the finished folder is reused
+    merged = run_data_stage("chunk", load_profile("smoke", ["chunk.min_chars=400"]), data)
+    assert merged.key != first.key
+    per_trace = "chunk_train_thoughts_per_trace"
+    assert merged.metrics[per_trace] < first.metrics[per_trace]  # longer minimum: fewer, bigger thoughts
+    (data / "train.jsonl").write_text((data / "train.jsonl").read_text().replace("Start with", "Begin with", 1))
+    assert run_data_stage("chunk", load_profile("smoke", ["chunk.min_chars=400"]), data).key != merged.key
