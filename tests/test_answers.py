@@ -71,9 +71,83 @@ def test_last_box_wins_and_missing_answers_are_wrong() -> None:
     assert not is_correct("first \\boxed{5}, no wait: \\boxed{3}", "5")
     assert is_correct("so \\boxed{\\frac{1}{2}} cm.", "0.5")  # braces inside the box stay balanced
     assert not is_correct("\\boxed{", "5")  # an unclosed box is not an answer
+    assert not is_correct("\\boxed{\\frac{1}{2}", "1/2")
+    assert not is_correct("\\boxed{\\frac{1}{2}", "\\frac{1}{2}")
+    assert not is_correct("so the answer is \\boxed{5", "5")
+    assert is_correct("\\boxed{3}, or maybe \\boxed{5", "3")  # the last balanced box still counts
+    assert choice_letter("\\boxed{C") is None
     assert not is_correct(None, "5")
     assert not is_correct("", "5")
     assert not is_correct("   ", "5")
+
+
+@pytest.mark.parametrize(
+    ("predicted", "reference", "expected"),
+    [
+        ("\\boxed{1 2}", "12", False),
+        ("\\boxed{12}", "1\\ 2", False),
+        ("1\\;2", "12", False),
+        ("1 2", "1\\quad 2", True),
+        ("1\\,000", "1000", True),
+        ("1{,}000", "1000", True),
+        ("1,000", "1000", True),
+        ("x ^ 2 + 1", "x^2+1", True),
+        ("2 \\sqrt{3}", "2\\sqrt{3}", True),
+    ],
+)
+def test_spaces_between_digits_do_not_join_numbers(predicted: str, reference: str, expected: bool) -> None:
+    assert is_correct(predicted, reference) is expected
+
+
+HUGE_ANSWERS = [
+    "10^{10^{10}}",
+    "2^{2^{40}}",
+    "2^{2^{40}} 3",
+    "{10^{10}}^{10^{10}}",
+    "(2^{40})!",
+    "\\binom{2^{60}}{2^{59}}",
+    "10^{-10^{10}}",
+    "1e99999",
+    "(x+1)^{80000}",
+    "(a+b+c+d+e)^{16}",
+    "1" * 600,
+]
+
+
+@pytest.mark.parametrize("predicted", HUGE_ANSWERS)
+def test_huge_answers_are_wrong_without_hanging_a_worker_thread(predicted: str) -> None:
+    # sympy would evaluate these for minutes holding the GIL, and worker threads have no timeout
+    results: list[bool] = []
+
+    def check() -> None:
+        results.extend([is_correct(f"\\boxed{{{predicted}}}", "1"), is_correct("1", predicted)])
+
+    t = threading.Thread(target=check, daemon=True)
+    t.start()
+    t.join(timeout=5)
+    assert not t.is_alive()
+    assert results == [False, False]
+
+
+@pytest.mark.parametrize(
+    ("predicted", "reference"),
+    [
+        ("2^{10}", "1024"),
+        ("10^{-3}", "0.001"),
+        ("x^2+1", "1+x^2"),
+        ("(x^2+1)^2", "x^4+2x^2+1"),
+        ("e^{-x^2}", "\\exp(-x^2)"),
+        ("3\\sqrt{2}", "\\sqrt{18}"),
+        ("\\frac{1}{2}", "2^{-1}"),
+        ("2^{2^{3}}", "256"),
+        ("2^{1000}", "2^{1000}"),
+        ("9999^{9999}+1", "1+9999^{9999}"),
+        ("10!", "3628800"),
+        ("10^{10^{10}}", "10^{10^{10}}"),  # an exact match is accepted before parsing
+    ],
+)
+def test_large_but_tractable_answers_still_match(predicted: str, reference: str) -> None:
+    assert is_correct(predicted, reference)
 
 
 def test_checker_runs_in_a_worker_thread() -> None:
