@@ -367,7 +367,7 @@ TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "
 
 def check_tracking_uri(uri: str) -> str:
     """``uri`` if MLflow can track and register models there, else ValueError saying what to use."""
-    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    scheme = (uri.split("://", 1)[0] if "://" in uri else uri).split("+", 1)[0].lower()  # also bare `databricks`
     if scheme not in TRACKING_SCHEMES:
         raise ValueError(
             f"{uri!r} is not an MLflow store with a model registry: use http(s)://HOST:PORT, "

@@ -98,7 +98,8 @@ def test_settings_that_would_fail_minutes_into_a_run_fail_at_load():
         load_profile("smoke", ["sft_long.lr_scheduler=bogus"])
     with pytest.raises(ConfigError, match="'nonsense' is not an MLflow store with a model registry"):
         load_profile("smoke", ["tracking.tracking_uri=nonsense"])
-    for uri in ("sqlite:////tmp/x/mlflow.db", "postgresql+psycopg2://u@127.0.0.1:5432/mlflow", "https://mlflow.example"):
+    for uri in ("sqlite:////tmp/x/mlflow.db", "postgresql+psycopg2://u@127.0.0.1:5432/mlflow", "https://mlflow.example",
+                "databricks", "databricks://my-profile"):
         assert load_profile("smoke", [f"tracking.tracking_uri={uri}"]).tracking.tracking_uri == uri
 
 
