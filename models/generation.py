@@ -7,15 +7,17 @@ vLLM is imported only when it is selected, so the CPU install never needs it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from transformers import DynamicCache
+from transformers import GenerationConfig as HFGenerationConfig
 
 from longshort.config import GenerationConfig, ModelConfig
 
@@ -68,6 +70,18 @@ class GenerationBackend(Protocol):
 def _chat_prompt(tokenizer, system: str, user: str) -> str:
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@contextlib.contextmanager
+def _plain_generation_config(model: Any) -> Iterator[None]:
+    """``model.generation_config`` reduced to its token ids for the duration (restored after)."""
+    saved = model.generation_config
+    ids = {k: getattr(saved, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
+    model.generation_config = HFGenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 class TransformersBackend:
@@ -137,32 +151,36 @@ class TransformersBackend:
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         results: list[list[Completion]] = [[] for _ in prompts]
         per_batch = max(1, self.batch_size // n)
-        for start in range(0, len(order), per_batch):
-            idx = order[start : start + per_batch]
-            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(self.device)
-            kwargs = dict(
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_ids,
-                pad_token_id=tok.pad_token_id,
-                do_sample=temperature > 0,
-            )
-            if temperature > 0:
-                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-                torch.manual_seed(seed + start)
-            if string_stops:
-                kwargs.update(stop_strings=string_stops, tokenizer=tok)
-            if share:
-                out = self._generate_from_shared_prefix(batch["input_ids"], batch["attention_mask"], n, kwargs)
-            else:
-                # n full copies of each prompt (num_return_sequences refuses n > 1 when greedy)
-                out = self.model.generate(
-                    input_ids=batch["input_ids"].repeat_interleave(n, dim=0),
-                    attention_mask=batch["attention_mask"].repeat_interleave(n, dim=0),
-                    **kwargs,
+        # only what is asked for here shapes the samples (RL scores them as log_softmax(logits / T)): a hub
+        # model's saved generation_config (e.g. repetition_penalty 1.05) would make rollouts off-policy, and
+        # transformers merges it into any generation_config passed in, so it is swapped out for the call
+        with _plain_generation_config(self.model):
+            for start in range(0, len(order), per_batch):
+                idx = order[start : start + per_batch]
+                batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(self.device)
+                kwargs = dict(
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos_ids,
+                    pad_token_id=tok.pad_token_id,
+                    do_sample=temperature > 0,
                 )
-            new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
-            for row, ids in enumerate(new_tokens):
-                results[idx[row // n]].append(self._completion(ids, set(eos_ids), string_stops, max_new_tokens))
+                if temperature > 0:
+                    kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+                    torch.manual_seed(seed + start)
+                if string_stops:
+                    kwargs.update(stop_strings=string_stops, tokenizer=tok)
+                if share:
+                    out = self._generate_from_shared_prefix(batch["input_ids"], batch["attention_mask"], n, kwargs)
+                else:
+                    # n full copies of each prompt (num_return_sequences refuses n > 1 when greedy)
+                    out = self.model.generate(
+                        input_ids=batch["input_ids"].repeat_interleave(n, dim=0),
+                        attention_mask=batch["attention_mask"].repeat_interleave(n, dim=0),
+                        **kwargs,
+                    )
+                new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
+                for row, ids in enumerate(new_tokens):
+                    results[idx[row // n]].append(self._completion(ids, set(eos_ids), string_stops, max_new_tokens))
         return results
 
     def _generate_from_shared_prefix(
@@ -200,11 +218,26 @@ class TransformersBackend:
     def _completion(self, ids: list[int], eos_ids: set[int], string_stops: list[str], cap: int) -> Completion:
         tok = self.tokenizer
         end = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+        if end is not None and ids[end] == tok.pad_token_id and string_stops:
+            # pad == eos (a tokenizer without a pad token): a row that stopped on a stop string is padded with
+            # "eos" while the batch goes on, so a stop string before it is where the model stopped
+            stopped = self._string_stop(ids[:end], string_stops)
+            if stopped is not None:
+                return stopped
         if end is not None:
             keep = ids[: end + 1] if ids[end] != tok.eos_token_id else ids[:end]
             text = tok.decode(keep, skip_special_tokens=False)
             return Completion(text, end + 1, "stop", tuple(ids[: end + 1]))
         ids = [t for t in ids if t != tok.pad_token_id]
+        stopped = self._string_stop(ids, string_stops)
+        if stopped is not None:
+            return stopped
+        text = tok.decode(ids, skip_special_tokens=False)
+        return Completion(text, len(ids), "length" if len(ids) >= cap else "stop", tuple(ids))
+
+    def _string_stop(self, ids: list[int], string_stops: list[str]) -> Completion | None:
+        """The completion cut after the first stop string in ``ids``' text, or None when there is none."""
+        tok = self.tokenizer
         text = tok.decode(ids, skip_special_tokens=False)
         for s in string_stops:
             cut = text.find(s)
@@ -213,7 +246,7 @@ class TransformersBackend:
                 # the fewest tokens whose decoding covers the cut text
                 n_tok = next(k for k in range(1, len(ids) + 1) if len(tok.decode(ids[:k])) >= len(text))
                 return Completion(text, n_tok, "stop", tuple(ids[:n_tok]))
-        return Completion(text, len(ids), "length" if len(ids) >= cap else "stop", tuple(ids))
+        return None
 
 
 class VLLMBackend:

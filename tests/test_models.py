@@ -118,3 +118,32 @@ def test_sampling_is_seeded_and_gives_n_samples(tiny_model, demo_tokenizer):
     b = backend.generate([prompt], max_new_tokens=8, temperature=1.0, n=4, seed=1)
     assert len(a[0]) == 4 and [c.text for c in a[0]] == [c.text for c in b[0]]
     assert len({c.text for c in a[0]}) > 1
+
+
+def test_a_stop_string_wins_over_the_padding_when_pad_is_eos(demo_tokenizer, tiny_model):
+    """A tokenizer without a pad token gets pad = eos (Llama-3.1): a row that stopped on a multi-token stop
+    string is then padded with "eos" while the batch goes on; that padding is not the model's token."""
+    import copy
+
+    tok = copy.deepcopy(demo_tokenizer)
+    tok.pad_token = tok.eos_token
+    backend = TransformersBackend(tiny_model, tok, device="cpu")
+    body = tok("Okay, so we start with 3", add_special_tokens=False)["input_ids"]
+    c = backend._completion(body + [tok.pad_token_id] * 3, {tok.eos_token_id}, ["we st"], cap=50)
+    assert c.text == "Okay, so we st" and tok.eos_token_id not in c.token_ids and c.n_tokens < len(body)
+    c = backend._completion(body + [tok.eos_token_id], {tok.eos_token_id}, ["never"], cap=50)  # a real eos
+    assert c.n_tokens == len(body) + 1 and c.text == tok.decode(body)
+
+
+def test_sampling_ignores_extra_settings_in_the_models_generation_config(demo_tokenizer, tiny_model):
+    """RL scores samples as log_softmax(logits / T): settings saved with a model (a hub model's
+    repetition_penalty, here suppress_tokens, whose effect is plain to see) must not shape them."""
+    backend = TransformersBackend(tiny_model, demo_tokenizer, device="cpu")
+    plain = backend.generate(["Start with 3."], max_new_tokens=12, temperature=1.0, seed=4)
+    saved = tiny_model.generation_config
+    saved.suppress_tokens = [i for i in range(len(demo_tokenizer)) if i != 7]  # only token 7 could be sampled
+    try:
+        assert backend.generate(["Start with 3."], max_new_tokens=12, temperature=1.0, seed=4) == plain
+        assert tiny_model.generation_config is saved  # put back after the call
+    finally:
+        saved.suppress_tokens = None
