@@ -140,7 +140,7 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
         cold_start_task, "cold_start", ws,
         scored_path=scored.outputs["train"], train_path=data.outputs["train"], model_dir=base.outputs["model"],
         base_model=base_model, generation=cfg.section_dump("generation"),
-        cold_start=cfg.section_dump("cold_start"), seed=seed,
+        cold_start=cfg.section_dump("cold_start"), seed=seed, max_turns=cfg.protocol.max_turns,
     )  # fmt: skip
     pair = {
         role: _stage(

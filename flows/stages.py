@@ -323,7 +323,7 @@ def merge_scores_task(key: str, out_dir: str, shards: dict[str, list[str]]) -> S
 @task(name="cold_start", cache_policy=STAGE_CACHE, persist_result=True)
 def cold_start_task(
     key: str, out_dir: str, scored_path: str, train_path: str, model_dir: str, base_model: dict,
-    generation: dict, cold_start: dict, seed: int,
+    generation: dict, cold_start: dict, seed: int, max_turns: int | None = None,
 ) -> StageRecord:  # fmt: skip
     from models.generation import make_backend  # noqa: PLC0415
     from tasks.cold_start import build_cold_start, make_compressor, write_cold_start  # noqa: PLC0415
@@ -336,7 +336,9 @@ def cold_start_task(
         )
         teacher_rows = read_split(train_path) if cfg.compressor == "demo_terse" else None
         compressor = make_compressor(cfg, rows=teacher_rows, backend=backend, seed=seed)
-        d_long, d_short, stats = build_cold_start(read_split(scored_path), cfg, compressor, backend.count_tokens)
+        d_long, d_short, stats = build_cold_start(
+            read_split(scored_path), cfg, compressor, backend.count_tokens, max_turns=max_turns
+        )
         path_long, path_short = write_cold_start(folder, d_long, d_short)
         numeric = {f"cold_start_{k}": float(v) for k, v in stats.as_dict().items() if isinstance(v, (int, float))}
         return {"outputs": {"long": str(path_long), "short": str(path_short)}, "metrics": numeric}

@@ -91,6 +91,7 @@ class ColdStartStats:
     trace_tokens: int | None = None  # as trace_chars, in tokens, when a token counter is given
     episode_tokens: int | None = None
     token_reduction: float | None = None
+    n_over_max_turns: int = 0  # episodes left out: more turns than inference allows (protocol.max_turns)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -303,8 +304,13 @@ def build_cold_start(
     cfg: ColdStartConfig,
     compressor: Compressor,
     count_tokens: Callable[[str], int] | None = None,
+    max_turns: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], ColdStartStats]:
     """D_long, D_short and their statistics from scored traces.
+
+    An episode with more than ``max_turns`` turns (``protocol.max_turns``) is left out, with a warning: at
+    inference the turn cap would end it without an answer, so training on it would teach a shape that is
+    always scored wrong (its later turns could never be reached).
 
     Each row is ``{id, turn, problem, role, history, completion}``: ``history`` is the
     transcript before turn ``turn`` (``history_suffix`` of the earlier turns),
@@ -331,9 +337,13 @@ def build_cold_start(
     d_short: list[dict[str, Any]] = []
     histogram: dict[int, int] = {}
     n_important = n_thoughts = trace_chars = episode_chars = trace_tokens = episode_tokens = 0
+    over_cap: list[str] = []
     for row, (trace_id, thoughts, importance), terse_texts in zip(scored_rows, checked, terse):
         turns = episode_turns(thoughts, importance, cfg.theta, terse_texts, row["answer"], cfg.final_answer_template)
         check_episode(turns, row["answer"], trace_id)
+        if max_turns is not None and len(turns) > max_turns:
+            over_cap.append(trace_id)
+            continue
         history: list[Turn] = []
         for k, text in enumerate(turns):
             role: Literal["long", "short"] = "long" if k % 2 == 0 else "short"
@@ -352,8 +362,16 @@ def build_cold_start(
             trace_tokens += count_tokens(trace)
             episode_tokens += count_tokens(transcript)
 
-    n = len(checked)
+    if over_cap:
+        log.warning(
+            "cold start: left out %d of %d episodes with more than protocol.max_turns=%d turns (first: %s)",
+            len(over_cap), len(checked), max_turns, ", ".join(over_cap[:5]),
+        )  # fmt: skip
+        if len(over_cap) == len(checked):
+            raise ValueError(f"cold start: every episode has more than protocol.max_turns={max_turns} turns")
+    n = len(checked) - len(over_cap)
     stats = ColdStartStats(
+        n_over_max_turns=len(over_cap),
         n_episodes=n,
         n_long=len(d_long),
         n_short=len(d_short),

@@ -321,6 +321,8 @@ def score_episodes(
         length_target=cfg.length_target,
         alpha=cfg.alpha,
     )
+    # L_R = L_T: an episode over the cap counts as cut off there, so neither correct nor well formed
+    parts["format"] = [0.0 if cut else f for f, cut in zip(parts["format"], over_cap)]
     weights = {"correctness": cfg.correctness_weight, "format": cfg.format_weight, "efficiency": cfg.efficiency_weight}
     return parts, weighted_total(parts, weights)
 

@@ -287,3 +287,26 @@ def test_config_validates_theta_template_and_compressor_needs():
     assert make_compressor(ColdStartConfig(compressor="verbatim")) is verbatim_compressor
     # the default closing sentence is the demo teacher's, so demo episodes end as its traces do
     assert ColdStartConfig().final_answer_template.format(answer=7) == answer_text(7)
+
+
+def test_episodes_longer_than_the_turn_cap_are_left_out_with_a_warning(demo_rows_small, caplog):
+    """Inference ends an episode at protocol.max_turns without an answer: such episodes must not be taught."""
+    import logging
+
+    train, _ = demo_rows_small
+    rows = scored_rows(train[:16])
+    compressor = DemoTerseCompressor.from_rows(train)
+    cfg = ColdStartConfig(theta=-0.02)  # restate, plan, compute and conclude are long thoughts: more turns
+    d_long, d_short, stats = build_cold_start(rows, cfg, compressor)
+    cap = max(stats.turns_histogram) - 1
+    long_episodes = sum(n for turns, n in stats.turns_histogram.items() if turns > cap)
+    with caplog.at_level(logging.WARNING, logger="tasks.cold_start"):
+        capped_long, capped_short, capped = build_cold_start(rows, cfg, compressor, max_turns=cap)
+    assert capped.n_over_max_turns == long_episodes > 0 and capped.n_episodes == 16 - long_episodes
+    assert max(capped.turns_histogram) <= cap and stats.n_over_max_turns == 0
+    assert {r["id"] for r in capped_long + capped_short} == {
+        i for i, turns in episodes_of(d_long, d_short).items() if len(turns) <= cap
+    }
+    assert f"left out {long_episodes} of 16 episodes with more than protocol.max_turns={cap} turns" in caplog.text
+    with pytest.raises(ValueError, match="every episode has more than protocol.max_turns=1 turns"):
+        build_cold_start(rows, cfg, compressor, max_turns=1)

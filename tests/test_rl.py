@@ -267,3 +267,21 @@ def test_probe_measures_a_fixed_batch_without_changing_training(protocol_pair, p
         assert p["accuracy"] - 0.5 <= p["reward"] <= p["accuracy"] + 0.5 + 0.5
     # step 1 trained the long model: with the same problems and seed, its episodes changed
     assert result.probes[1] != result.probes[0]
+
+
+def test_an_episode_over_the_rollout_cap_earns_neither_correctness_nor_format():
+    """L_R = L_T: an episode longer than the cap is scored as if cut off there (wrong and not well formed)."""
+    from longshort.config import RLConfig
+    from tasks.rl import score_episodes
+
+    def episode(n_short: int) -> Episode:
+        turns = [Turn("long", format_long_turn("1+1=2"), 10), Turn("short", format_short_turn("\\boxed{2}", final=True), n_short)]
+        return Episode("1+1?", turns, answer="2", stop_reason="answer")
+
+    cfg = RLConfig(group_size=2, efficiency="laser", length_target=20, alpha=0.5, correctness_weight=1.0,
+                   format_weight=0.1, efficiency_weight=1.0, cap_rollout_at_length_target=True)  # fmt: skip
+    parts, total = score_episodes([episode(5), episode(30)], ["2", "2"], cfg, role=None)
+    assert parts["correctness"] == [1.0, 0.0] and parts["format"] == [1.0, 0.0]
+    assert total == pytest.approx([1.0 + 0.1 + 1.5, 0.0])
+    uncapped = cfg.model_copy(update={"cap_rollout_at_length_target": False})
+    assert score_episodes([episode(5), episode(30)], ["2", "2"], uncapped, role=None)[1] == pytest.approx([2.6, 2.1])
