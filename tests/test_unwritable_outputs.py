@@ -135,8 +135,6 @@ def test_atomic_writes_get_the_mode_a_plain_write_would(tmp_path):
 
 
 def test_the_services_secret_is_written_whole_and_private(tmp_path, monkeypatch):
-    import sys
-
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # infra/ is not an installed package
     from infra.services import Layout, s3_credentials
 
