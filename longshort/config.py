@@ -414,7 +414,7 @@ class Profile(Section):
 
 def profile_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix.lower() in (".yaml", ".yml"):
         return path
     return CONFIG_DIR / f"{name_or_path}.yaml"
 

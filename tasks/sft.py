@@ -119,7 +119,8 @@ def _peft_config(cfg: SFTConfig):
 def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
     """The newest checkpoint that was written to the end (``trainer_state.json`` is written last).
 
-    A process killed while saving leaves a folder with weights but no trainer state;
+    A process killed while saving leaves a folder with weights but no trainer state, or a
+    trainer state cut short (transformers writes it with a plain ``open``);
     transformers' ``get_last_checkpoint`` would pick it and every rerun would fail, so
     incomplete folders are skipped (and removed, so that the next save can use the name).
     """
@@ -128,12 +129,24 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
         step = folder.name.rsplit("-", 1)[-1]
         if not step.isdigit():
             continue
-        if (folder / "trainer_state.json").is_file():
+        problem = _trainer_state_problem(folder / "trainer_state.json")
+        if problem is None:
             complete.append((int(step), folder))
         else:
-            log.warning("removing incomplete checkpoint %s (no trainer_state.json)", folder)
+            log.warning("removing incomplete checkpoint %s (%s)", folder, problem)
             shutil.rmtree(folder, ignore_errors=True)
     return str(max(complete)[1]) if complete else None
+
+
+def _trainer_state_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole trainer state, or None when it is one."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, ValueError) as exc:  # cut short: not JSON, or not UTF-8
+        return f"trainer_state.json unreadable: {str(exc).splitlines()[0]}"
+    return None if isinstance(state, dict) and "global_step" in state else "trainer_state.json has no global_step"
 
 
 def train_sft(

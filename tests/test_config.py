@@ -125,3 +125,9 @@ def test_deepspeed_configs_are_found_from_anywhere_and_a_missing_one_is_named(tm
     assert repo_file(cfg.sft_base.deepspeed) == str(REPO / "infra/deepspeed/zero3.json")
     with pytest.raises(ConfigError, match=r"field 'baseline.deepspeed': Value error, no such file 'infra/nope.json'"):
         load_profile("qwen2.5-7b", ["baseline.deepspeed=infra/nope.json"])
+
+
+def test_a_profile_path_may_spell_its_suffix_in_capitals(tmp_path):
+    path = tmp_path / "Mine.YAML"
+    path.write_text((CONFIG_DIR / "smoke.yaml").read_text())
+    assert load_profile(path).run.name == "smoke" and load_profile(str(path)).data.demo.n_train == 48

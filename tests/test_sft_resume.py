@@ -209,3 +209,17 @@ def test_sft_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_on
 
 if __name__ == "__main__":
     _train(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
+
+
+def test_only_whole_checkpoints_are_resumed_from(tmp_path: Path):
+    """A folder without a trainer state, or with one cut short, is removed; the newest whole one is picked."""
+    from tasks.sft import last_complete_checkpoint
+
+    for step, state in ((100, '{"global_step": 100}'), (200, '{"global_step": 2'), (300, None), (150, "[]")):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-100")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100"]
