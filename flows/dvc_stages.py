@@ -55,8 +55,7 @@ def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
         return st.chunk_task.fn(
             key=key, out_dir=out, train_path=train, heldout_path=heldout, chunk=cfg.section_dump("chunk"),
             n_train=cfg.score.n_train_traces, n_heldout=cfg.score.n_heldout_traces, seed=seed,
-            llm={"model_dir": _record(data, "sft_base").outputs["model"], "base_model": base_model,
-                 "generation": cfg.section_dump("generation")} if cfg.chunk.method == "llm" else None,
+            llm=st.chunk_llm(cfg, _record(data, "sft_base").outputs["model"]) if cfg.chunk.method == "llm" else None,
         )  # fmt: skip
     if name == "score":
         shards, shared = st.score_shards(cfg, _record(data, "chunk"), _record(data, "sft_base"))

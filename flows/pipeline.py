@@ -22,6 +22,7 @@ from flows.caching import stage_dir, stage_key
 from flows.runners import make_task_runner
 from flows.stages import (
     baseline_task,
+    chunk_llm,
     chunk_task,
     cold_start_task,
     evaluate_base_task,
@@ -70,10 +71,7 @@ def _file_digests(cfg: Profile) -> tuple[dict[str, str], dict[str, str]]:
 def _chunk_llm(cfg: Profile, base: StageRecord) -> dict[str, Any]:
     """``chunk.method: llm`` prompts the run's base model (DESIGN §3, Chunk); the rules need no model (and no
     extra input, so their cache key stays as it was)."""
-    if cfg.chunk.method != "llm":
-        return {}
-    return {"llm": {"model_dir": base.outputs["model"], "base_model": cfg.section_dump("base_model"),
-                    "generation": cfg.section_dump("generation")}}  # fmt: skip
+    return {"llm": chunk_llm(cfg, base.outputs["model"])} if cfg.chunk.method == "llm" else {}
 
 
 def _version_data(cfg: Profile, data: StageRecord) -> dict[str, str] | None:

@@ -233,6 +233,11 @@ def version_data_task(stages: list[str], expect: dict[str, str] | None = None) -
     return digests
 
 
+def chunk_llm(cfg: Profile, model_dir: str) -> dict[str, Any]:
+    """``chunk_task``'s ``llm`` input for ``chunk.method: llm``: the model to prompt and how to load and run it."""
+    return {"model_dir": model_dir, "base_model": cfg.section_dump("base_model"), "generation": cfg.section_dump("generation")}
+
+
 @task(name="chunk", cache_policy=STAGE_CACHE, persist_result=True)
 def chunk_task(
     key: str, out_dir: str, train_path: str, heldout_path: str, chunk: dict, n_train: int, n_heldout: int, seed: int,

@@ -85,6 +85,21 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
     """
     path = Path(path)
     ensure_dir(path.parent)
+    tmp = write_temp(path, data, mode)
+    try:
+        fault_point(f"write:{path.name}")
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(path, exc) from exc
+        raise
+
+
+def write_temp(path: Path, data: bytes, mode: int | None = None) -> Path:
+    """``data`` in a new temporary file next to ``path`` (named as ``remove_stale_temps`` finds them), with the
+    mode ``atomic_write_bytes`` gives, fsynced; the caller renames it. An OSError becomes an OutputError naming
+    ``path``, and no temporary file is left."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
@@ -95,13 +110,12 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        fault_point(f"write:{path.name}")
-        os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OutputError(path, exc) from exc
         raise
+    return Path(tmp)
 
 
 def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
@@ -205,8 +219,9 @@ def require_str(path: Path, lineno: int, row: dict[str, Any], field: str, *, all
     return value
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes (``md5`` is DVC's content digest, not for security)."""
+    h = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

@@ -33,6 +33,7 @@ from longshort.io import (
     file_digest,
     iter_jsonl,
     require_str,
+    write_temp,
 )
 from models.protocol import (
     STOP_STRINGS,
@@ -60,31 +61,6 @@ class DatasetFiles:
     heldout_md5: str
     n_train: int
     n_heldout: int
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()  # noqa: S324 - DVC's content digest, not for security
-    h.update(Path(path).read_bytes())
-    return h.hexdigest()
-
-
-def _write_temp(path: Path, data: bytes) -> Path:
-    """``data`` in a new temporary file next to ``path`` (``longshort.io.TEMP_GLOB``), fsynced."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OutputError(path, exc) from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputError(path, exc) from exc
-        raise
-    return Path(tmp)
 
 
 def _backup(path: Path) -> Path | None:
@@ -123,8 +99,8 @@ def write_splits(out_dir: Path, train: list[dict], heldout: list[dict]) -> Datas
             raise OutputError(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
     temps: list[Path] = []
     try:
-        temps.append(_write_temp(train_path, dumps_jsonl(train).encode("utf-8")))
-        temps.append(_write_temp(heldout_path, dumps_jsonl(heldout).encode("utf-8")))
+        temps.append(write_temp(train_path, dumps_jsonl(train).encode("utf-8")))
+        temps.append(write_temp(heldout_path, dumps_jsonl(heldout).encode("utf-8")))
         try:
             old_train = _backup(train_path)
         except OSError as exc:
@@ -153,8 +129,8 @@ def write_splits(out_dir: Path, train: list[dict], heldout: list[dict]) -> Datas
     return DatasetFiles(
         train=str(train_path),
         heldout=str(heldout_path),
-        train_md5=_md5(train_path),
-        heldout_md5=_md5(heldout_path),
+        train_md5=file_digest(train_path, "md5"),
+        heldout_md5=file_digest(heldout_path, "md5"),
         n_train=len(train),
         n_heldout=len(heldout),
     )

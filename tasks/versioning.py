@@ -15,7 +15,6 @@ The environment (``python -m infra.services env`` prints it for the local servic
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ import yaml
 
 from longshort.config import DataConfig, DemoTaskConfig
 from longshort.endpoints import require_reachable
+from longshort.io import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -168,14 +168,6 @@ def unversioned_reason(data: Mapping, repo: Path | None = None) -> str | None:
     return None
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def version_stages(
     stages: Sequence[str], remote: Remote, repo: Path | None = None, expect: Mapping[str, str | Path] | None = None
 ) -> dict[str, str]:
@@ -193,7 +185,7 @@ def version_stages(
     for out, run_file in (expect or {}).items():
         if out not in digests:
             raise DVCError(f"dvc.lock has no output {out} in stages {list(stages)}")
-        if _md5(Path(run_file)) != digests[out]:
+        if file_digest(Path(run_file), "md5") != digests[out]:
             raise DVCError(f"{root / out} (dvc repro) differs from the run's {run_file}: not pushing it")
     push(root, stages)
     return digests

@@ -132,6 +132,8 @@ def test_atomic_writes_get_the_mode_a_plain_write_would(tmp_path):
         f.write("x")
     mode = (tmp_path / "out.txt").stat().st_mode & 0o777
     assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777 == io._FILE_MODE == 0o666 & ~mask
+    files = synthesize_demo(SMALL, tmp_path / "splits")  # both splits go through io.write_temp too
+    assert {Path(f).stat().st_mode & 0o777 for f in (files.train, files.heldout)} == {mode}
 
 
 def test_the_services_secret_is_written_whole_and_private(tmp_path, monkeypatch):
