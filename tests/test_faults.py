@@ -157,8 +157,7 @@ def _leftovers(workspace: Path) -> list[str]:
 
 def _assert_records_match_their_files(workspace: Path) -> None:
     """Every finished folder holds the files its record names, with the content digests it recorded."""
-    from longshort.io import tree_digest
-    from tasks.synthesize import _md5
+    from longshort.io import file_digest, tree_digest
 
     for rec_path in _artifacts(workspace).glob("*/*/record.json"):
         rec = json.loads(rec_path.read_text())
@@ -167,7 +166,7 @@ def _assert_records_match_their_files(workspace: Path) -> None:
             assert Path(path).exists(), f"{rec['stage']}: output {name} missing: {path}"
         for name, digest in rec["digests"].items():
             if name.endswith("_md5"):
-                assert _md5(Path(rec["outputs"][name.removesuffix("_md5")])) == digest, (rec["stage"], name)
+                assert file_digest(Path(rec["outputs"][name.removesuffix("_md5")]), "md5") == digest, (rec["stage"], name)
             else:
                 assert tree_digest(Path(rec["outputs"][name])) == digest, (rec["stage"], name)
 
