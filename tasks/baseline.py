@@ -57,17 +57,18 @@ def response_correct(text: str, reference: str, kind: str = "math") -> bool:
     return well_formed and check_answer(answer, kind, reference)
 
 
-def make_truncation_reward(length_target: int, eos_ids: Sequence[int] = ()) -> Callable[..., list[float]]:
+def make_truncation_reward(length_target: int, eos_token_id: int | None = None) -> Callable[..., list[float]]:
     """A TRL reward function: 1 for a correct response of at most ``length_target`` tokens, else 0.
 
     TRL passes the dataset's columns as keyword lists (``answer`` here) and the
-    completion token ids; a trailing end-of-sequence token is not counted.
+    completion token ids; a trailing ``eos_token_id`` is not counted. That is the
+    tokenizer's end-of-sequence token only: a rollout that stops on a one-token
+    ``</answer>`` counts it, as the evaluation counts the stop string it generated.
     """
-    eos = set(eos_ids)
 
     def truncation(completions: list[Any], completion_ids: list[list[int]], answer: list[str], **_: Any) -> list[float]:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-        lengths = [len(ids) - (1 if ids and ids[-1] in eos else 0) for ids in completion_ids]
+        lengths = [len(ids) - (1 if ids and ids[-1] == eos_token_id else 0) for ids in completion_ids]
         correct = [response_correct(t, ref) for t, ref in zip(texts, answer)]
         return truncation_reward(correct, lengths, length_target)
 
@@ -147,6 +148,7 @@ def train_truncation_baseline(
     if len(stop_ids) == 1:
         eos.append(stop_ids[0])
     model.generation_config.eos_token_id = eos
+    reward = make_truncation_reward(cfg.length_target, tokenizer.eos_token_id)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     batch = cfg.prompts_per_step * cfg.group_size
     args = GRPOConfig(
@@ -192,7 +194,7 @@ def train_truncation_baseline(
     history = _History(on_step)
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=[make_truncation_reward(cfg.length_target, eos)],
+        reward_funcs=[reward],
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,

@@ -51,7 +51,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from longshort.config import ModelConfig, ProtocolConfig, RLConfig
 from models.factory import load_model

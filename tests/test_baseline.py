@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import load_file
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_truncation_reward_is_one_only_for_correct_answers_within_the_target():
-    reward = make_truncation_reward(length_target=5, eos_ids=[EOS])
+    reward = make_truncation_reward(length_target=5, eos_token_id=EOS)
     right, wrong = format_response("3 + 4 = 7", "\\boxed{7}"), format_response("3 + 4 = 8", "\\boxed{8}")
     completions = [right, right, right, wrong, "<think>\nno answer"]
     ids = [
@@ -35,6 +36,21 @@ def test_truncation_reward_is_one_only_for_correct_answers_within_the_target():
     assert got == [1.0, 1.0, 0.0, 0.0, 0.0]
     # TRL's conversational form: the completion is a list of messages
     assert reward(completions=[[{"role": "assistant", "content": right}]], completion_ids=[[9]], answer=["7"]) == [1.0]
+
+
+def test_truncation_reward_counts_the_stop_token_as_the_evaluation_does(demo_tokenizer):
+    """The demo tokenizer's </answer> is one token: a rollout that stops on it is counted with it, as the
+    evaluation's ``n_tokens`` (the stop string included) counts it; only the end-of-sequence token is free."""
+    tok = demo_tokenizer
+    text = format_response("3 + 4 = 7", "The final number is \\boxed{7}.")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[-1] == tok.convert_tokens_to_ids("</answer>")
+    n = TransformersBackend.count_tokens(SimpleNamespace(tokenizer=tok), text)
+    assert n == len(ids)
+    at, under = make_truncation_reward(n, tok.eos_token_id), make_truncation_reward(n - 1, tok.eos_token_id)
+    for completion_ids in (ids, [*ids, tok.eos_token_id]):
+        assert at(completions=[text], completion_ids=[completion_ids], answer=["7"]) == [1.0]
+        assert under(completions=[text], completion_ids=[completion_ids], answer=["7"]) == [0.0]
 
 
 def test_response_correct_needs_a_well_formed_response():
