@@ -14,9 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -27,6 +30,90 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+# Property tests draw the same examples on every run and write no .hypothesis/ database;
+# a test's own @settings(max_examples=...) still applies on top of this profile.
+settings.register_profile("longshort", derandomize=True, database=None, deadline=None)
+settings.load_profile("longshort")
+
+# Where the tests' MLflow and S3 clients would otherwise be pointed from outside (the developer's shell, CI):
+# a test sets these itself, through monkeypatch, when it wants a store or a bucket.
+SERVICE_ENV_PREFIXES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_")
+
+
+def service_env_names() -> list[str]:
+    return [k for k in os.environ if k.startswith(SERVICE_ENV_PREFIXES)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dvc_site_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """DVC keeps a per-repository site cache (state and index databases) in /var/tmp/dvc/repo/<hash>: one
+    folder per scratch repository the tests create. ``DVC_SITE_CACHE_DIR`` (dvc/dirs.py) moves it under the
+    session's temporary folder, for this process and the ``dvc`` commands it starts."""
+    path = tmp_path_factory.mktemp("dvc-site-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DVC_SITE_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_outside_services() -> Iterator[None]:
+    """No MLflow store or S3 credentials from the calling shell reach the session's module fixtures
+    (a pipeline run would log to that store)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in service_env_names():
+            mp.delenv(name)
+        yield
+
+
+def _mlflow_uris() -> tuple[str | None, str | None]:
+    """MLflow's process-wide tracking and registry URIs (None, the defaults, while MLflow is not imported)."""
+    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    registry = sys.modules.get("mlflow.tracking._model_registry.utils")
+    return getattr(tracking, "_tracking_uri", None), getattr(registry, "_registry_uri", None)
+
+
+@contextmanager
+def mlflow_state_restored() -> Iterator[None]:
+    """Put MLflow's tracking and registry URIs, and the service variables of ``os.environ``, back as they were.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (and
+    ``set_registry_uri(None)`` leaves ``MLFLOW_REGISTRY_URI`` there), where the next
+    ``longshort.tracking.tracking_uri`` would read it as the user's choice.
+    """
+    tracking, registry = _mlflow_uris()
+    env = {k: os.environ[k] for k in service_env_names()}
+    try:
+        yield
+    finally:
+        if _mlflow_uris()[0] != tracking:
+            from mlflow.tracking._tracking_service import utils as tracking_utils
+
+            tracking_utils.set_tracking_uri(tracking)  # through the setter: it also resets MLflow's tracer
+        if _mlflow_uris()[1] != registry:
+            from mlflow.tracking._model_registry import utils as registry_utils
+
+            registry_utils._registry_uri = registry
+        for name in service_env_names():
+            if name not in env:
+                del os.environ[name]
+        os.environ.update(env)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_state_per_module() -> Iterator[None]:
+    """What a module's fixtures set (a pipeline run points MLflow at its workspace) ends with the module."""
+    with mlflow_state_restored():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def mlflow_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts without MLflow/S3 service variables and leaves MLflow's URIs as it found them."""
+    with mlflow_state_restored():
+        for name in service_env_names():
+            monkeypatch.delenv(name)
+        yield
 
 
 def free_port() -> int:
@@ -182,3 +269,73 @@ def trained_tiny(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("trained-tiny")
     result = train_base_model(train, cfg, TokenizerConfig(vocab_size=400), sft, out, seed=0)
     return result.model_dir
+
+
+def chat_prompt(tokenizer, role: str, problem: str) -> str:
+    """The chat prompt a model of ``role`` (long, short, base) gets for ``problem``."""
+    from models.protocol import SYSTEM_PROMPTS
+
+    messages = [{"role": "system", "content": SYSTEM_PROMPTS[role]}, {"role": "user", "content": problem}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def fit_completions(model_dir: str, examples, steps: int, out: Path) -> tuple[str, float]:
+    """Plain next-token fitting (AdamW, lr 1e-2, full batch, seeded) of the model in ``model_dir`` on
+    ``examples(tokenizer)``'s (prompt, completion) pairs, loss on the completions; saved to ``out``.
+    Returns the folder and the last step's loss."""
+    import torch
+
+    from longshort.config import ModelConfig
+    from models.factory import load_model
+
+    model, tok = load_model(ModelConfig(), path=model_dir)
+    seqs = []
+    for prompt, completion in examples(tok):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        c = tok(completion + tok.eos_token, add_special_tokens=False)["input_ids"]
+        seqs.append((p + c, [0] * len(p) + [1] * len(c)))
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width))
+    for k, (s, m) in enumerate(seqs):
+        ids[k, : len(s)], attn[k, : len(s)], mask[k, : len(s)] = torch.tensor(s), 1, torch.tensor(m, dtype=torch.float)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1], -1)
+        nll = -(logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        opt.zero_grad()
+        nll.backward()
+        opt.step()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out), float(nll)
+
+
+def protocol_turns(rows):
+    """(prompt, completion) pairs of protocol-shaped turns: long writes a terse thought, short the boxed answer."""
+    from models.protocol import TURN_SEP, format_long_turn, format_short_turn
+
+    def examples(tok):
+        out = []
+        for row in rows:
+            long_turn = format_long_turn(row["thoughts"][1]["terse"])
+            short_turn = format_short_turn(f"\\boxed{{{row['answer']}}}", final=True)
+            out.append((chat_prompt(tok, "long", row["problem"]), long_turn))
+            out.append((chat_prompt(tok, "short", row["problem"]) + long_turn + TURN_SEP, short_turn))
+        return out
+
+    return examples
+
+
+@pytest.fixture(scope="session")
+def protocol_pair(trained_tiny, demo_rows_small, tmp_path_factory) -> str:
+    """``trained_tiny`` after a few seconds of plain next-token fitting on protocol-shaped turns.
+
+    ``trained_tiny`` is fitted on whole long-CoT responses and never opens a ``<think>``
+    turn under the long system prompt, so the short model would never get to play.
+    """
+    train, _ = demo_rows_small
+    return fit_completions(trained_tiny, protocol_turns(train[:8]), 25, tmp_path_factory.mktemp("protocol-pair"))[0]

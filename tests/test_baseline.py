@@ -7,18 +7,41 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from conftest import chat_prompt, fit_completions
 from longshort.config import BaselineConfig, ModelConfig
 from models.factory import load_model
 from models.generation import TransformersBackend
-from models.protocol import format_response
+from models.protocol import SYSTEM_PROMPTS, format_response
 from tasks.baseline import easy_problems, keep_easy, make_truncation_reward, response_correct, train_truncation_baseline
 
 EOS = 2
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def base_format_tiny(trained_tiny, demo_rows_small, tmp_path_factory) -> str:
+    """``trained_tiny`` after half a second of next-token fitting on 4 problems' short base-format answers.
+
+    ``trained_tiny`` writes protocol-shaped text but never a right answer, so every GRPO reward would be
+    0 and training a no-op. Fitted on ``train[:4]`` it solves those problems some of the time at T=0.7,
+    so groups mix rewards 0 and 1 and the advantages are not all zero.
+    """
+    train, _ = demo_rows_small
+
+    def examples(tok):
+        return [
+            (chat_prompt(tok, "base", row["problem"]), format_response(f"Answer {row['answer']}.", f"\\boxed{{{row['answer']}}}"))
+            for row in train[:4]
+        ]
+
+    out, nll = fit_completions(trained_tiny, examples, 40, tmp_path_factory.mktemp("base-format-tiny"))
+    assert nll < 0.3
+    return out
 
 
 def test_truncation_reward_is_one_only_for_correct_answers_within_the_target():
@@ -77,21 +100,26 @@ def test_easy_problems_samples_the_model_for_each_problem(trained_tiny, demo_row
     assert kept == [] and rates == {p["id"]: 0.0 for p in impossible}
 
 
-def test_grpo_run_saves_a_model_and_logs_each_step(trained_tiny, demo_rows_small, tmp_path: Path):
-    model, tok = load_model(ModelConfig(), path=trained_tiny)
+def test_grpo_run_saves_a_model_and_logs_each_step(base_format_tiny, demo_rows_small, tmp_path: Path):
+    model, tok = load_model(ModelConfig(), path=base_format_tiny)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train, _ = demo_rows_small
     problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in train[:4]]
-    cfg = BaselineConfig(steps=2, prompts_per_step=2, group_size=2, learning_rate=1e-2, length_target=64,
-                         temperature=1.0, checkpoint_every=1)  # fmt: skip
+    cfg = BaselineConfig(steps=2, prompts_per_step=2, group_size=4, learning_rate=1e-3, length_target=64,
+                         temperature=0.7, checkpoint_every=1)  # fmt: skip
     steps: list[dict] = []
     result = train_truncation_baseline(model, tok, problems, cfg, tmp_path, on_step=steps.append)
     assert result.steps == 2 and [h["step"] for h in result.history] == [1, 2] == [s["step"] for s in steps]
     for row in result.history:
         assert 0.0 <= row["reward"] <= 1.0
         assert 0 < row["completions/mean_length"] <= cfg.length_target  # L_R = L_T caps every rollout
+    # some rollouts were right and some wrong, so the advantages and the gradient were not all zero ...
+    assert any(0.0 < h["reward"] < 1.0 and h["reward_std"] > 0 and h["grad_norm"] > 0 for h in result.history)
     saved = load_file(str(Path(result.model_dir) / "model.safetensors"))
     assert saved.keys() <= before.keys()
+    # ... and the optimizer moved the weights that were saved
+    changed = [k for k in saved if not torch.equal(saved[k], before[k])]
+    assert "model.embed_tokens.weight" in changed and len(changed) > len(saved) // 2
     assert (Path(result.model_dir) / "tokenizer.json").is_file()
     assert not (tmp_path / "checkpoints").exists()  # removed once the model is saved
     json.dumps(result.history)  # JSON-able, as history.jsonl stores it

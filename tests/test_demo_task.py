@@ -1,3 +1,4 @@
+import json
 import random
 
 from longshort.config import DemoTaskConfig
@@ -33,6 +34,12 @@ def test_values_stay_in_range_and_answer_is_the_chain():
         p = sample_problem(rng, cfg)
         assert all(0 <= v <= cfg.max_value for v in p.values())
         assert cfg.min_ops <= len(p.ops) <= cfg.max_ops
+        value = p.start  # the ops applied in order, by hand
+        for sign, operand in p.ops:
+            assert sign in "+-" and 1 <= operand <= cfg.max_operand
+            value = value + operand if sign == "+" else value - operand
+        assert p.answer == value == p.values()[-1]
+        assert p.text.startswith(f"Start with {p.start}. Then (1) ")
 
 
 def test_trace_has_the_r1_style_and_hidden_labels():
@@ -56,7 +63,21 @@ def test_trace_has_the_r1_style_and_hidden_labels():
     assert share < 0.2
 
 
-def test_jsonl_is_canonical():
-    train, _ = demo_rows(DemoTaskConfig(n_train=5, n_heldout=1))
+def test_jsonl_is_canonical(tmp_path):
+    # one row per line; keys sorted; ", " and ": " separators; non-ASCII written as is
+    assert dumps_jsonl([{"b": [1, 2], "a": "Long⊗Short"}, {}]) == '{"a": "Long⊗Short", "b": [1, 2]}\n{}\n'
+    cfg = DemoTaskConfig(n_train=5, n_heldout=1)
+    train, heldout = demo_rows(cfg)
     text = dumps_jsonl(train)
-    assert text.count("\n") == 5 and '"answer": "' in text
+    lines = text.splitlines(keepends=True)
+    assert len(lines) == 5 and all(line.endswith("}\n") and line.count("\n") == 1 for line in lines)
+    rows = [json.loads(line) for line in lines]
+    assert rows == train  # round-trips
+    for line, row in zip(lines, rows):
+        assert list(row) == sorted(row)  # written in key order
+        assert line == json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(", ", ": ")) + "\n"
+    assert dumps_jsonl(rows) == text
+    # and the synthesized split files are exactly that text, so their md5 is a digest of the rows
+    synthesize_demo(cfg, tmp_path)
+    assert (tmp_path / "train.jsonl").read_text(encoding="utf-8") == text
+    assert (tmp_path / "heldout.jsonl").read_text(encoding="utf-8") == dumps_jsonl(heldout)

@@ -89,15 +89,16 @@ def _start(
     summary = root / f"{name}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), profile, str(workspace), str(summary), *overrides]
     with open(root / f"{name}.log", "w") as log:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # its own process group: a timeout kills the pipeline and whatever it started (dvc, workers) together
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _finish(root: Path, name: str, proc: subprocess.Popen) -> Run:
     try:
         rc = proc.wait(timeout=CHILD_TIMEOUT_S)
     finally:
-        if proc.poll() is None:  # timed out: leave no pipeline running
-            proc.kill()
+        if proc.poll() is None:  # timed out: leave no pipeline running, nor anything it started
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     summary_path = root / f"{name}.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
@@ -384,19 +385,27 @@ def test_a_stage_folder_has_one_writer_and_the_other_reuses_its_record(tmp_path:
     from longshort.io import write_jsonl
 
     calls: list[Path] = []
-    inside = threading.Event()
+    inside, contended = threading.Event(), threading.Event()
+    waited: list[bool] = []
 
     def body(folder: Path) -> dict:
         calls.append(folder)
         inside.set()
-        time.sleep(0.5)  # the second caller arrives while the first is writing
+        # the first writer finishes only once the second caller has found the lock taken and said so
+        waited.append(contended.wait(30))
         write_jsonl(folder / "out.jsonl", [{"n": len(calls)}])
         return {"outputs": {"out": str(folder / "out.jsonl")}, "metrics": {"n": float(len(calls))}}
 
     out = tmp_path / "artifacts" / "demo" / "0123456789abcdef"
     messages: list[str] = []
+
+    def emit(record: logging.LogRecord) -> None:
+        messages.append(record.getMessage())
+        if "another run is writing" in messages[-1]:
+            contended.set()
+
     handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    handler.emit = emit  # type: ignore[method-assign]
     logger = logging.getLogger("longshort.stages")  # the stage logger outside a Prefect run
     logger.addHandler(handler)
     level, logger.level = logger.level, logging.INFO
@@ -409,7 +418,7 @@ def test_a_stage_folder_has_one_writer_and_the_other_reuses_its_record(tmp_path:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    assert calls == [out] and a == b and a.metrics["n"] == 1.0
+    assert calls == [out] and waited == [True] and a == b and a.metrics["n"] == 1.0
     assert any("another run is writing" in m for m in messages)
     assert any("reusing finished artifacts" in m for m in messages)
     assert stage_lock_path(out) == out.parent / "0123456789abcdef.lock" and stage_lock_path(out).is_file()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import chat_prompt, fit_completions, protocol_turns
 from longshort.config import ModelConfig, ProtocolConfig
 from models.factory import load_model
 from models.generation import Completion, TransformersBackend
@@ -35,53 +36,15 @@ CFG = RLConfig(
 )  # fmt: skip
 
 
-def _chat(tokenizer, role: str, problem: str) -> str:
-    messages = [{"role": "system", "content": SYSTEM_PROMPTS[role]}, {"role": "user", "content": problem}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def protocol_pair(trained_tiny, demo_rows_small, tmp_path_factory) -> str:
-    """``trained_tiny`` after a few seconds of plain next-token fitting on protocol-shaped turns.
-
-    ``trained_tiny`` is fitted on whole long-CoT responses and never opens a ``<think>``
-    turn under the long system prompt, so the short model would never get to play.
-    """
-    model, tok = load_model(ModelConfig(), path=trained_tiny)
+def solving_pair(protocol_pair, demo_rows_small, tmp_path_factory) -> str:
+    """``protocol_pair`` fitted on to ``train[:2]`` until the pair solves those two problems (nll < 0.01):
+    ``protocol_pair`` alone writes the protocol but solves none of its problems at T=1."""
     train, _ = demo_rows_small
-    seqs = []
-    for row in train[:8]:
-        long_turn = format_long_turn(row["thoughts"][1]["terse"])
-        short_turn = format_short_turn(f"\\boxed{{{row['answer']}}}", final=True)
-        for prompt, completion in (
-            (_chat(tok, "long", row["problem"]), long_turn),
-            (_chat(tok, "short", row["problem"]) + long_turn + TURN_SEP, short_turn),
-        ):
-            p = tok(prompt, add_special_tokens=False)["input_ids"]
-            c = tok(completion + tok.eos_token, add_special_tokens=False)["input_ids"]
-            seqs.append((p + c, [0] * len(p) + [1] * len(c)))
-    width = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), width), tok.pad_token_id)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width))
-    for k, (s, m) in enumerate(seqs):
-        ids[k, : len(s)], attn[k, : len(s)], mask[k, : len(s)] = torch.tensor(s), 1, torch.tensor(m, dtype=torch.float)
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(25):
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1], -1)
-        nll = -(logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum() / mask[:, 1:].sum()
-        opt.zero_grad()
-        nll.backward()
-        opt.step()
-    out = tmp_path_factory.mktemp("protocol-pair")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return fit_completions(protocol_pair, protocol_turns(train[:2]), 60, tmp_path_factory.mktemp("solving-pair"))[0]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +100,7 @@ def test_only_the_trained_roles_tokens_carry_loss(demo_tokenizer):
         n = sum(seq.loss_mask)
         assert n == len(ids[t]) and seq.loss_mask[-n:] == [1] * n and 1 not in seq.loss_mask[:-n]
         assert tok.decode(seq.input_ids[-n:]) == texts[t][1]  # the loss covers exactly the short turn
-        expected_prompt = _chat(tok, "short", problem) + "".join(x + TURN_SEP for _, x in texts[:t])
+        expected_prompt = chat_prompt(tok, "short", problem) + "".join(x + TURN_SEP for _, x in texts[:t])
         assert seq.input_ids[:-n] == tok(expected_prompt, add_special_tokens=False)["input_ids"]
     # the long turns (partner) are in the second sequence's context only
     assert tok.decode(seqs[1].input_ids[: -sum(seqs[1].loss_mask)]).endswith(texts[2][1] + TURN_SEP)
@@ -224,15 +187,22 @@ def test_kill_and_resume_matches_an_uninterrupted_run(protocol_pair, problems, f
         assert _same(_weights(tmp_path / role), _weights(Path(reference.long_dir).parent / role))
 
 
-def test_easy_filter_keeps_problems_above_half(protocol_pair, problems, tmp_path):
-    model, tok = load_model(ModelConfig(), path=protocol_pair)
+def test_easy_filter_keeps_problems_solved_more_than_half_the_time(solving_pair, demo_rows_small, tmp_path):
+    train, _ = demo_rows_small
+    solvable = [{"problem": r["problem"], "answer": r["answer"]} for r in train[:2]]  # what solving_pair was fitted on
+    impossible = [{"problem": p["problem"], "answer": "-999"} for p in solvable]  # the same prompts, never right
+    mixed = [solvable[0], impossible[0], solvable[1], impossible[1]]
+    cfg = CFG.model_copy(update={"easy_filter": True, "temperature": 0.5})
+    model, tok = load_model(ModelConfig(), path=solving_pair)
     backend = TransformersBackend(model, tok)
-    cfg = CFG.model_copy(update={"easy_filter": True})
-    rates = pass_rates(problems[:2], backend, backend, cfg, PROTOCOL)
-    assert len(rates) == 2 and all(r * cfg.group_size == int(r * cfg.group_size) and 0 <= r <= 1 for r in rates)
-    impossible = [{"problem": p["problem"], "answer": "-999"} for p in problems[:2]]
+    rates = pass_rates(mixed, backend, backend, cfg, PROTOCOL)
+    assert all(r * cfg.group_size == int(r * cfg.group_size) for r in rates)  # hits out of G episodes
+    assert rates[0] > 0.5 and rates[2] > 0.5 and rates[1] == rates[3] == 0.0, rates
+    # the filter keeps exactly the two solvable problems: an impossible one can never be kept
+    result = train_pair_rl(solving_pair, solving_pair, mixed, cfg, tmp_path / "mixed", protocol=PROTOCOL)
+    assert result.n_problems == 2 and result.steps == 2
     with pytest.raises(ValueError, match="kept none of 2 problems"):
-        train_pair_rl(protocol_pair, protocol_pair, impossible, cfg, tmp_path, protocol=PROTOCOL)
+        train_pair_rl(solving_pair, solving_pair, impossible, cfg, tmp_path / "none", protocol=PROTOCOL)
 
 
 def test_quarter_means_average_the_first_and_last_quarter_of_steps():

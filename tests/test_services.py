@@ -361,9 +361,11 @@ def test_pair_versions_and_the_production_alias_live_in_postgres_and_s3(deployed
     ]  # fmt: skip
     client = _mlflow_client(deployed_run)
     _, pipeline_run = _pipeline_run(deployed_run)
-    if "registered.pair" in pipeline_run.data.tags:  # the pipeline registers its own trained pair too
-        name, version = pipeline_run.data.tags["registered.pair"].split("/")
-        assert client.get_model_version(name, version).tags["run_id"] == pipeline_run.info.run_id
+    # the pipeline registers its own RL pair too (tracking.log_pipeline -> register_pair tags its run)
+    assert "registered.pair" in pipeline_run.data.tags, sorted(pipeline_run.data.tags)
+    name, version = pipeline_run.data.tags["registered.pair"].split("/")
+    assert name == registry.PAIR_MODEL and (name, int(version)) in stored
+    assert client.get_model_version(name, version).tags["run_id"] == pipeline_run.info.run_id
     pair = client.get_model_version(registry.PAIR_MODEL, first.pair)
     assert pair.tags["pair.long_version"] == first.long and pair.tags["profile"] == "smoke"
     assert pair.tags["data.train_md5"] == pipeline_run.data.tags["data.train_md5"]

@@ -86,7 +86,8 @@ def _child(out_dir: Path, pause: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
     with open(out_dir.parent / f"{out_dir.name}.log", "a") as log:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # its own process group, so that a timeout kills the trainer and anything it started together
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _log_tail(out_dir: Path) -> str:
@@ -98,7 +99,7 @@ def _wait_ok(proc: subprocess.Popen, out_dir: Path) -> dict:
         rc = proc.wait(timeout=CHILD_TIMEOUT_S)
     finally:
         if proc.poll() is None:  # timed out: do not leave a trainer running
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert rc == 0, f"SFT child for {out_dir} exited with {rc}:\n{_log_tail(out_dir)}"
     return json.loads((out_dir / "sft_result.json").read_text())
@@ -107,11 +108,16 @@ def _wait_ok(proc: subprocess.Popen, out_dir: Path) -> dict:
 def _kill_when_paused(proc: subprocess.Popen, out_dir: Path, pause: str) -> None:
     marker = out_dir / f"paused-{pause}"
     deadline = time.time() + CHILD_TIMEOUT_S
-    while not marker.exists():
-        assert proc.poll() is None, f"child exited with {proc.returncode} before {pause}:\n{_log_tail(out_dir)}"
-        assert time.time() < deadline, f"child did not reach {pause} within {CHILD_TIMEOUT_S} s"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, f"child exited with {proc.returncode} before {pause}:\n{_log_tail(out_dir)}"
+            assert time.time() < deadline, f"child did not reach {pause} within {CHILD_TIMEOUT_S} s"
+            time.sleep(0.05)
+    finally:
+        if not marker.exists() and proc.poll() is None:  # failed waiting: leave no trainer running
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    os.kill(proc.pid, signal.SIGKILL)  # the fault under test: the trainer dies mid-run
     assert proc.wait(timeout=30) == -signal.SIGKILL
 
 
