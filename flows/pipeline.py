@@ -39,6 +39,7 @@ from flows.stages import (
 )
 from longshort.config import Profile, load_profile
 from longshort.io import tree_digest
+from longshort.preflight import preflight
 from longshort.records import StageRecord
 
 BASELINE_SYSTEM = "truncation baseline"  # single-model GRPO, reward = correct and length <= L_T
@@ -109,6 +110,7 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
     start = time.perf_counter()
     logger = get_run_logger()
     cfg = load_profile(profile, overrides)
+    preflight(cfg)  # a deployment's run fails here, in seconds, like `longshort run` does before Prefect starts
     ws, seed, base_model = cfg.run.workspace.resolve(), cfg.run.seed, cfg.section_dump("base_model")
     data_files, bench_files = _file_digests(cfg)
 

@@ -5,9 +5,11 @@ flavour) and ``longshort-pair`` (the pyfunc of :mod:`models.pair`, which runs th
 turn protocol with both). Their versions carry tags that link them: the run id,
 the pair's versions, the data digests, the git commit and the profile.
 
-Promotion uses the alias ``@production`` (aliases, not the deprecated stages) on
-``longshort-pair`` only. The gate reads the candidate's and production's metrics
-from their MLflow runs: ``pair_accuracy`` and ``pair_mean_tokens``. There is no
+Promotion uses the alias ``@production`` (aliases, not the deprecated stages) and
+moves it on all three models: ``longshort-long`` and ``longshort-short`` (the
+versions the pair's tags name), then ``longshort-pair``, the one served. The gate
+compares ``longshort-pair`` versions only, reading ``pair_accuracy`` and
+``pair_mean_tokens`` from the candidate's and production's MLflow runs. There is no
 fallback to the long-CoT base model's ``base_accuracy``: that measures a
 different system, and promoting a pair on it would compare unlike things. The
 candidate passes when
@@ -16,7 +18,10 @@ candidate passes when
     pair_mean_tokens(candidate) <= pair_mean_tokens(production)
 
 and otherwise the alias stays where it is and :class:`PromotionRefused` carries
-the numbers. The first candidate (no production yet) is promoted unconditionally.
+the numbers. The first candidate (no production yet) is promoted unconditionally;
+"no production yet" means only that MLflow says the alias or the model does not
+exist. Any other registry error (a timeout, a 5xx, a locked database) propagates
+and nothing moves.
 """
 
 from __future__ import annotations
@@ -257,7 +262,7 @@ def client_for_profile(profile: str, overrides: list[str] | None = None) -> Mlfl
     ``tracking.tracking_uri``, else the workspace's SQLite file (which must exist: nothing registered otherwise).
     A tracking server that does not answer raises ``longshort.endpoints.ServiceUnavailable``."""
     from longshort.config import load_profile  # noqa: PLC0415
-    from longshort.tracking import require_tracking_server, tracking_uri  # noqa: PLC0415
+    from longshort.tracking import require_tracking_server, tracking_uri, use_store  # noqa: PLC0415
 
     cfg = load_profile(profile, overrides)
     uri = tracking_uri(cfg.tracking, cfg.run.workspace.resolve())
@@ -265,8 +270,7 @@ def client_for_profile(profile: str, overrides: list[str] | None = None) -> Mlfl
     if default and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise RegistryError(f"no MLflow store at {uri} (run the pipeline first, or set MLFLOW_TRACKING_URI)")
     require_tracking_server(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    use_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -309,13 +313,25 @@ def latest_candidate(client: MlflowClient | None = None) -> Snapshot:
     return _snapshot(client, max(versions, key=lambda v: int(v.version)))
 
 
+# What MLflow 3 raises when the alias lookup finds nothing: the SQL and file stores raise
+# INVALID_PARAMETER_VALUE ("Registered model alias ... not found.") for a missing alias and
+# RESOURCE_DOES_NOT_EXIST for a missing model; the REST store re-raises the server's code (RestException).
+# A server or proxy error (5xx, a timeout, a non-JSON 4xx) carries another code and is not "no production".
+_NO_ALIAS_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"})
+
+
 def production(client: MlflowClient | None = None) -> Snapshot | None:
-    """The version ``@production`` points at, or None."""
+    """The version ``@production`` points at, or None when the alias (or the model) does not exist.
+
+    Any other registry error propagates: treating it as "no production yet" would promote without the gate.
+    """
     client = client or MlflowClient()
     try:
         version = client.get_model_version_by_alias(PAIR_MODEL, PRODUCTION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in _NO_ALIAS_CODES:
+            return None
+        raise
     return _snapshot(client, version)
 
 

@@ -43,13 +43,29 @@ def require_tracking_server(uri: str) -> None:
     require_reachable(uri, "MLflow tracking server", path="/health")
 
 
+def use_store(uri: str) -> None:
+    """Point MLflow's tracking and registry at ``uri`` for this process.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into the environment, which
+    ``tracking_uri`` reads as the user's choice: a second run in the same process (another workspace)
+    would then log to the first run's store. The variables are put back as the user had them.
+    """
+    before = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def configure(profile: Profile) -> str:
     """Point MLflow at the profile's store and experiment; return the tracking URI."""
     ws = profile.run.workspace.resolve()
     uri = tracking_uri(profile.tracking, ws)
     require_tracking_server(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    use_store(uri)
     if mlflow.get_experiment_by_name(profile.tracking.experiment) is None:
         location = profile.tracking.artifact_location
         if location is None and uri.startswith("sqlite:"):

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture()
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A fresh SQLite tracking + registry store and experiment; the active MLflow URIs point at it."""
+    """A fresh SQLite tracking + registry store and experiment; the active MLflow URIs point at it
+    for the test (conftest's ``mlflow_state`` restores them, also when the test fails)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -29,8 +30,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     mlflow.set_registry_uri(uri)
     mlflow.create_experiment("registry-test", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("registry-test")
-    yield MlflowClient(tracking_uri=uri, registry_uri=uri)
-    mlflow.set_tracking_uri(None)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)  # conftest's mlflow_state puts the URIs back
 
 
 @pytest.fixture(scope="module")
@@ -230,14 +230,7 @@ def test_client_for_profile_finds_the_store_or_says_where_it_looked(tmp_path, mo
     assert client.tracking_uri == f"sqlite:///{tmp_path}/other.db"
     with pytest.raises(registry.RegistryError, match="no version of longshort-pair"):
         registry.compare(client=client)
-    mlflow_reset()
-
-
-def mlflow_reset() -> None:
-    import mlflow
-
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
+    # client_for_profile pointed MLflow (and os.environ) at other.db: conftest's mlflow_state undoes that
 
 
 def test_long_and_short_folders_with_one_name_stay_apart(store, trained_tiny, measured, tmp_path):
@@ -259,3 +252,175 @@ def test_long_and_short_folders_with_one_name_stay_apart(store, trained_tiny, me
     assert not (local / "artifacts" / "long" / "role.txt").exists()
     assert (local / "artifacts" / "long" / "config.json").is_file()
     assert versions.long == "1" and versions.short == "1"  # distinct registered models, one version each
+
+
+# --- "no production yet" is only what MLflow says about a missing alias --------------------------------
+# These register versions without weights (the gate reads only run metrics and version tags), on the real
+# SQLite store and on a real MLflow REST server (MLflow's own Flask app, in this process) over that store.
+
+
+class _Gateway:
+    """MLflow's tracking server app behind a gateway that can answer the alias lookup with a bare 503
+    (what a load balancer sends when the server times out); every other request reaches the real server."""
+
+    ALIAS_PATH = "/api/2.0/mlflow/registered-models/alias"
+
+    def __init__(self, app) -> None:
+        self.app, self.failing = app, False
+
+    def __call__(self, environ, start_response):
+        if self.failing and environ["PATH_INFO"] == self.ALIAS_PATH and environ["REQUEST_METHOD"] == "GET":
+            start_response("503 Service Unavailable", [("Content-Type", "text/html")])
+            return [b"<html><body>upstream request timeout</body></html>"]
+        return self.app(environ, start_response)
+
+
+@pytest.fixture()
+def rest(store, monkeypatch: pytest.MonkeyPatch):
+    """(client, gateway): an MlflowClient on http://127.0.0.1:PORT, a real MLflow server over ``store``'s SQLite."""
+    import logging
+    import threading
+
+    import mlflow.server
+    from mlflow.server import handlers
+    from mlflow.tracking import MlflowClient
+    from werkzeug.serving import make_server
+
+    monkeypatch.setattr(handlers, "_tracking_store", store._tracking_client.store)
+    monkeypatch.setattr(handlers, "_model_registry_store", store._get_registry_client().store)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a 503 fails at once, not after minutes of backoff
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    gateway = _Gateway(mlflow.server.app)
+    server = make_server("127.0.0.1", 0, gateway, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        yield MlflowClient(tracking_uri=url, registry_uri=url), gateway
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
+
+
+def _bare_candidate(client, accuracy: float, tokens: float) -> str:
+    """A run with the gate's metrics and one version of each model, linked like register_pair links them."""
+    from mlflow.exceptions import MlflowException
+
+    from longshort import registry
+
+    experiment = client.get_experiment_by_name("registry-test").experiment_id
+    run = client.create_run(experiment)
+    run_id = run.info.run_id
+    client.log_metric(run_id, "pair_accuracy", accuracy)
+    client.log_metric(run_id, "pair_mean_tokens", tokens)
+    client.set_terminated(run_id)
+    versions = {}
+    for name in (registry.LONG_MODEL, registry.SHORT_MODEL, registry.PAIR_MODEL):
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            assert exc.error_code == "RESOURCE_ALREADY_EXISTS", exc
+        links = {"pair.long_version": versions.get(registry.LONG_MODEL, ""),
+                 "pair.short_version": versions.get(registry.SHORT_MODEL, "")} if name == registry.PAIR_MODEL else {}  # fmt: skip
+        source = f"{run.info.artifact_uri}/{name}"
+        versions[name] = str(client.create_model_version(name, source, run_id, tags={"run_id": run_id, **links}).version)
+    return run_id
+
+
+def _aliases(client) -> dict[str, str | None]:
+    """Where @production points on each model (None: nowhere)."""
+    from longshort import registry
+
+    return {
+        name: next((a for a in client.get_registered_model(name).aliases if a == "production"), None)
+        and str(client.get_model_version_by_alias(name, "production").version)
+        for name in (registry.LONG_MODEL, registry.SHORT_MODEL, registry.PAIR_MODEL)
+    }
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "rest"])
+def test_first_promotion_without_production_alias_is_unconditional(store, backend, request):
+    from longshort import registry
+
+    client = store if backend == "sqlite" else request.getfixturevalue("rest")[0]
+    run_id = _bare_candidate(client, 0.5, 100.0)
+    assert registry.production(client) is None  # the alias is missing: MLflow's INVALID_PARAMETER_VALUE
+    decision = registry.promote(run_id, client=client)
+    assert decision.promoted and decision.production is None
+    assert _aliases(client) == {registry.LONG_MODEL: "1", registry.SHORT_MODEL: "1", registry.PAIR_MODEL: "1"}
+    assert client.get_model_version(registry.PAIR_MODEL, "1").tags["promoted_over"] == "none"
+
+
+def test_production_of_an_unregistered_model_is_none(store):
+    """A registry with no longshort-pair at all: MLflow's RESOURCE_DOES_NOT_EXIST, also "no production"."""
+    from longshort import registry
+
+    assert registry.production(store) is None
+
+
+def test_a_failing_production_lookup_stops_the_promotion_and_moves_nothing(rest):
+    from mlflow.exceptions import MlflowException
+
+    from longshort import registry
+
+    client, gateway = rest
+    first = _bare_candidate(client, 0.5, 100.0)
+    gateway.failing = True  # the lookup of @production times out: that is not "no production yet"
+    with pytest.raises(MlflowException, match="registered-models/alias") as failed:
+        registry.promote(first, client=client)
+    assert not isinstance(failed.value, registry.PromotionRefused)
+    gateway.failing = False
+    assert _aliases(client) == dict.fromkeys((registry.LONG_MODEL, registry.SHORT_MODEL, registry.PAIR_MODEL))
+
+    registry.promote(first, client=client)
+    worse = _bare_candidate(client, 0.1, 500.0)  # the gate would refuse it, if it got to run
+    gateway.failing = True
+    with pytest.raises(MlflowException, match="registered-models/alias"):
+        registry.promote(worse, client=client)
+    with pytest.raises(MlflowException, match="registered-models/alias"):
+        registry.compare(worse, client=client)
+    gateway.failing = False
+    assert _aliases(client) == {registry.LONG_MODEL: "1", registry.SHORT_MODEL: "1", registry.PAIR_MODEL: "1"}
+    assert "promoted_over" not in client.get_model_version(registry.PAIR_MODEL, "2").tags
+
+
+def test_cli_promote_reports_a_failing_lookup_in_one_line_and_moves_nothing(rest, monkeypatch):
+    from typer.testing import CliRunner
+
+    from longshort import registry
+    from longshort.cli import app
+
+    client, gateway = rest
+    run_id = _bare_candidate(client, 0.5, 100.0)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # what client_for_profile uses first
+    gateway.failing = True
+    try:
+        result = CliRunner().invoke(app, ["promote", run_id])  # conftest's mlflow_state undoes its set_tracking_uri
+    finally:
+        gateway.failing = False
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "registered-models/alias" in lines[0], result.output
+    assert _aliases(client) == dict.fromkeys((registry.LONG_MODEL, registry.SHORT_MODEL, registry.PAIR_MODEL))
+
+
+def test_a_second_run_in_the_same_process_tracks_to_its_own_store(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI, which tracking_uri reads as the user's choice:
+    configure puts the environment back, so the next workspace gets its own store."""
+    import os
+
+    import mlflow
+
+    from longshort.config import load_profile
+    from longshort.tracking import configure
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = configure(load_profile("smoke", [f"run.workspace={tmp_path / 'a'}"]))
+    second = configure(load_profile("smoke", [f"run.workspace={tmp_path / 'b'}"]))
+    assert first == f"sqlite:///{tmp_path / 'a'}/mlflow.db" and second == f"sqlite:///{tmp_path / 'b'}/mlflow.db"
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() == second
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", second)  # the user's choice still wins
+    assert configure(load_profile("smoke", [f"run.workspace={tmp_path / 'a'}"])) == second
+    assert os.environ["MLFLOW_TRACKING_URI"] == second

@@ -1,0 +1,39 @@
+"""What a pipeline run needs from outside, checked before any stage: a bad input fails in seconds, writing nothing.
+
+Both ways a run starts call :func:`preflight`: ``longshort run`` / ``longshort evaluate`` before Prefect
+starts (so a bad profile never starts a server), and the flow ``longshort-pipeline`` itself at its top,
+so a deployment's run on a work pool fails as fast, with the same message, before its first stage.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from longshort.config import Profile
+
+
+def preflight(cfg: Profile) -> None:
+    """Check the optional packages the profile asks for, the local data and benchmark files (every row) and the
+    MLflow tracking server. Raises ConfigError, DataError, FileNotFoundError or ServiceUnavailable."""
+    import importlib.util  # noqa: PLC0415
+
+    from longshort.config import ConfigError  # noqa: PLC0415
+    from longshort.tracking import require_tracking_server, tracking_uri  # noqa: PLC0415
+    from tasks.benchmarks import is_local_source, load_benchmark  # noqa: PLC0415
+    from tasks.synthesize import load_problems  # noqa: PLC0415
+
+    runner = cfg.run.task_runner
+    if runner != "threads" and importlib.util.find_spec(f"prefect_{runner}") is None:
+        raise ConfigError(f"run.task_runner is '{runner}' but prefect-{runner} is not installed: pip install prefect-{runner}")
+    if cfg.generation.backend == "vllm":
+        from models.generation import vllm_available  # noqa: PLC0415
+
+        if not vllm_available():
+            raise ConfigError("generation.backend is 'vllm' but CUDA or the vllm package is missing")
+    if cfg.data.source != "demo" and cfg.data.path:
+        load_problems(cfg.data, need_response=cfg.data.source == "traces")
+    for bench in cfg.evaluate.benchmarks:
+        if is_local_source(bench.source):
+            load_benchmark(bench.source, split=bench.split, limit=bench.limit, name=bench.name)
+    require_tracking_server(tracking_uri(cfg.tracking, cfg.run.workspace.resolve()))
