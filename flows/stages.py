@@ -188,7 +188,7 @@ def evaluate_base_task(
     evaluate: dict,
     seed: int,
 ) -> StageRecord:
-    from models.generation import make_backend  # noqa: PLC0415
+    from models.generation import close_backend, make_backend  # noqa: PLC0415
     from tasks.evaluate import evaluate_single_model  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
 
@@ -198,8 +198,11 @@ def evaluate_base_task(
         backend = make_backend(
             model_dir, ModelConfig.model_validate(base_model), GenerationConfig.model_validate(generation), seed
         )
-        think, think_records = evaluate_single_model(backend, rows, think=True, max_new_tokens=cfg.max_new_tokens)
-        direct, direct_records = evaluate_single_model(backend, rows, think=False, max_new_tokens=64)
+        try:
+            think, think_records = evaluate_single_model(backend, rows, think=True, max_new_tokens=cfg.max_new_tokens)
+            direct, direct_records = evaluate_single_model(backend, rows, think=False, max_new_tokens=64)
+        finally:
+            close_backend(backend)  # frees a vLLM engine's GPU memory for the next stage
         write_jsonl(folder / "episodes_think.jsonl", think_records)
         write_jsonl(folder / "episodes_nothink.jsonl", direct_records)
         return {
@@ -250,9 +253,10 @@ def chunk_task(
 
     def body(folder: Path) -> dict[str, Any]:
         cfg = ChunkConfig.model_validate(chunk)
+        from models.generation import close_backend, make_backend  # noqa: PLC0415
+
         backend = None
         if cfg.method == "llm":
-            from models.generation import make_backend  # noqa: PLC0415
 
             if not llm:
                 raise ValueError("chunk.method is 'llm' but no model was given to prompt")
@@ -261,12 +265,15 @@ def chunk_task(
                 GenerationConfig.model_validate(llm["generation"]), seed,
             )  # fmt: skip
         outputs, metrics = {}, {}
-        for split, path, n in (("train", train_path, n_train), ("heldout", heldout_path, n_heldout)):
-            rows = chunk_rows(read_split(path)[:n], cfg, backend, seed=seed)
-            write_jsonl(folder / f"chunks_{split}.jsonl", rows)
-            outputs[split] = str(folder / f"chunks_{split}.jsonl")
-            metrics[f"chunk_{split}_traces"] = len(rows)
-            metrics[f"chunk_{split}_thoughts_per_trace"] = sum(len(r["thoughts"]) for r in rows) / max(len(rows), 1)
+        try:
+            for split, path, n in (("train", train_path, n_train), ("heldout", heldout_path, n_heldout)):
+                rows = chunk_rows(read_split(path)[:n], cfg, backend, seed=seed)
+                write_jsonl(folder / f"chunks_{split}.jsonl", rows)
+                outputs[split] = str(folder / f"chunks_{split}.jsonl")
+                metrics[f"chunk_{split}_traces"] = len(rows)
+                metrics[f"chunk_{split}_thoughts_per_trace"] = sum(len(r["thoughts"]) for r in rows) / max(len(rows), 1)
+        finally:
+            close_backend(backend)
         return {"outputs": outputs, "metrics": metrics}
 
     return _run_stage("chunk", key, out_dir, body)
@@ -292,7 +299,7 @@ def score_shard_task(
     key: str, out_dir: str, rows: list[dict], model_dir: str, base_model: dict, generation: dict, score: dict
 ) -> StageRecord:
     """Monte Carlo importance for one shard of traces (mapped; a failed shard is retried alone)."""
-    from models.generation import make_backend  # noqa: PLC0415
+    from models.generation import close_backend, make_backend  # noqa: PLC0415
     from tasks.importance import score_rows  # noqa: PLC0415
 
     def body(folder: Path) -> dict[str, Any]:
@@ -300,7 +307,10 @@ def score_shard_task(
         backend = make_backend(
             model_dir, ModelConfig.model_validate(base_model), GenerationConfig.model_validate(generation), cfg.seed
         )
-        scored = score_rows(backend, rows, cfg)
+        try:
+            scored = score_rows(backend, rows, cfg)
+        finally:
+            close_backend(backend)
         write_jsonl(folder / "scored.jsonl", scored)
         return {"outputs": {"scored": str(folder / "scored.jsonl")}, "metrics": {"n_traces": len(scored)}}
 
@@ -330,7 +340,7 @@ def cold_start_task(
     key: str, out_dir: str, scored_path: str, train_path: str, model_dir: str, base_model: dict,
     generation: dict, cold_start: dict, seed: int, max_turns: int | None = None,
 ) -> StageRecord:  # fmt: skip
-    from models.generation import make_backend  # noqa: PLC0415
+    from models.generation import close_backend, make_backend  # noqa: PLC0415
     from tasks.cold_start import build_cold_start, make_compressor, write_cold_start  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
 
@@ -340,10 +350,13 @@ def cold_start_task(
             model_dir, ModelConfig.model_validate(base_model), GenerationConfig.model_validate(generation), seed
         )
         teacher_rows = read_split(train_path) if cfg.compressor == "demo_terse" else None
-        compressor = make_compressor(cfg, rows=teacher_rows, backend=backend, seed=seed)
-        d_long, d_short, stats = build_cold_start(
-            read_split(scored_path), cfg, compressor, backend.count_tokens, max_turns=max_turns
-        )
+        try:
+            compressor = make_compressor(cfg, rows=teacher_rows, backend=backend, seed=seed)
+            d_long, d_short, stats = build_cold_start(
+                read_split(scored_path), cfg, compressor, backend.count_tokens, max_turns=max_turns
+            )
+        finally:
+            close_backend(backend)
         path_long, path_short = write_cold_start(folder, d_long, d_short)
         numeric = {f"cold_start_{k}": float(v) for k, v in stats.as_dict().items() if isinstance(v, (int, float))}
         return {"outputs": {"long": str(path_long), "short": str(path_short)}, "metrics": numeric}
@@ -430,7 +443,7 @@ def baseline_task(
 ) -> StageRecord:  # fmt: skip
     """The single-model baseline: GRPO of the long-CoT base with the truncation recipe (tasks/baseline.py)."""
     from models.factory import load_model  # noqa: PLC0415
-    from models.generation import make_backend, vllm_available  # noqa: PLC0415
+    from models.generation import close_backend, make_backend, vllm_available  # noqa: PLC0415
     from tasks.baseline import easy_problems, train_truncation_baseline  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
 
@@ -450,7 +463,7 @@ def baseline_task(
                 backend, problems, samples=cfg.easy_samples, temperature=cfg.temperature,
                 max_new_tokens=gen_cfg.max_new_tokens, seed=cfg.seed,
             )  # fmt: skip
-            del backend
+            close_backend(backend)  # TRL starts its own vLLM engine next
             logger.info("baseline: %d of %d problems are easy (base pass rate > 0.5)", len(problems), len(rows))
         model, tokenizer = load_model(model_cfg, path=model_dir)
         result = train_truncation_baseline(

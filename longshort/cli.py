@@ -55,30 +55,11 @@ def _pipeline_errors() -> tuple[type[BaseException], ...]:
 
 
 def _preflight(cfg: Profile) -> None:
-    """Check what a run needs from outside before Prefect starts, so a bad input fails in seconds, writing nothing:
-    the optional packages the profile asks for, the local data and benchmark files (every row) and the MLflow
-    tracking server."""
-    import importlib.util  # noqa: PLC0415
+    """Check what a run needs from outside before Prefect starts, so a bad input fails in seconds, writing nothing
+    (:func:`longshort.preflight.preflight`; the flow runs the same check at its top, for deployment runs)."""
+    from longshort.preflight import preflight  # noqa: PLC0415
 
-    from longshort.config import ConfigError  # noqa: PLC0415
-    from longshort.tracking import require_tracking_server, tracking_uri  # noqa: PLC0415
-    from tasks.benchmarks import is_local_source, load_benchmark  # noqa: PLC0415
-    from tasks.synthesize import load_problems  # noqa: PLC0415
-
-    runner = cfg.run.task_runner
-    if runner != "threads" and importlib.util.find_spec(f"prefect_{runner}") is None:
-        raise ConfigError(f"run.task_runner is '{runner}' but prefect-{runner} is not installed: pip install prefect-{runner}")
-    if cfg.generation.backend == "vllm":
-        from models.generation import vllm_available  # noqa: PLC0415
-
-        if not vllm_available():
-            raise ConfigError("generation.backend is 'vllm' but CUDA or the vllm package is missing")
-    if cfg.data.source != "demo" and cfg.data.path:
-        load_problems(cfg.data, need_response=cfg.data.source == "traces")
-    for bench in cfg.evaluate.benchmarks:
-        if is_local_source(bench.source):
-            load_benchmark(bench.source, split=bench.split, limit=bench.limit, name=bench.name)
-    require_tracking_server(tracking_uri(cfg.tracking, cfg.run.workspace.resolve()))
+    preflight(cfg)
 
 
 def _run_pipeline(profile: str, overrides: list[str] | None) -> dict:
@@ -186,7 +167,7 @@ def solve(
     Decoding follows the profile's ``generation.temperature`` (greedy at 0) and ``run.seed``, as the served pair does.
     """
     from longshort.config import ConfigError, load_profile  # noqa: PLC0415
-    from models.generation import make_backend  # noqa: PLC0415
+    from models.generation import close_backend, make_backend, share_gpu_memory  # noqa: PLC0415
     from models.protocol import run_episodes  # noqa: PLC0415
 
     try:
@@ -203,8 +184,10 @@ def solve(
     seed = cfg.run.seed
     try:
         with console.status("loading models"):
-            long_backend = make_backend(long, cfg.base_model, cfg.generation, seed)
-            short_backend = long_backend if short == long else make_backend(short, cfg.base_model, cfg.generation, seed)
+            # two vLLM engines on one GPU split its memory
+            gen = cfg.generation if short == long else share_gpu_memory(cfg.generation, 2)
+            long_backend = make_backend(long, cfg.base_model, gen, seed)
+            short_backend = long_backend if short == long else make_backend(short, cfg.base_model, gen, seed)
     except (ConfigError, ModelLoadError, OSError) as exc:  # pickle weights, custom code not allowed, no vLLM
         _fail(exc)
     with console.status("solving"):
@@ -218,6 +201,8 @@ def solve(
             temperature=cfg.generation.temperature,
             seed=seed,
         )
+    close_backend(long_backend)
+    close_backend(short_backend)
     for k, turn in enumerate(episode.turns, start=1):
         style = "cyan" if turn.role == "long" else "green"
         console.rule(f"turn {k} · {turn.role} · {turn.n_tokens} tokens", style=style)
@@ -294,6 +279,8 @@ def compare(
     set_: SetOpt = None,
 ) -> None:
     """Print the candidate pair and longshort-pair@production side by side, with the promotion gate's verdict."""
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
     from longshort import registry  # noqa: PLC0415
     from longshort.config import ConfigError  # noqa: PLC0415
     from longshort.endpoints import ServiceUnavailable  # noqa: PLC0415
@@ -301,8 +288,8 @@ def compare(
     try:
         client = registry.client_for_profile(profile, set_)
         decision = registry.compare(run_id, tolerance, client)
-    except (ConfigError, registry.RegistryError, ServiceUnavailable) as exc:
-        _fail(exc)
+    except (ConfigError, registry.RegistryError, ServiceUnavailable, MlflowException) as exc:
+        _fail(exc)  # MlflowException: the registry failed (e.g. a 5xx on the @production lookup)
     console.print(registry.comparison_table(decision))
 
 
@@ -314,6 +301,8 @@ def promote(
     set_: SetOpt = None,
 ) -> None:
     """Move @production to RUN_ID's pair (longshort-long, -short and -pair) if it passes the gate; else refuse (exit 1)."""
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
     from longshort import registry  # noqa: PLC0415
     from longshort.config import ConfigError  # noqa: PLC0415
     from longshort.endpoints import ServiceUnavailable  # noqa: PLC0415
@@ -326,8 +315,8 @@ def promote(
         current = exc.decision.production.version if exc.decision.production else "none"
         console.print(f"[bold red]refused:[/] @{registry.PRODUCTION} stays at v{current}")
         raise typer.Exit(1) from None
-    except (ConfigError, registry.RegistryError, ServiceUnavailable) as exc:
-        _fail(exc)
+    except (ConfigError, registry.RegistryError, ServiceUnavailable, MlflowException) as exc:
+        _fail(exc)  # MlflowException: the registry failed mid-way (nothing was promoted if it was the gate's lookup)
     console.print(registry.comparison_table(decision))
     tags = decision.candidate.tags
     console.print(

@@ -8,6 +8,7 @@ vLLM is imported only when it is selected, so the CPU install never needs it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import logging
 from collections.abc import Iterator, Sequence
@@ -72,6 +73,42 @@ def _chat_prompt(tokenizer, system: str, user: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def prompt_token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """The token ids every backend feeds the model for ``prompts``: exactly the prompt text's tokens.
+
+    Prompts are chat-template text (plus turns), and a chat template already writes the special tokens
+    the model expects (Llama-3.1's and DeepSeek-R1-Distill's start with BOS), so nothing is added:
+    tokenizing with ``add_special_tokens=True`` (a tokenizer's default, and vLLM's for text prompts)
+    would put a second BOS in front.
+    """
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def close_backend(backend: object) -> None:
+    """Release what a backend holds (a vLLM engine's GPU memory, a model); one without ``close`` is left alone."""
+    close = getattr(backend, "close", None)
+    if callable(close):
+        close()
+
+
+def share_gpu_memory(gen_cfg: GenerationConfig, engines: int) -> GenerationConfig:
+    """``gen_cfg`` for one of ``engines`` vLLM engines alive at once on the same GPU(s).
+
+    vLLM's ``gpu_memory_utilization`` is a per-engine fraction of the whole GPU and an engine refuses to
+    start when less than that is free, so two engines of a pair get half the configured fraction each.
+    The transformers backend does not read the field.
+    """
+    if engines <= 1:
+        return gen_cfg
+    return gen_cfg.model_copy(update={"gpu_memory_utilization": gen_cfg.gpu_memory_utilization / engines})
+
+
+def _free_accelerator_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @contextlib.contextmanager
 def _plain_generation_config(model: Any) -> Iterator[None]:
     """``model.generation_config`` reduced to its token ids for the duration (restored after)."""
@@ -91,6 +128,12 @@ class TransformersBackend:
     ``_generate_from_shared_prefix``): Monte Carlo scoring draws several rollouts
     from each of many long prefixes, and encoding a prefix once instead of ``n``
     times is most of its cost on a CPU.
+
+    Prompts are encoded by :func:`prompt_token_ids` (no special tokens added), as
+    the vLLM backend does. Sampling seeds torch once per batch (``seed`` plus the
+    batch's offset): the rows of a batch, identical prompts included, draw from
+    one stream, so every sample differs and a call is reproducible for a given
+    ``seed``, batch size and prompt list.
     """
 
     name = "transformers"
@@ -107,6 +150,12 @@ class TransformersBackend:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def close(self) -> None:
+        """Drop this backend's reference to the model (freeing it unless the caller holds one); idempotent."""
+        if self.model is not None:
+            self.model = None
+            _free_accelerator_memory()
 
     def _single_token_id(self, text: str) -> int | None:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -127,6 +176,8 @@ class TransformersBackend:
     ) -> list[list[Completion]]:
         if prefix not in ("shared", "copied", "separate"):
             raise ValueError(f"generate: prefix must be 'shared', 'copied' or 'separate', got {prefix!r}")
+        if self.model is None:
+            raise RuntimeError("generate: this backend was closed")
         if prefix == "separate" and n > 1:
             # The naive baseline: one full pass per sample, each re-encoding every prompt.
             passes = [
@@ -147,7 +198,7 @@ class TransformersBackend:
         stop_ids = {s: self._single_token_id(s) for s in stop}
         eos_ids = [tok.eos_token_id] + [i for i in stop_ids.values() if i is not None]
         string_stops = [s for s, i in stop_ids.items() if i is None]
-        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        encoded = prompt_token_ids(tok, prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         results: list[list[Completion]] = [[] for _ in prompts]
         per_batch = max(1, self.batch_size // n)
@@ -249,21 +300,125 @@ class TransformersBackend:
         return None
 
 
+def vllm_request_seeds(seed: int, n_prompts: int, n: int) -> list[int]:
+    """The ``SamplingParams.seed`` of each prompt's request: ``seed + i * n`` for prompt ``i``.
+
+    vLLM seeds a generator per request, so requests that share a prompt and a seed give the same
+    sample (the k copies of a problem that ``tasks.evaluate.pair_records`` sends would all agree).
+    A request with ``n`` samples fans out into ``n`` child requests seeded ``seed + j``
+    (``vllm/v1/engine/parallel_sampling.py``, ``ParentRequest._get_child_sampling_params``), so a
+    stride of ``n`` gives every sample of one call its own seed, ``seed + i * n + j``.
+    """
+    return [seed + i * n for i in range(n_prompts)]
+
+
+def vllm_sampling_kwargs(
+    n_prompts: int,
+    *,
+    max_new_tokens: int,
+    stop: Sequence[str],
+    temperature: float,
+    top_p: float,
+    n: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """One ``vllm.SamplingParams(**kwargs)`` per prompt (``LLM.generate`` pairs a list with the prompts)."""
+    common = dict(
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_new_tokens,
+        stop=list(stop),
+        include_stop_str_in_output=True,
+    )
+    return [{**common, "seed": s} for s in vllm_request_seeds(seed, n_prompts, n)]
+
+
+def _ids_through_stop(tokenizer, ids: Sequence[int], stop: str) -> list[int]:
+    """The fewest leading ``ids`` whose text holds ``stop``.
+
+    vLLM checks stop strings after each step and keeps every id of the step in ``token_ids``
+    (``vllm/v1/engine/detokenizer.py``: only ``output_text`` is truncated); with one token per step
+    the last id is the one that completed the stop string, as in the transformers backend, and this
+    costs one decode. A step of several tokens (speculative decoding) may leave ids after it: they
+    are dropped here so both backends count the same tokens.
+    """
+    ids = list(ids)
+    while len(ids) > 1 and stop in tokenizer.decode(ids[:-1], skip_special_tokens=True):
+        ids.pop()
+    return ids
+
+
+def completion_from_vllm(
+    tokenizer, text: str, token_ids: Sequence[int], finish_reason: str | None, stop_reason: int | str | None
+) -> Completion:
+    """A :class:`Completion` from one vLLM ``CompletionOutput``'s fields, counted as the transformers backend counts.
+
+    ``token_ids`` holds every generated id: an EOS (or other stop token) that ended the sample is the
+    last id and is counted (its text is not in ``text``, special tokens being skipped); with
+    ``include_stop_str_in_output=True`` the text ends with the stop string, and the ids end with the
+    token that completed it.
+    """
+    ids = list(token_ids)
+    if isinstance(stop_reason, str) and ids:
+        ids = _ids_through_stop(tokenizer, ids, stop_reason)
+    return Completion(text, len(ids), "length" if finish_reason == "length" else "stop", tuple(ids))
+
+
+def _shutdown_vllm(llm: Any) -> None:
+    """Stop a ``vllm.LLM``'s engine: ``LLM.shutdown`` where a version has it, else the V1 engine's.
+
+    V1's ``LLMEngine.shutdown`` and its ``engine_core`` client's ``shutdown`` end the engine-core
+    process (the default multiprocessing mode), which frees its GPU memory.
+    """
+    engine = getattr(llm, "llm_engine", None)
+    for owner in (llm, engine, getattr(engine, "engine_core", None)):
+        shutdown = getattr(owner, "shutdown", None) if owner is not None else None
+        if callable(shutdown):
+            try:
+                shutdown()
+            except Exception:  # noqa: BLE001 - a failed shutdown must not hide the run's result
+                log.warning("vLLM engine shutdown failed; its memory is freed when the process ends", exc_info=True)
+            return
+
+
 class VLLMBackend:
-    """vLLM with prefix caching; used on CUDA machines with the ``gpu`` extra."""
+    """vLLM with prefix caching; used on CUDA machines with the ``gpu`` extra.
+
+    Prompts go to the engine as token ids from :func:`prompt_token_ids`, the same ids the
+    transformers backend feeds its model (a text prompt would be tokenized with special tokens
+    added: a second BOS after the chat template's). Sampling: each prompt's request gets its own
+    seed (:func:`vllm_request_seeds`), so identical prompts in one call give different samples and
+    a call is reproducible for a given ``seed`` and prompt list, whatever the batching; the draws
+    themselves differ from the transformers backend's (torch seeded once per batch there).
+    ``close()`` shuts the engine down and frees its GPU memory; use one engine per GPU at a time
+    or split ``gpu_memory_utilization`` (:func:`share_gpu_memory`).
+    """
 
     name = "vllm"
 
-    def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GenerationConfig, seed: int = 0):
+    def __init__(
+        self,
+        model_path: str,
+        model_cfg: ModelConfig,
+        gen_cfg: GenerationConfig,
+        seed: int = 0,
+        *,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+    ):
         from vllm import LLM  # noqa: PLC0415 - optional GPU dependency
 
+        extra: dict[str, Any] = {} if max_model_len is None else {"max_model_len": max_model_len}
         self.llm = LLM(
             model=str(model_path),
             dtype=model_cfg.dtype if model_cfg.dtype != "float32" else "auto",
             trust_remote_code=model_cfg.trust_remote_code,
             enable_prefix_caching=gen_cfg.enable_prefix_caching,
             gpu_memory_utilization=gen_cfg.gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
             seed=seed,
+            **extra,
         )
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -272,6 +427,15 @@ class VLLMBackend:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def close(self) -> None:
+        """Shut the engine down and free its GPU memory; idempotent."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        _shutdown_vllm(llm)
+        del llm
+        _free_accelerator_memory()
 
     def generate(
         self,
@@ -287,25 +451,26 @@ class VLLMBackend:
     ) -> list[list[Completion]]:
         # vLLM always shares prompts through its prefix cache (enable_prefix_caching), so
         # ``prefix`` changes nothing here; the n samples come from one request.
+        if self.llm is None:
+            raise RuntimeError("generate: this backend was closed")
+        if not prompts:
+            return []
         from vllm import SamplingParams  # noqa: PLC0415
 
-        params = SamplingParams(
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_new_tokens,
-            stop=list(stop),
-            include_stop_str_in_output=True,
-            seed=seed,
-        )
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        params = [
+            SamplingParams(**kwargs)
+            for kwargs in vllm_sampling_kwargs(
+                len(prompts), max_new_tokens=max_new_tokens, stop=stop, temperature=temperature,
+                top_p=top_p, n=n, seed=seed,
+            )
+        ]  # fmt: skip
+        # a dict with "prompt_token_ids" is a vllm.inputs.TokensPrompt (a TypedDict): no tokenization by vLLM
+        requests = [{"prompt_token_ids": ids} for ids in prompt_token_ids(self.tokenizer, prompts)]
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
         return [
             [
-                Completion(
-                    o.text,
-                    len(o.token_ids),
-                    "length" if o.finish_reason == "length" else "stop",
-                    tuple(o.token_ids),
+                completion_from_vllm(
+                    self.tokenizer, o.text, o.token_ids, o.finish_reason, getattr(o, "stop_reason", None)
                 )
                 for o in out.outputs
             ]
@@ -329,7 +494,15 @@ def make_backend(
             from longshort.config import ConfigError  # noqa: PLC0415
 
             raise ConfigError("generation.backend is 'vllm' but CUDA or the vllm package is missing")
-        return VLLMBackend(str(model_path), model_cfg, gen_cfg, seed=seed)
+        return VLLMBackend(
+            str(model_path),
+            model_cfg,
+            gen_cfg,
+            seed=seed,
+            # multi-GPU settings, read when GenerationConfig has them
+            tensor_parallel_size=gen_cfg.tensor_parallel_size,
+            max_model_len=gen_cfg.max_model_len,
+        )
     from models.factory import load_model  # noqa: PLC0415 - avoid a cycle at import time
 
     model, tokenizer = load_model(model_cfg, path=model_path)

@@ -113,7 +113,7 @@ class LongShortPair(mlflow.pyfunc.PythonModel):
     def load(self, long_dir: str | Path, short_dir: str | Path, settings_file: str | Path) -> LongShortPair:
         """Load outside MLflow too (tests, ``longshort solve``-like use); returns self."""
         from longshort.io import tree_digest  # noqa: PLC0415
-        from models.generation import make_backend  # noqa: PLC0415 - torch only when a model is loaded
+        from models.generation import make_backend, share_gpu_memory  # noqa: PLC0415 - torch only when loading
 
         path = Path(settings_file)
         try:
@@ -121,12 +121,22 @@ class LongShortPair(mlflow.pyfunc.PythonModel):
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: not a valid pair configuration: {exc}") from exc
         s = self.settings
-        self.long = make_backend(long_dir, s.model, s.generation, s.seed)
         same = Path(long_dir).resolve() == Path(short_dir).resolve() or tree_digest(Path(long_dir)) == tree_digest(
             Path(short_dir)
         )
-        self.short = self.long if same else make_backend(short_dir, s.model, s.generation, s.seed)
+        # two vLLM engines live at once on the GPU: each gets half of gpu_memory_utilization
+        generation = s.generation if same else share_gpu_memory(s.generation, 2)
+        self.long = make_backend(long_dir, s.model, generation, s.seed)
+        self.short = self.long if same else make_backend(short_dir, s.model, generation, s.seed)
         return self
+
+    def close(self) -> None:
+        """Release both models (a vLLM engine's GPU memory); the pair cannot solve afterwards."""
+        from models.generation import close_backend  # noqa: PLC0415
+
+        backends = (getattr(self, "long", None), getattr(self, "short", None))
+        for backend in {id(b): b for b in backends if b is not None}.values():
+            close_backend(backend)
 
     def solve(self, problems: Sequence[str]) -> list[Episode]:
         p = self.settings.protocol

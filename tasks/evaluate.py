@@ -157,7 +157,9 @@ def pair_records(
 ) -> tuple[list[dict[str, Any]], list[Episode]]:
     """k Long⊗Short episodes per problem through the turn protocol, as ``tasks.metrics`` records.
 
-    An episode that ends without ``</answer>`` (turn cap, malformed turn) is wrong.
+    An episode that ends without ``</answer>`` (turn cap, malformed turn) is wrong. The k copies of a
+    problem go out as k identical prompts in one call per turn; they are k different samples because
+    every backend gives each prompt its own random draw (vLLM: a seed per prompt, ``vllm_request_seeds``).
     """
     problems = [r for r in rows for _ in range(k)]
     episodes = run_episodes(

@@ -19,7 +19,7 @@ from typing import Any
 
 from longshort.config import EvaluateConfig, GenerationConfig, ModelConfig, ProtocolConfig
 from longshort.io import write_jsonl
-from models.generation import GenerationBackend, make_backend
+from models.generation import GenerationBackend, close_backend, make_backend, share_gpu_memory
 from tasks.benchmarks import benchmark_name, load_benchmark
 from tasks.evaluate import pair_records, single_model_records
 from tasks.importance import auroc
@@ -67,6 +67,11 @@ def importance_auroc(scored_rows: list[dict[str, Any]], split_rows: list[dict[st
     return {"importance_auroc": auroc(scores, labels), "importance_auroc_traces": float(n_traces)}
 
 
+def system_models(spec: dict[str, str]) -> list[str]:
+    """The model folders a system runs: ``[model]`` for a single model, ``[long, short]`` for a pair."""
+    return [spec["model"]] if spec["kind"] == "single" else [spec["long"], spec["short"]]
+
+
 def _benchmarks(heldout_path: str, cfg: EvaluateConfig, seed: int) -> list[tuple[str, list[dict[str, Any]]]]:
     heldout = [{**r, "kind": "math"} for r in read_split(heldout_path)[: cfg.n_problems]]
     out = [(HELDOUT, heldout)]
@@ -88,26 +93,40 @@ def evaluate_systems(
     out_dir: Path,
     seed: int = 0,
 ) -> Report:
-    """Run each system on each benchmark; write records, results.md/json and plots to ``out_dir``."""
-    backends: dict[str, GenerationBackend] = {}
+    """Run each system on each benchmark; write records, results.md/json and plots to ``out_dir``.
 
-    def backend(path: str) -> GenerationBackend:
-        if path not in backends:
-            backends[path] = make_backend(path, model_cfg, gen_cfg, seed)
-        return backends[path]
-
-    records: list[dict[str, Any]] = []
-    for bench_name, rows in _benchmarks(heldout_path, cfg, seed):
+    One system at a time: its model(s) are loaded, run on every benchmark and released
+    (``close_backend``) before the next system's are loaded, so at most the two engines of one pair
+    hold GPU memory at once, each with half of ``gpu_memory_utilization`` (``share_gpu_memory``).
+    A model the next system needs in the same way is kept. Records are written benchmark by
+    benchmark, systems in the order given, whatever order they ran in.
+    """
+    benchmarks = _benchmarks(heldout_path, cfg, seed)
+    by_run: dict[tuple[int, str], list[dict[str, Any]]] = {}  # (benchmark index, system) -> records
+    held: dict[tuple[str, int], GenerationBackend] = {}  # (model folder, engines alive at once) -> backend
+    try:
         for name, spec in systems.items():
-            log.info("evaluate: %s on %s (%d problems, k=%d)", name, bench_name, len(rows), cfg.k)
-            common = dict(benchmark=bench_name, system=name, k=cfg.k, temperature=cfg.temperature, seed=seed)
-            if spec["kind"] == "single":
-                records += single_model_records(
-                    backend(spec["model"]), rows, max_new_tokens=cfg.max_new_tokens, **common
-                )
-            else:
-                recs, _ = pair_records(backend(spec["long"]), backend(spec["short"]), rows, protocol, **common)
-                records += recs
+            folders = list(dict.fromkeys(system_models(spec)))
+            wanted = [(folder, len(folders)) for folder in folders]
+            for key in [k for k in held if k not in wanted]:
+                close_backend(held.pop(key))
+            for key in wanted:
+                if key not in held:
+                    held[key] = make_backend(key[0], model_cfg, share_gpu_memory(gen_cfg, key[1]), seed)
+            for b, (bench_name, rows) in enumerate(benchmarks):
+                log.info("evaluate: %s on %s (%d problems, k=%d)", name, bench_name, len(rows), cfg.k)
+                common = dict(benchmark=bench_name, system=name, k=cfg.k, temperature=cfg.temperature, seed=seed)
+                if spec["kind"] == "single":
+                    by_run[(b, name)] = single_model_records(
+                        held[wanted[0]], rows, max_new_tokens=cfg.max_new_tokens, **common
+                    )
+                else:
+                    long, short = (held[(spec[role], len(folders))] for role in ("long", "short"))
+                    by_run[(b, name)], _ = pair_records(long, short, rows, protocol, **common)
+    finally:
+        for backend in held.values():
+            close_backend(backend)
+    records = [r for b in range(len(benchmarks)) for name in systems for r in by_run[(b, name)]]
     summary = summarize(records, k=cfg.k, budgets=cfg.budgets)
     out_dir = Path(out_dir)
     write_jsonl(out_dir / "records.jsonl", records)
