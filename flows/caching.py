@@ -45,7 +45,7 @@ STAGE_MODULES: dict[str, list[str]] = {
     "sft_long": ["tasks.sft", "tasks.cold_start", "models.factory", "models.protocol"],
     "sft_short": ["tasks.sft", "tasks.cold_start", "models.factory", "models.protocol"],
     "baseline": ["tasks.baseline", "tasks.rewards", "tasks.evaluate", "tasks.answers", "tasks.sft", "models.generation", "models.factory", "models.protocol"],
-    "rl": ["tasks.rl", "tasks.rewards", "tasks.answers", "models.generation", "models.factory", "models.protocol"],
+    "rl": ["tasks.rl", "tasks.rl_checkpoint", "tasks.rewards", "tasks.answers", "tasks.sft", "models.generation", "models.factory", "models.protocol"],
     "evaluate": [
         "tasks.report",
         "tasks.evaluate",

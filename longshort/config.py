@@ -7,6 +7,7 @@ Defaults live here, not in the code that reads the config.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,6 +35,15 @@ def _existing_file(path: str | None) -> str | None:
 
 
 DeepSpeedFile = Annotated[str | None, AfterValidator(_existing_file)]
+
+
+def zero_stage(path: str) -> int | None:
+    """The ZeRO stage a DeepSpeed config file asks for (None if it names none or cannot be read)."""
+    try:
+        stage = json.loads(Path(repo_file(path)).read_text()).get("zero_optimization", {}).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, int) else None
 
 
 class ConfigError(ValueError):
@@ -89,6 +99,9 @@ class DataConfig(Section):
     # teacher model for source == "teacher" (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-7B)
     teacher: str | None = None
     teacher_max_new_tokens: int = Field(16384, ge=16)
+    # DeepSeek's advice for R1 models: sample at 0.5-0.7 (0.6, top-p 0.95); greedy decoding loops
+    teacher_temperature: float = Field(0.6, ge=0.0)
+    teacher_top_p: float = Field(0.95, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _source_needs(self) -> DataConfig:
@@ -172,6 +185,15 @@ class SFTConfig(Section):
             raise ValueError("must be -1 (train for `epochs`) or a positive number of steps")
         return value
 
+    @model_validator(mode="after")
+    def _lora_needs_whole_weights(self) -> SFTConfig:
+        if self.lora is not None and self.deepspeed and zero_stage(self.deepspeed) == 3:
+            raise ValueError(
+                f"lora with the ZeRO-3 config {self.deepspeed!r}: merging the adapters needs whole weights, "
+                "use infra/deepspeed/zero2.json (or no deepspeed) with LoRA"
+            )
+        return self
+
     @field_validator("lr_scheduler")
     @classmethod
     def _known_scheduler(cls, name: str) -> str:
@@ -189,8 +211,10 @@ class GenerationConfig(Section):
     max_new_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)  # vLLM's share of the GPU (a pair splits it)
     enable_prefix_caching: bool = True
+    tensor_parallel_size: int = Field(1, ge=1)  # vLLM: GPUs one engine spreads a model over
+    max_model_len: int | None = Field(None, ge=1)  # vLLM: context to reserve KV cache for (None: the model's)
 
 
 class ProtocolConfig(Section):
@@ -338,7 +362,10 @@ class RLConfig(Section):
     n_problems: int = Field(512, ge=1)  # training problems the pool is drawn from (before the easy filter)
     probe_problems: int = Field(0, ge=0)  # the next training problems, a fixed batch the reward curve is measured on
     probe_every: int = Field(8, ge=1)  # steps between probes (also before the first step and after the last)
+    lora: LoraConfig | None = None  # train LoRA adapters (fp32) on frozen weights, merged into the saved models
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (long episodes, big models)
     seed: int = 0
+
 
 class BaselineConfig(Section):
     """The single-model baseline trained with the truncation recipe (tasks/baseline.py): GRPO from the
@@ -356,9 +383,20 @@ class BaselineConfig(Section):
     temperature: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(10, ge=1)  # steps
     n_problems: int = Field(512, ge=1)  # training problems the pool is drawn from (before the easy filter)
+    micro_batch_size: int | None = Field(None, ge=1)  # sequences per forward/backward (None: the whole step's batch)
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # TRL's colocated engine's share of the GPU
     bf16: bool = True  # on CUDA only
     deepspeed: DeepSpeedFile = None  # path to a ZeRO config in infra/, used on CUDA only
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _micro_divides_batch(self) -> BaselineConfig:
+        batch = self.prompts_per_step * self.group_size
+        if self.micro_batch_size is not None and batch % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size={self.micro_batch_size} must divide prompts_per_step x group_size = {batch}"
+            )
+        return self
 
 
 # MLflow stores with a registry (MLflow 3 refuses the ./mlruns file store); "+driver" suffixes are allowed
@@ -406,6 +444,17 @@ class Profile(Section):
     rl: RLConfig = RLConfig()
     baseline: BaselineConfig = BaselineConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _rl_updates_survive(self) -> Profile:
+        # AdamW on half-precision weights rounds an update of ~lr away (bf16 keeps 8 bits of mantissa): the
+        # RL loop has no fp32 master copy, so it trains fp32 LoRA adapters on such weights instead.
+        if self.base_model.dtype != "float32" and self.rl.lora is None:
+            raise ValueError(
+                f"rl.lora: base_model.dtype is {self.base_model.dtype}, and full-weight RL on half-precision "
+                "weights loses its updates; set rl.lora (adapters train in float32) or base_model.dtype: float32"
+            )
+        return self
 
     def section_dump(self, name: str) -> dict[str, Any]:
         """A JSON-able view of one section: the unit that cache keys hash."""

@@ -17,7 +17,6 @@ rerun after an interruption resumes from the last complete one.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections import defaultdict
@@ -30,13 +29,13 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 
-from longshort.config import BaselineConfig, repo_file
+from longshort.config import BaselineConfig
 from models.generation import GenerationBackend, vllm_available
 from models.protocol import SYSTEM_PROMPTS
 from tasks.answers import check_answer
 from tasks.evaluate import response_answer, single_model_records
 from tasks.rewards import truncation_reward
-from tasks.sft import last_complete_checkpoint
+from tasks.sft import deepspeed_config, last_complete_checkpoint, save_trained
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +116,10 @@ def history_row(step: int, logs: Mapping[str, Any]) -> dict[str, Any]:
     return {"step": step, "role": "baseline", **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and k != "step"}}
 
 
+def _prompt(problem: Mapping[str, Any]) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM_PROMPTS["base"]}, {"role": "user", "content": problem["problem"]}]
+
+
 def train_truncation_baseline(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -151,13 +154,25 @@ def train_truncation_baseline(
     reward = make_truncation_reward(cfg.length_target, tokenizer.eos_token_id)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     batch = cfg.prompts_per_step * cfg.group_size
+    micro = cfg.micro_batch_size or batch  # sequences per forward/backward; one generation batch per step
+    vllm_args: dict[str, Any] = {}
+    if use_vllm:  # TRL's colocated engine builds its own SamplingParams: stop it at </answer> as the evaluation does
+        longest_prompt = max(len(tokenizer.apply_chat_template(_prompt(p), add_generation_prompt=True, tokenize=True,
+                                                               return_dict=True)["input_ids"]) for p in problems)  # fmt: skip
+        vllm_args = {
+            "vllm_mode": "colocate",
+            "vllm_gpu_memory_utilization": cfg.vllm_gpu_memory_utilization,
+            "vllm_max_model_length": longest_prompt + cfg.length_target,  # not the model's 128k context
+            "vllm_enable_sleep_mode": True,  # frees the KV cache while the policy trains
+            "generation_kwargs": {"stop": ["</answer>"], "include_stop_str_in_output": True},
+        }
     args = GRPOConfig(
         output_dir=str(ckpt_dir),
         max_steps=cfg.steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type="constant",
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,
         num_generations=cfg.group_size,
         max_completion_length=cfg.length_target,  # L_R = L_T: a longer answer is cut and scores 0
         temperature=cfg.temperature,
@@ -172,22 +187,16 @@ def train_truncation_baseline(
         data_seed=cfg.seed,
         bf16=cfg.bf16 and use_cuda,
         use_cpu=not use_cuda,
-        deepspeed=repo_file(cfg.deepspeed) if (cfg.deepspeed and use_cuda) else None,
+        deepspeed=deepspeed_config(cfg.deepspeed),
         use_vllm=use_vllm,
-        vllm_mode="colocate",
+        **vllm_args,
         dataloader_num_workers=0,
         disable_tqdm=True,
         remove_unused_columns=False,
     )
     dataset = Dataset.from_list(
         [
-            {
-                "prompt": [
-                    {"role": "system", "content": SYSTEM_PROMPTS["base"]},
-                    {"role": "user", "content": p["problem"]},
-                ],
-                "answer": str(p["answer"]),
-            }
+            {"prompt": _prompt(p), "answer": str(p["answer"])}
             for p in problems
         ]
     )
@@ -205,12 +214,8 @@ def train_truncation_baseline(
     if last:
         log.info("resuming the truncation baseline from %s", last)
     result = trainer.train(resume_from_checkpoint=last)
-    tmp, model_dir = out_dir / "model.tmp", out_dir / "model"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
+    model_dir = out_dir / "model"
+    save_trained(trainer, tokenizer, model_dir)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return BaselineResult(
         model_dir=str(model_dir),

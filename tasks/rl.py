@@ -59,6 +59,7 @@ from models.protocol import SYSTEM_PROMPTS, Episode, history_suffix, run_episode
 from tasks.answers import is_correct
 from tasks.rewards import reward_components, weighted_total
 from tasks.rl_checkpoint import changed_settings, last_checkpoint, restore_checkpoint, save_checkpoint, save_models
+from tasks.sft import peft_lora
 
 log = logging.getLogger(__name__)
 
@@ -202,15 +203,40 @@ def _episode_kwargs(cfg: RLConfig, protocol: ProtocolConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- loss
 
 
+# Largest fp32 logits tensor (micro-batch x length x vocab) that the loss takes whole; above it (a 150k-token
+# vocabulary over long episodes) only the positions that predict trained tokens are projected onto the vocabulary.
+_FULL_LOGITS_MAX_BYTES = 256 * 2**20
+
+
 def _token_logps(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float,
+    loss_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log π(x_t | x_<t) at the sampling temperature, and the entropy, for t ≥ 1."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+    """Per-token log π(x_t | x_<t) at the sampling temperature, and the entropy, for t ≥ 1.
+
+    With ``loss_mask`` (``[batch, length - 1]``, 1 where x_t is trained) and logits too big to build
+    whole, only the columns some row trains are computed (``logits_to_keep``); the others are 0.
+    """
+    batch, length = input_ids.shape
+    vocab = model.config.get_text_config().vocab_size
+    keep = None
+    if loss_mask is not None and batch * (length - 1) * vocab * 4 > _FULL_LOGITS_MAX_BYTES:
+        keep = loss_mask.any(0).nonzero().squeeze(-1)  # column j: the logits at j predict x_{j+1}
+    if keep is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+        targets = input_ids[:, 1:]
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        logits = logits.float() / temperature
+        targets = input_ids[:, keep + 1]
     logp_all = torch.log_softmax(logits, dim=-1)
-    logps = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if keep is not None:
+        full = torch.zeros(batch, length - 1, dtype=logps.dtype, device=logps.device)
+        logps = full.index_copy(1, keep, logps)
+        entropy = full.detach().index_copy(1, keep, entropy)
     return logps, entropy
 
 
@@ -249,12 +275,12 @@ def policy_update(
         ids, attn, mask = (x.to(device) for x in _pad(chunk, pad_id))
         mask = mask[:, 1:]
         adv = torch.tensor([advantages[s.episode] for s in chunk], dtype=torch.float32, device=device).unsqueeze(1)
-        logps, entropy = _token_logps(model, ids, attn, cfg.temperature)
+        logps, entropy = _token_logps(model, ids, attn, cfg.temperature, mask)
         # ratio = exp(logp - logp.detach()) = 1 on-policy; its gradient is ∇logp
         per_token = -adv * torch.exp(logps - logps.detach())
         if ref_model is not None and cfg.kl_coef > 0:
             with torch.no_grad():
-                ref_logps, _ = _token_logps(ref_model, ids, attn, cfg.temperature)
+                ref_logps, _ = _token_logps(ref_model, ids, attn, cfg.temperature, mask)
             delta = ref_logps - logps
             kl = torch.exp(delta) - delta - 1
             per_token = per_token + cfg.kl_coef * kl
@@ -289,15 +315,50 @@ def _check_problems(problems: Sequence[Mapping[str, Any]]) -> None:
 
 @dataclass
 class _Pair:
-    models: dict[str, Any]
+    models: dict[str, Any]  # what generates and trains (with LoRA: the model with its adapters injected)
     tokenizers: dict[str, Any]
     backends: dict[str, TransformersBackend] = field(default_factory=dict)
+    adapters: dict[str, Any] = field(default_factory=dict)  # with LoRA: peft's wrapper of each model
+
+    def savable(self) -> dict[str, Any]:
+        """What a checkpoint saves: the adapters with LoRA, else the whole models."""
+        return self.adapters or self.models
+
+    def merged(self) -> dict[str, Any]:
+        """The trained models as plain transformers models (LoRA folded into the weights)."""
+        return {r: a.merge_and_unload() for r, a in self.adapters.items()} if self.adapters else self.models
 
 
-def _load_pair(long_dir: Path, short_dir: Path, model_cfg: ModelConfig) -> _Pair:
+class _AdaptersOff:
+    """The model a LoRA model started from, for the KL term: the same weights with the adapters off."""
+
+    def __init__(self, peft_model: Any) -> None:
+        self.peft_model = peft_model
+        self.config = peft_model.get_base_model().config
+
+    def __call__(self, **inputs: Any) -> Any:
+        with self.peft_model.disable_adapter():
+            return self.peft_model.get_base_model()(**inputs)
+
+
+def _load_pair(
+    long_dir: Path, short_dir: Path, model_cfg: ModelConfig, cfg: RLConfig | None = None, adapters: Path | None = None
+) -> _Pair:
+    """Both models. With ``cfg.lora`` each gets fresh adapters, or those saved under ``adapters/<role>``."""
     pair = _Pair({}, {})
     for role, path in zip(ROLES, (long_dir, short_dir)):
         model, tokenizer = load_model(model_cfg, path=path)
+        if cfg is not None and cfg.lora is not None:
+            from peft import PeftModel, get_peft_model  # noqa: PLC0415
+
+            if adapters is not None:
+                wrapped = PeftModel.from_pretrained(model, str(adapters / role), is_trainable=True)
+            else:
+                wrapped = get_peft_model(model, peft_lora(cfg.lora))
+            pair.adapters[role] = wrapped
+            model = wrapped.get_base_model()  # the adapters are injected into its modules
+        if cfg is not None and cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         pair.models[role], pair.tokenizers[role] = model, tokenizer
         pair.backends[role] = TransformersBackend(model, tokenizer)
     return pair
@@ -450,15 +511,23 @@ def train_pair_rl(
     out_dir = Path(out_dir)
     total_steps = 2 * cfg.rounds * cfg.steps_per_round
     ckpt = last_checkpoint(out_dir)
-    pair = _load_pair(ckpt / "long" if ckpt else Path(long_dir), ckpt / "short" if ckpt else Path(short_dir), model_cfg)
+    if cfg.lora is not None:  # the starting models, with the checkpoint's adapters
+        pair = _load_pair(Path(long_dir), Path(short_dir), model_cfg, cfg, adapters=ckpt)
+    else:
+        pair = _load_pair(ckpt / "long" if ckpt else Path(long_dir), ckpt / "short" if ckpt else Path(short_dir),
+                          model_cfg, cfg)  # fmt: skip
     refs: dict[str, Any] = {}
     if cfg.kl_coef > 0:  # the reference is always the stage's starting model
         refs = {
-            r: load_model(model_cfg, path=p, device=pair.backends[r].device)[0]
+            r: _AdaptersOff(pair.adapters[r]) if pair.adapters
+            else load_model(model_cfg, path=p, device=pair.backends[r].device)[0]
             for r, p in zip(ROLES, (long_dir, short_dir))
-        }
+        }  # fmt: skip
     optimizers = {
-        r: torch.optim.AdamW(pair.models[r].parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        r: torch.optim.AdamW(
+            [p for p in pair.models[r].parameters() if p.requires_grad], lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+        )
         for r in ROLES
     }
     torch.manual_seed(cfg.seed)
@@ -500,13 +569,13 @@ def train_pair_rl(
             saved = {"step": step + 1, "round": round_idx, "role": role, "pool": pool_idx, "history": history}
             saved["probes"] = probes
             saved["config"] = cfg.model_dump(mode="json")
-            save_checkpoint(out_dir, step + 1, pair.models, pair.tokenizers, optimizers, saved, cfg.keep_checkpoints)
+            save_checkpoint(out_dir, step + 1, pair.savable(), pair.tokenizers, optimizers, saved, cfg.keep_checkpoints)
         if on_step is not None:
             on_step(metrics)
 
     final_tmp = out_dir / ".tmp-final"
     shutil.rmtree(final_tmp, ignore_errors=True)
-    save_models(pair.models, pair.tokenizers, final_tmp)
+    save_models(pair.merged(), pair.tokenizers, final_tmp)
     for role in ROLES:
         shutil.rmtree(out_dir / role, ignore_errors=True)
         os.replace(final_tmp / role, out_dir / role)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,10 +21,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
+from longshort.config import LoraConfig as LoraSettings
 from longshort.config import SFTConfig, repo_file
 from longshort.io import atomic_write_text
 
@@ -38,6 +40,49 @@ class SFTResult:
     train_tokens: int
     train_runtime_s: float
     resumed_from: str | None
+
+
+def deepspeed_config(path: str | None) -> str | None:
+    """The DeepSpeed config file to hand a Trainer: ``path`` resolved on CUDA, None without CUDA.
+
+    DeepSpeed needs a distributed environment even for one process. A stage that Prefect runs
+    in-process (no ``torchrun``/``accelerate launch``) gets a single-process one: rank 0 of 1 on
+    127.0.0.1, as the Hugging Face DeepSpeed guide does for notebooks. A launcher's settings win.
+    """
+    if not path:
+        return None
+    if not torch.cuda.is_available():
+        log.info("no CUDA: training without the DeepSpeed config %s", path)
+        return None
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:  # a free port for the one-process group
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                            "WORLD_SIZE": "1"}.items():  # fmt: skip
+            os.environ.setdefault(name, value)
+    return repo_file(path)
+
+
+def save_trained(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, model_dir: Path, *, merge_lora: bool = False) -> None:
+    """Save the trained model (safetensors) and its tokenizer to ``model_dir``, replacing it atomically.
+
+    Under DeepSpeed ``trainer.save_model`` gathers ZeRO-3's sharded weights (the config's
+    ``stage3_gather_16bit_weights_on_model_save``); ``save_pretrained`` on the wrapped model would
+    write empty placeholders. Only the main process writes. ``merge_lora`` folds LoRA adapters in.
+    """
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    if trainer.is_deepspeed_enabled and not merge_lora:
+        trainer.save_model(str(tmp))
+    elif trainer.is_world_process_zero():
+        final = trainer.model.merge_and_unload() if merge_lora else trainer.model
+        final.save_pretrained(str(tmp), safe_serialization=True)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(model_dir, ignore_errors=True)
+        os.replace(tmp, model_dir)
 
 
 class _LossHistory(TrainerCallback):
@@ -102,16 +147,17 @@ def _use_plain_loss(model: PreTrainedModel, cfg: SFTConfig) -> bool:
     return cfg.lora is None and cfg.batch_size * cfg.max_length * vocab * 4 <= _PLAIN_LOSS_MAX_LOGITS_BYTES
 
 
-def _peft_config(cfg: SFTConfig):
-    if cfg.lora is None:
+def peft_lora(lora: LoraSettings | None):
+    """peft's LoraConfig for a profile's ``lora`` section (None: no adapters)."""
+    if lora is None:
         return None
     from peft import LoraConfig  # noqa: PLC0415
 
     return LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
 
@@ -170,9 +216,7 @@ def train_sft(
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     use_cuda = torch.cuda.is_available()
-    deepspeed = repo_file(cfg.deepspeed) if (cfg.deepspeed and use_cuda) else None
-    if cfg.deepspeed and not use_cuda:
-        log.info("no CUDA: training without the DeepSpeed config %s", cfg.deepspeed)
+    deepspeed = deepspeed_config(cfg.deepspeed)
     args = TRLSFTConfig(
         output_dir=str(ckpt_dir),
         num_train_epochs=cfg.epochs,
@@ -207,7 +251,7 @@ def train_sft(
         args=args,
         train_dataset=Dataset.from_list(examples),
         processing_class=tokenizer,
-        peft_config=_peft_config(cfg),
+        peft_config=peft_lora(cfg.lora),
         callbacks=[history],
     )
     last = last_complete_checkpoint(ckpt_dir)
@@ -215,16 +259,8 @@ def train_sft(
         log.info("resuming SFT from %s", last)
     result = trainer.train(resume_from_checkpoint=last)
     n_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
-    final = trainer.model
-    if cfg.lora is not None:
-        final = final.merge_and_unload()
-    tmp = out_dir / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    final.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
     model_dir = out_dir / "model"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
+    save_trained(trainer, tokenizer, model_dir, merge_lora=cfg.lora is not None)
     out = SFTResult(
         model_dir=str(model_dir),
         train_loss=float(result.training_loss),

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from longshort.config import DataConfig, DemoTaskConfig, GenerationConfig, ModelConfig
 from longshort.io import (
@@ -47,6 +47,9 @@ from models.protocol import (
 )
 from tasks.answers import is_correct
 from tasks.demo import demo_rows
+
+if TYPE_CHECKING:
+    from models.generation import GenerationBackend
 
 log = logging.getLogger(__name__)
 
@@ -302,14 +305,20 @@ def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[di
 
 
 def synthesize_with_teacher(
-    rows: list[dict], teacher: str, gen_cfg: GenerationConfig, model_cfg: ModelConfig, max_new_tokens: int, seed: int
+    rows: list[dict], cfg: DataConfig, gen_cfg: GenerationConfig, model_cfg: ModelConfig, seed: int,
+    backend: GenerationBackend | None = None,
 ) -> list[dict]:
-    """Answer each problem with a long-reasoning teacher; keep the correct traces."""
-    from models.generation import make_backend  # noqa: PLC0415 - loads a model
+    """Answer each problem with the long-reasoning teacher ``cfg.teacher`` (or ``backend``); keep the correct
+    traces. The teacher samples at ``cfg.teacher_temperature`` and ``cfg.teacher_top_p``."""
+    if backend is None:
+        from models.generation import make_backend  # noqa: PLC0415 - loads a model
 
-    backend = make_backend(teacher, model_cfg, gen_cfg, seed=seed)
+        backend = make_backend(cfg.teacher, model_cfg, gen_cfg, seed=seed)
     prompts = [backend.chat_prompt(SYSTEM_PROMPTS["base"], r["problem"]) for r in rows]
-    outs = backend.generate(prompts, max_new_tokens=max_new_tokens, stop=STOP_STRINGS["base"], seed=seed)
+    outs = backend.generate(
+        prompts, max_new_tokens=cfg.teacher_max_new_tokens, stop=STOP_STRINGS["base"], seed=seed,
+        temperature=cfg.teacher_temperature, top_p=cfg.teacher_top_p,
+    )  # fmt: skip
     kept = []
     for row, out in zip(rows, outs):
         text = out[0].text
@@ -333,7 +342,7 @@ def synthesize(
     rows = load_problems(cfg, need_response=cfg.source == "traces")
     train, heldout = split_heldout(rows, cfg.heldout_fraction, seed)
     if cfg.source == "teacher":
-        train = synthesize_with_teacher(train, cfg.teacher, gen_cfg, model_cfg, cfg.teacher_max_new_tokens, seed)
+        train = synthesize_with_teacher(train, cfg, gen_cfg, model_cfg, seed)
     return write_splits(out_dir, train, heldout)
 
 

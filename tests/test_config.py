@@ -1,3 +1,5 @@
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -122,7 +124,7 @@ def test_deepspeed_configs_are_found_from_anywhere_and_a_missing_one_is_named(tm
 
     monkeypatch.chdir(tmp_path)  # a GPU worker may start the flow outside the checkout
     cfg = load_profile("qwen2.5-7b")
-    assert repo_file(cfg.sft_base.deepspeed) == str(REPO / "infra/deepspeed/zero3.json")
+    assert repo_file(cfg.sft_base.deepspeed) == str(REPO / "infra/deepspeed/zero3_offload.json")
     with pytest.raises(ConfigError, match=r"field 'baseline.deepspeed': Value error, no such file 'infra/nope.json'"):
         load_profile("qwen2.5-7b", ["baseline.deepspeed=infra/nope.json"])
 
@@ -131,3 +133,52 @@ def test_a_profile_path_may_spell_its_suffix_in_capitals(tmp_path):
     path = tmp_path / "Mine.YAML"
     path.write_text((CONFIG_DIR / "smoke.yaml").read_text())
     assert load_profile(path).run.name == "smoke" and load_profile(str(path)).data.demo.n_train == 48
+
+
+def test_gpu_training_settings_that_cannot_work_are_refused_at_load():
+    # AdamW on bf16 weights rounds RL's updates away: the real profiles train fp32 LoRA adapters instead
+    with pytest.raises(ConfigError, match=r"rl.lora: base_model.dtype is bfloat16, and full-weight RL"):
+        load_profile("qwen2.5-7b", ["rl.lora=null"])
+    assert load_profile("smoke", ["base_model.dtype=bfloat16", "rl.lora={r: 4}"]).rl.lora.r == 4
+    # LoRA's adapters are merged into whole weights, which ZeRO-3 never holds in one place
+    with pytest.raises(ConfigError, match=r"lora with the ZeRO-3 config 'infra/deepspeed/zero3_offload.json'"):
+        load_profile("qwen2.5-7b", ["sft_long.lora={r: 16}"])
+    assert load_profile("qwen2.5-7b", ["sft_long.lora={r: 16}", "sft_long.deepspeed=infra/deepspeed/zero2.json"])
+    with pytest.raises(ConfigError, match=r"micro_batch_size=7 must divide prompts_per_step x group_size = 256"):
+        load_profile("qwen2.5-7b", ["baseline.micro_batch_size=7"])
+
+
+def test_real_profiles_fit_one_gpu_as_configured():
+    """What the profiles' header promises: ZeRO-3 with the optimizer offloaded for full-weight SFT, LoRA and
+    activation checkpointing for RL, micro-batches for the baseline's 256 sequences a step."""
+    for name in ("qwen2.5-7b", "llama3.1-8b"):
+        cfg = load_profile(name)
+        for section in (cfg.sft_base, cfg.sft_long, cfg.sft_short):
+            ds = json.loads((REPO / section.deepspeed).read_text())
+            assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+            assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+        assert cfg.rl.lora is not None and cfg.rl.lora.dropout == 0.0 and cfg.rl.gradient_checkpointing
+        assert cfg.baseline.micro_batch_size == 8
+
+
+def test_deepspeed_runs_in_process_as_a_one_process_group(monkeypatch):
+    """Prefect runs a stage in its own process, with no launcher: DeepSpeed still needs a process group."""
+    import torch
+
+    from tasks.sft import deepspeed_config
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.setenv(name, "")  # recorded, so what deepspeed_config sets is undone after the test
+        monkeypatch.delenv(name)
+    assert deepspeed_config("infra/deepspeed/zero2.json") is None or torch.cuda.is_available()  # no CUDA: no DeepSpeed
+    assert "WORLD_SIZE" not in os.environ or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert deepspeed_config(None) is None
+    assert Path(deepspeed_config("infra/deepspeed/zero2.json")).resolve() == REPO / "infra/deepspeed/zero2.json"
+    assert {k: os.environ[k] for k in ("MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE")} == {
+        "MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}  # fmt: skip
+    assert 0 < int(os.environ["MASTER_PORT"]) < 65536
+    monkeypatch.setenv("WORLD_SIZE", "8")  # under torchrun / accelerate launch the launcher's settings stand
+    monkeypatch.setenv("RANK", "3")
+    deepspeed_config("infra/deepspeed/zero2.json")
+    assert os.environ["RANK"] == "3" and os.environ["WORLD_SIZE"] == "8"

@@ -169,7 +169,7 @@ def test_max_examples_counts_the_kept_traces(tmp_path):
     assert [r["id"] for r in rows] == ["a", "b"]
 
 
-def test_teacher_keeps_only_traces_whose_own_answer_is_right(monkeypatch):
+def test_teacher_keeps_only_traces_whose_own_answer_is_right():
     texts = [
         "<think>\n1+1=2\n</think>\n<answer>\\boxed{2}</answer>",  # right
         "<think>\n1+1=3\n</think>\n<answer>\\boxed{3}</answer>",  # wrong
@@ -177,17 +177,25 @@ def test_teacher_keeps_only_traces_whose_own_answer_is_right(monkeypatch):
         "<think>\n1+1=2 <answer>\n</think>\n<answer>\\boxed{2}</answer>",  # right, but breaks the protocol
     ]
 
-    class Teacher:
+    class Teacher:  # stands in for an R1-distilled model, which cannot run here
+        def __init__(self) -> None:
+            self.sampling: dict = {}
+
         def chat_prompt(self, system: str, problem: str) -> str:
             return problem
 
-        def generate(self, prompts, **_) -> list:
+        def generate(self, prompts, **sampling) -> list:
+            self.sampling = sampling
             return [[SimpleNamespace(text=texts[int(p)])] for p in prompts]
 
-    monkeypatch.setattr("models.generation.make_backend", lambda *a, **k: Teacher())
     rows = [{"id": str(i), "problem": str(i), "answer": "2"} for i in range(len(texts))]
-    kept = synthesize_with_teacher(rows, "t", GenerationConfig(), ModelConfig(), 16, 0)
+    cfg = DataConfig(source="teacher", path="problems.jsonl", teacher="t", teacher_max_new_tokens=16)
+    teacher = Teacher()
+    kept = synthesize_with_teacher(rows, cfg, GenerationConfig(), ModelConfig(), 0, backend=teacher)
     assert kept == [{"id": "0", "problem": "0", "answer": "2", "response": texts[0]}]
+    # R1 models loop when decoded greedily: the teacher samples as DeepSeek advises
+    assert teacher.sampling["temperature"] == 0.6 and teacher.sampling["top_p"] == 0.95
+    assert teacher.sampling["max_new_tokens"] == 16
 
 
 # --- the split pair

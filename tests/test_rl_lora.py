@@ -1,0 +1,96 @@
+"""RL on the real profiles' terms: LoRA adapters on frozen weights, resume from adapter checkpoints, and
+log-probabilities computed only where tokens are trained (large vocabularies)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from longshort.config import LoraConfig, ModelConfig, ProtocolConfig
+from models.factory import load_model
+import tasks.rl as rl
+from tasks.rl import RLConfig, TurnSequence, _pad, _token_logps, train_pair_rl
+
+PROTOCOL = ProtocolConfig(max_turns=2, max_new_tokens_long=16, max_new_tokens_short=16)
+LORA = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+CFG = RLConfig(
+    rounds=1, steps_per_round=2, prompts_per_step=2, group_size=4, learning_rate=3e-2, kl_coef=0.05,
+    efficiency="kimi", format_weight=0.5, checkpoint_every=1, keep_checkpoints=4, temperature=1.0, seed=3,
+    lora=LORA, gradient_checkpointing=True,
+)  # fmt: skip
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _problems(demo_rows_small) -> list[dict]:
+    train, _ = demo_rows_small
+    return [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in train[:8]]
+
+
+@pytest.fixture(scope="module")
+def lora_run(protocol_pair, demo_rows_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rl-lora")
+    result = train_pair_rl(protocol_pair, protocol_pair, _problems(demo_rows_small), CFG, out, protocol=PROTOCOL)
+    return out, result
+
+
+def test_lora_rl_trains_only_the_adapted_layers_and_saves_plain_merged_models(protocol_pair, lora_run):
+    out, result = lora_run
+    assert [h["role"] for h in result.history] == ["long", "long", "short", "short"]
+    assert any(h["grad_norm"] > 0 for h in result.history)
+    start = load_file(str(Path(protocol_pair) / "model.safetensors"))
+    for role in ("long", "short"):
+        saved = load_file(str(out / role / "model.safetensors"))
+        assert saved.keys() == start.keys()  # a plain transformers model: no lora_A/lora_B keys
+        changed = {k for k in saved if not torch.equal(saved[k], start[k])}
+        assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
+    # the checkpoints hold the adapters only, not whole models
+    ckpt = out / "checkpoints" / "step-000004" / "long"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+
+
+def test_lora_rl_resumes_from_its_adapter_checkpoint(protocol_pair, demo_rows_small, lora_run, tmp_path: Path):
+    """Steps 3-4 rerun from the step-2 checkpoint (start weights + saved adapters, optimizer, RNG)
+    give the same models as the uninterrupted run."""
+    out, result = lora_run
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step-000002", resumed_dir / "checkpoints" / "step-000002")
+    resumed = train_pair_rl(protocol_pair, protocol_pair, _problems(demo_rows_small), CFG, resumed_dir,
+                            protocol=PROTOCOL)  # fmt: skip
+    assert resumed.resumed_from_step == 2
+    assert [(h["reward/total"], h["tokens/total"]) for h in resumed.history] == [
+        (h["reward/total"], h["tokens/total"]) for h in result.history
+    ]
+    for role in ("long", "short"):
+        a = load_file(str(out / role / "model.safetensors"))
+        b = load_file(str(resumed_dir / role / "model.safetensors"))
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_log_probs_of_the_trained_columns_only_match_the_full_logits(protocol_pair, monkeypatch):
+    model, tok = load_model(ModelConfig(), path=protocol_pair)
+    seqs = [
+        TurnSequence(input_ids=[5, 9, 12, 7, 30, 41, 8], loss_mask=[0, 0, 0, 1, 1, 1, 0], episode=0),
+        TurnSequence(input_ids=[5, 9, 33, 2, 11], loss_mask=[0, 0, 1, 1, 0], episode=1),
+    ]
+    ids, attn, mask = _pad(seqs, tok.pad_token_id)
+    mask = mask[:, 1:]
+    full, full_entropy = _token_logps(model, ids, attn, 0.7)
+    monkeypatch.setattr(rl, "_FULL_LOGITS_MAX_BYTES", 0)  # as with a 150k vocabulary
+    kept, kept_entropy = _token_logps(model, ids, attn, 0.7, mask)
+    on = mask.bool()
+    assert torch.allclose(kept[on], full[on], atol=1e-5) and torch.allclose(kept_entropy[on], full_entropy[on], atol=1e-5)
+    assert not kept[:, 0].any()  # column 0 predicts an untrained token in both rows: never computed
+    # the loss's gradient is the same either way
+    grads = []
+    for use_kept in (False, True):
+        model.zero_grad()
+        logps, _ = _token_logps(model, ids, attn, 0.7, mask if use_kept else None)
+        (logps * mask).sum().backward()
+        grads.append(model.model.embed_tokens.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
