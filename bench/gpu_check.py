@@ -12,7 +12,8 @@ Three stages, each with the demo profile's settings (configs/demo.yaml) unless a
 2. ``rl[DTYPE]``: one round of ``tasks.rl.train_pair_rl`` (long model, then short model, each for
    ``--rl-steps-per-round`` steps) from the given SFT pair. ``tasks.rl`` has no autocast: its precision
    is the weights' dtype, ``base_model.dtype`` (the GPU profiles set ``bfloat16``), so each DTYPE of
-   ``--rl-dtypes`` is one run with the pair loaded in that dtype. The models go to CUDA through
+   ``--rl-dtypes`` is one run with the pair loaded in that dtype; a half-precision one trains fp32 LoRA
+   adapters (r=16 unless the profile sets ``rl.lora``), as a profile with such weights must. The models go to CUDA through
    ``models.generation.TransformersBackend`` (cuda when available). Reports seconds per step and each
    step's logged reward, accuracy and tokens.
 3. ``baseline``: ``--baseline-steps`` steps of ``tasks.baseline.train_truncation_baseline`` (TRL
@@ -174,6 +175,8 @@ def stage_rl(args, profile, torch, work: Path, dtype: str) -> dict[str, Any]:  #
             "prompts_per_step": args.rl_prompts,
             "group_size": args.rl_group,
             "checkpoint_every": 10**6,  # only the final checkpoint
+            # as a profile must: half-precision weights train fp32 LoRA adapters (AdamW would round updates away)
+            "lora": profile.rl.lora or ({"r": 16, "alpha": 32, "dropout": 0.0} if dtype != "float32" else None),
         }
     )
     model_cfg = profile.base_model.model_copy(update={"dtype": dtype})
@@ -213,6 +216,7 @@ def stage_rl(args, profile, torch, work: Path, dtype: str) -> dict[str, Any]:  #
     out = {
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "weights_dtype": dtype,
+        "lora": cfg.lora.model_dump() if cfg.lora else None,
         "steps": result.steps,
         **_step_times(times),
         "runtime_s": round(result.runtime_s, 2),
