@@ -257,7 +257,6 @@ def chunk_task(
 
         backend = None
         if cfg.method == "llm":
-
             if not llm:
                 raise ValueError("chunk.method is 'llm' but no model was given to prompt")
             backend = make_backend(

@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-if TYPE_CHECKING:
-    from longshort.config import Profile
 
 app = typer.Typer(help="Long⊗Short: two models that reason together with far fewer tokens.", no_args_is_help=True)
 # to a file or a pipe rich would wrap at 80 columns, splitting table rows and paths: keep lines whole there
@@ -54,19 +51,13 @@ def _pipeline_errors() -> tuple[type[BaseException], ...]:
     return (*_input_errors(), ModelLoadError, RegistryError, DVCError)
 
 
-def _preflight(cfg: Profile) -> None:
-    """Check what a run needs from outside before Prefect starts, so a bad input fails in seconds, writing nothing
-    (:func:`longshort.preflight.preflight`; the flow runs the same check at its top, for deployment runs)."""
-    from longshort.preflight import preflight  # noqa: PLC0415
-
-    preflight(cfg)
-
-
 def _run_pipeline(profile: str, overrides: list[str] | None) -> dict:
     from longshort.config import load_profile  # noqa: PLC0415
+    from longshort.preflight import preflight  # noqa: PLC0415
 
     try:
-        _preflight(load_profile(profile, overrides))  # fail fast, before Prefect starts
+        # fail fast, before Prefect starts, writing nothing (the flow repeats it at its top, for deployment runs)
+        preflight(load_profile(profile, overrides))
     except _input_errors() as exc:
         _fail(exc)
     from flows.pipeline import pipeline  # noqa: PLC0415
@@ -167,7 +158,7 @@ def solve(
     Decoding follows the profile's ``generation.temperature`` (greedy at 0) and ``run.seed``, as the served pair does.
     """
     from longshort.config import ConfigError, load_profile  # noqa: PLC0415
-    from models.generation import close_backend, make_backend, share_gpu_memory  # noqa: PLC0415
+    from models.generation import close_backend, make_pair_backends  # noqa: PLC0415
     from models.protocol import run_episodes  # noqa: PLC0415
 
     try:
@@ -184,10 +175,9 @@ def solve(
     seed = cfg.run.seed
     try:
         with console.status("loading models"):
-            # two vLLM engines on one GPU split its memory
-            gen = cfg.generation if short == long else share_gpu_memory(cfg.generation, 2)
-            long_backend = make_backend(long, cfg.base_model, gen, seed)
-            short_backend = long_backend if short == long else make_backend(short, cfg.base_model, gen, seed)
+            long_backend, short_backend = make_pair_backends(
+                long, short, cfg.base_model, cfg.generation, seed, same=short == long
+            )
     except (ConfigError, ModelLoadError, OSError) as exc:  # pickle weights, custom code not allowed, no vLLM
         _fail(exc)
     with console.status("solving"):

@@ -507,3 +507,16 @@ def make_backend(
 
     model, tokenizer = load_model(model_cfg, path=model_path)
     return TransformersBackend(model, tokenizer, batch_size=gen_cfg.batch_size)
+
+
+def make_pair_backends(
+    long_path: str | Path, short_path: str | Path, model_cfg: ModelConfig, gen_cfg: GenerationConfig, seed: int = 0,
+    *, same: bool,
+) -> tuple[GenerationBackend, GenerationBackend]:
+    """The long and short models' backends: one shared backend when ``same`` (the caller's test of identity),
+    else two, whose vLLM engines live at once on the GPU and so split ``gpu_memory_utilization``."""
+    if same:
+        backend = make_backend(long_path, model_cfg, gen_cfg, seed)
+        return backend, backend
+    gen = share_gpu_memory(gen_cfg, 2)
+    return make_backend(long_path, model_cfg, gen, seed), make_backend(short_path, model_cfg, gen, seed)

@@ -113,7 +113,7 @@ class LongShortPair(mlflow.pyfunc.PythonModel):
     def load(self, long_dir: str | Path, short_dir: str | Path, settings_file: str | Path) -> LongShortPair:
         """Load outside MLflow too (tests, ``longshort solve``-like use); returns self."""
         from longshort.io import tree_digest  # noqa: PLC0415
-        from models.generation import make_backend, share_gpu_memory  # noqa: PLC0415 - torch only when loading
+        from models.generation import make_pair_backends  # noqa: PLC0415 - torch only when loading
 
         path = Path(settings_file)
         try:
@@ -124,10 +124,7 @@ class LongShortPair(mlflow.pyfunc.PythonModel):
         same = Path(long_dir).resolve() == Path(short_dir).resolve() or tree_digest(Path(long_dir)) == tree_digest(
             Path(short_dir)
         )
-        # two vLLM engines live at once on the GPU: each gets half of gpu_memory_utilization
-        generation = s.generation if same else share_gpu_memory(s.generation, 2)
-        self.long = make_backend(long_dir, s.model, generation, s.seed)
-        self.short = self.long if same else make_backend(short_dir, s.model, generation, s.seed)
+        self.long, self.short = make_pair_backends(long_dir, short_dir, s.model, s.generation, s.seed, same=same)
         return self
 
     def close(self) -> None:
