@@ -3,7 +3,10 @@
 Registered models: ``longshort-long`` and ``longshort-short`` (transformers
 flavour) and ``longshort-pair`` (the pyfunc of :mod:`models.pair`, which runs the
 turn protocol with both). Their versions carry tags that link them: the run id,
-the pair's versions, the data digests, the git commit and the profile.
+the pair's versions, the data digests, the git commit and the profile. A long or
+short model whose weights are already registered reuses that version, which keeps
+the lineage of the run that logged it and lists every pair using it in
+``pair.versions``.
 
 Promotion uses the alias ``@production`` (aliases, not the deprecated stages) and
 moves it on all three models: ``longshort-long`` and ``longshort-short`` (the
@@ -141,8 +144,12 @@ def _register_transformers(model_dir: Path, name: str, artifact: str, tags: dict
     except MlflowException:
         existing = []
     if existing:
-        version = str(max(int(v.version) for v in existing))
+        # the version keeps the lineage of the run that logged its weights (run_id, git_commit, data.*):
+        # only tags it lacks are added. Which pairs use it is in `pair.versions`.
+        reused = max(existing, key=lambda v: int(v.version))
+        version = str(reused.version)
         log.info("%s: digest %s is already version %s", name, digest[:12], version)
+        tags = {k: v for k, v in tags.items() if k not in reused.tags}
     else:
         info = mlflow.transformers.log_model(
             transformers_model={
@@ -158,6 +165,17 @@ def _register_transformers(model_dir: Path, name: str, artifact: str, tags: dict
     for key, value in {**tags, "model_digest": digest}.items():
         client.set_model_version_tag(name, version, key, value)
     return version
+
+
+def _link_member(client: MlflowClient, name: str, version: str, pair_v: str) -> None:
+    """Tag a long/short version with the pair versions that use it: ``pair.version`` the first (set once),
+    ``pair.versions`` all of them, comma-separated (a reused version gains one per pair)."""
+    tags = client.get_model_version(name, version).tags
+    if "pair.version" not in tags:
+        client.set_model_version_tag(name, version, "pair.version", pair_v)
+    members = [v for v in tags.get("pair.versions", "").split(",") if v]
+    if pair_v not in members:
+        client.set_model_version_tag(name, version, "pair.versions", ",".join([*members, pair_v]))
 
 
 def _stage_folder(src: Path, dest: Path) -> Path:
@@ -244,7 +262,7 @@ def register_pair(
         for key, value in {**common, **links, **{f"metric.{k}": str(v) for k, v in metrics.items()}}.items():
             client.set_model_version_tag(PAIR_MODEL, pair_v, key, value)
         for name, version in ((LONG_MODEL, long_v), (SHORT_MODEL, short_v)):
-            client.set_model_version_tag(name, version, "pair.version", pair_v)
+            _link_member(client, name, version, pair_v)
         mlflow.set_tags({"registered.pair": f"{PAIR_MODEL}/{pair_v}", **links})
     finally:
         if own_run:

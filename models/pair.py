@@ -145,8 +145,11 @@ class LongShortPair(mlflow.pyfunc.PythonModel):
         )  # fmt: skip
 
     # no type hints here: MLflow would turn them into a second, conflicting input schema
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        """Run one episode per problem in ``model_input``; returns :func:`episode_rows`."""
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
+        """Run one episode per problem in ``model_input``; returns :func:`episode_rows`.
+
+        The hint is a DataFrame because the served model's signature (:func:`signature`) makes every input one;
+        MLflow infers no schema from it, so the signature stays the one that validates requests."""
         return episode_rows(self.solve(problems_of(model_input)))
 
 

@@ -99,8 +99,14 @@ def test_register_pair_links_three_versions_to_the_run(store, trained_tiny, meas
     assert run_metrics["pair_mean_tokens"] == pytest.approx(metrics["pair_mean_tokens"])
 
     # a second pair with the same weights reuses the long/short versions, adds a pair version
-    again = _register(trained_tiny, metrics, "candidate-2")
+    again = _register(trained_tiny, metrics, "candidate-2", stage_note="second")
     assert (again.long, again.short, again.pair) == ("1", "1", "2")
+    for name in (registry.LONG_MODEL, registry.SHORT_MODEL):  # the reused version keeps the run that logged it
+        tags = store.get_model_version(name, "1").tags
+        assert (tags["run_id"], tags["stage_note"]) == (versions.run_id, "first")
+        assert (tags["pair.version"], tags["pair.versions"]) == ("1", "1,2")
+    second = store.get_model_version(registry.PAIR_MODEL, "2").tags
+    assert (second["run_id"], second["stage_note"], second["pair.long_version"]) == (again.run_id, "second", "1")
 
 
 def test_pyfunc_pair_answers_like_the_protocol(store, trained_tiny, measured, heldout):
