@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from models.protocol import extract_boxed
 
@@ -92,6 +92,9 @@ class DataConfig(Section):
     # traces: a jsonl of {problem, answer, response}; teacher: a jsonl of {problem, answer}
     path: str | None = None
     hub_id: str | None = None
+    # the hub dataset's git revision (a commit, tag or branch): pin a commit, since the cache key holds the id
+    # and this pin, not the data, so an unpinned id that changes upstream keeps the rows read the first time
+    revision: str | None = None
     split: str = "train"
     heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_examples: int | None = Field(None, ge=1)
@@ -110,6 +113,13 @@ class DataConfig(Section):
         if self.source == "teacher" and not self.teacher:
             raise ValueError("source 'teacher' needs 'teacher' (a hub id or a local path)")
         return self
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_needs_hub_id(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not (info.data.get("hub_id") and not info.data.get("path")):
+            raise ValueError("pins a hub dataset: it needs 'hub_id' (and no 'path', which is read instead)")
+        return value
 
 
 class TokenizerConfig(Section):
@@ -232,6 +242,17 @@ class BenchmarkSource(Section):
     name: str | None = None  # default: the file stem / known hub id
     split: str = "test"
     limit: int | None = Field(None, ge=1)
+    revision: str | None = None  # a hub id's git revision (commit, tag or branch); as data.revision
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_needs_hub_id(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from tasks.benchmarks import is_local_source  # noqa: PLC0415 - the one rule for path vs hub id
+
+        source = info.data.get("source")
+        if value is not None and source is not None and is_local_source(source):
+            raise ValueError(f"pins a hub dataset, but source {source!r} is a local path")
+        return value
 
 
 class EvaluateConfig(Section):

@@ -208,7 +208,7 @@ def _rows_from_path(path: Path, split: str) -> Iterable[tuple[_Source, Mapping[s
         yield _Source(f"{path}:{lineno}", path, lineno), row
 
 
-def _rows_from_hub(dataset_id: str, split: str) -> Iterable[tuple[_Source, Mapping[str, Any]]]:
+def _rows_from_hub(dataset_id: str, split: str, revision: str | None = None) -> Iterable[tuple[_Source, Mapping[str, Any]]]:
     import datasets  # lazy: heavy, and only needed for hub sources
 
     repo, _, config = dataset_id.partition(":")
@@ -216,12 +216,13 @@ def _rows_from_hub(dataset_id: str, split: str) -> Iterable[tuple[_Source, Mappi
     if known:
         config = config or known[1] or ""
         split = known[2] or split
-    log.info("loading %s (config %s, split %s) from the hub", repo, config or "default", split)
+    at = f" at revision {revision}" if revision else ""
+    log.info("loading %s (config %s, split %s)%s from the hub", repo, config or "default", split, at)
     try:
-        ds = datasets.load_dataset(repo, config or None, split=split)
+        ds = datasets.load_dataset(repo, config or None, split=split, revision=revision)
     except (ConnectionError, OSError, ValueError) as exc:  # offline, unknown id or split (DatasetNotFoundError)
         detail = " ".join(str(exc).split())[:300]
-        raise DataError(f"benchmark {dataset_id}: cannot load split '{split}' from the hub: {detail}") from exc
+        raise DataError(f"benchmark {dataset_id}: cannot load split '{split}'{at} from the hub: {detail}") from exc
     for i, row in enumerate(ds):
         yield _Source(f"{dataset_id}[{split}] row {i}"), row
 
@@ -233,17 +234,22 @@ def load_benchmark(
     seed: int = 0,
     limit: int | None = None,
     name: str | None = None,
+    revision: str | None = None,
 ) -> list[BenchmarkItem]:
     """Load a benchmark from a jsonl path (or a folder holding ``<split>.jsonl``) or a hub id.
 
-    A hub id may name a config as ``owner/name:config``. ``seed`` only changes the
+    A hub id may name a config as ``owner/name:config`` and is read at ``revision`` (a commit, tag or
+    branch; the default branch when None; ignored for a path). ``seed`` only changes the
     GPQA option order; ``limit`` keeps the first items in file order. Malformed rows
     raise ``longshort.io.DataError`` naming the file:line (or hub row) and the field.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     name = name or benchmark_name(source)
-    rows = _rows_from_path(Path(source).expanduser(), split) if is_local_source(source) else _rows_from_hub(source, split)
+    if is_local_source(source):
+        rows = _rows_from_path(Path(source).expanduser(), split)
+    else:
+        rows = _rows_from_hub(source, split, revision)
     items: list[BenchmarkItem] = []
     seen: dict[str, str] = {}
     kind: AnswerKind | None = None

@@ -76,7 +76,9 @@ def _benchmarks(heldout_path: str, cfg: EvaluateConfig, seed: int) -> list[tuple
     heldout = [{**r, "kind": "math"} for r in read_split(heldout_path)[: cfg.n_problems]]
     out = [(HELDOUT, heldout)]
     for bench in cfg.benchmarks:
-        items = load_benchmark(bench.source, split=bench.split, seed=seed, limit=bench.limit, name=bench.name)
+        items = load_benchmark(
+            bench.source, split=bench.split, seed=seed, limit=bench.limit, name=bench.name, revision=bench.revision
+        )
         rows = [{"id": i.id, "problem": i.problem, "answer": i.answer, "kind": i.kind} for i in items]
         out.append((bench.name or benchmark_name(bench.source), rows))
     return out

@@ -176,10 +176,11 @@ def _rows_from_source(cfg: DataConfig) -> list[tuple[str, int, dict[str, Any]]]:
     from datasets import load_dataset  # noqa: PLC0415 - hub access only when asked for
 
     try:
-        ds = load_dataset(cfg.hub_id, split=cfg.split)
+        ds = load_dataset(cfg.hub_id, split=cfg.split, revision=cfg.revision)
     except (ConnectionError, OSError, ValueError) as exc:  # offline, unknown id or split (DatasetNotFoundError)
         detail = " ".join(str(exc).split())[:300]
-        raise DataError(f"data.hub_id {cfg.hub_id}: cannot load split '{cfg.split}' from the hub: {detail}") from exc
+        at = f" at revision {cfg.revision}" if cfg.revision else ""
+        raise DataError(f"data.hub_id {cfg.hub_id}: cannot load split '{cfg.split}'{at} from the hub: {detail}") from exc
     return [(f"{cfg.hub_id}[{cfg.split}]", i + 1, dict(row)) for i, row in enumerate(ds)]
 
 

@@ -179,10 +179,22 @@ def test_hub_branch_loads_through_datasets(tmp_path: Path, monkeypatch: pytest.M
     folder.mkdir()
     _write(folder / "test.jsonl", [{"unique_id": "u1", "problem": "1+1?", "answer": 2.0},
                                    {"unique_id": "u2", "problem": "2+2?", "answer": 4}])  # fmt: skip
+    calls = []
+    real = datasets.load_dataset
+
+    def recording(*args, **kwargs):  # the real loader, with its arguments kept
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", recording)
     rows = list(_rows_from_hub(str(folder), "test"))
     items = [_item(src, i, row, "x", "math", 0) for i, (src, row) in enumerate(rows)]
     assert [(it.id, it.answer) for it in items] == [("u1", "2"), ("u2", "4")]
     assert rows[1][0].where.endswith("[test] row 1")
+    # a benchmark's revision reaches datasets (a local folder has no revisions: it reads the same rows)
+    pinned = list(_rows_from_hub(str(folder), "test", "0123abc"))
+    assert [row for _, row in pinned] == [row for _, row in rows]
+    assert [c["revision"] for c in calls] == [None, "0123abc"]
 
 
 def test_a_mistyped_path_is_local_and_a_hub_id_is_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,12 +216,12 @@ def test_an_unreachable_hub_is_a_data_error_naming_the_id() -> None:
     import subprocess
     import sys
 
-    code = "from tasks.benchmarks import load_benchmark; load_benchmark('someone/no-such-set')"
+    code = "from tasks.benchmarks import load_benchmark; load_benchmark('someone/no-such-set', revision='v2')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and last.startswith(
-        "longshort.io.DataError: benchmark someone/no-such-set: cannot load split 'test' from the hub: "
+        "longshort.io.DataError: benchmark someone/no-such-set: cannot load split 'test' at revision v2 from the hub: "
         "Couldn't reach 'someone/no-such-set' on the Hub"
     ), done.stderr[-2000:]
 

@@ -56,6 +56,26 @@ def test_cross_field_rules_and_missing_profile(tmp_path):
         load_profile("no-such-profile")
 
 
+def test_a_hub_dataset_revision_is_validated_keyed_and_unpinned_ids_are_listed(tmp_path):
+    from longshort.preflight import unpinned_hub_sources
+
+    with pytest.raises(ConfigError, match="field 'data.revision': Value error, pins a hub dataset: it needs 'hub_id'"):
+        load_profile("smoke", ["data.revision=abc"])
+    with pytest.raises(ConfigError, match=r"'evaluate.benchmarks.0.revision': Value error, pins a hub dataset, but source "
+                                          r"'data/mine.jsonl' is a local path"):  # fmt: skip
+        load_profile(write(tmp_path, {"evaluate": {"benchmarks": [{"source": "data/mine.jsonl", "revision": "v1"}]}}))
+    hub = {"source": "traces", "hub_id": "someone/traces"}
+    benches = [{"source": "someone/math"}, {"source": "someone/aime", "revision": "0123"}, {"source": "data/x.jsonl"}]
+    unpinned = load_profile(write(tmp_path, {"data": hub, "evaluate": {"benchmarks": benches}}))
+    assert unpinned_hub_sources(unpinned) == [("data.hub_id", "someone/traces"),
+                                              ("evaluate.benchmarks[0].source", "someone/math")]  # fmt: skip
+    pinned = load_profile(write(tmp_path, {"data": {**hub, "revision": "0123"}, "evaluate": {"benchmarks": benches[1:]}}))
+    assert unpinned_hub_sources(pinned) == []
+    # the pin is part of the data section, which keys the synthesize stage: a new pin reads the data again
+    assert pinned.section_dump("data") != unpinned.section_dump("data")
+    assert pinned.section_dump("data")["revision"] == "0123"
+
+
 def test_overrides_are_typed_and_validated():
     cfg = load_profile("smoke", ["sft_base.epochs=2", "run.seed=3"])
     assert cfg.sft_base.epochs == 2.0 and cfg.run.seed == 3

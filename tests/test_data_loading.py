@@ -320,10 +320,10 @@ def test_an_unreachable_hub_dataset_is_a_data_error_naming_the_id():
     import sys
 
     code = ("from longshort.config import DataConfig; from tasks.synthesize import load_problems; "
-            "load_problems(DataConfig(source='traces', hub_id='someone/traces'), need_response=True)")  # fmt: skip
+            "load_problems(DataConfig(source='traces', hub_id='someone/traces', revision='v1.0'), need_response=True)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
-        "longshort.io.DataError: data.hub_id someone/traces: cannot load split 'train' from the hub: "
+        "longshort.io.DataError: data.hub_id someone/traces: cannot load split 'train' at revision v1.0 from the hub: "
         "Couldn't reach 'someone/traces' on the Hub"
     ), done.stderr[-2000:]
