@@ -14,9 +14,10 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SFTResult:
     model_dir: str
-    train_loss: float
+    train_loss: float  # the whole run's mean loss, the steps before a resumed checkpoint included (run_train_loss)
     steps: int
     train_tokens: int
     train_runtime_s: float
@@ -83,6 +84,28 @@ def save_trained(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, model_dir
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(model_dir, ignore_errors=True)
         os.replace(tmp, model_dir)
+
+
+def run_train_loss(log_history: Sequence[Mapping[str, Any]]) -> float | None:
+    """The mean training loss over every logged step of a run, from the Trainer's ``log_history``.
+
+    Each ``loss`` entry is the mean over the steps since the one before, so entries are weighted by the
+    steps they cover. A resumed Trainer's history starts with the checkpoint's entries, so an interrupted
+    and an uninterrupted run report the same number. ``TrainOutput.training_loss`` does not: it covers
+    only the steps of the process that returned it, and its divisor changed between transformers
+    releases (the total step count in 5.17, the steps run in 5.23). None when nothing was logged.
+    """
+    total = covered = 0.0
+    previous = 0
+    for entry in log_history:
+        if "loss" not in entry or "step" not in entry:
+            continue
+        width = int(entry["step"]) - previous
+        if width > 0:
+            total += float(entry["loss"]) * width
+            covered += width
+            previous = int(entry["step"])
+    return total / covered if covered else None
 
 
 class _LossHistory(TrainerCallback):
@@ -263,7 +286,7 @@ def train_sft(
     save_trained(trainer, tokenizer, model_dir, merge_lora=cfg.lora is not None)
     out = SFTResult(
         model_dir=str(model_dir),
-        train_loss=float(result.training_loss),
+        train_loss=float(logged if (logged := run_train_loss(trainer.state.log_history)) is not None else result.training_loss),
         steps=int(result.global_step),
         train_tokens=int(n_tokens * cfg.epochs),
         train_runtime_s=float(result.metrics.get("train_runtime", 0.0)),

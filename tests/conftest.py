@@ -311,7 +311,7 @@ def fit_completions(model_dir: str, examples, steps: int, out: Path) -> tuple[st
         opt.step()
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    return str(out), float(nll)
+    return str(out), float(nll.detach())
 
 
 def protocol_turns(rows):

@@ -172,10 +172,10 @@ def _assert_resumed_equals_straight(runs: Runs, out_dir: Path, checkpoint: str, 
     losses_b = json.loads((out_dir / "loss_history.json").read_text())
     assert [h["step"] for h in losses_b] == list(range(start + 1, MAX_STEPS + 1))
     assert losses_b == [h for h in losses_a if h["step"] > start]
-    # transformers 5 reports train_loss as the mean over the steps run by *this* process, so a resumed run's
-    # sft_result.json train_loss covers only the steps after the checkpoint.
+    # train_loss is the whole run's mean, read from the Trainer's history, which a resumed Trainer loads
+    # from the checkpoint: the interrupted run reports the uninterrupted run's number.
     assert runs.straight_result["train_loss"] == pytest.approx(sum(h["loss"] for h in losses_a) / MAX_STEPS)
-    assert resumed["train_loss"] == pytest.approx(sum(h["loss"] for h in losses_b) / len(losses_b))
+    assert resumed["train_loss"] == pytest.approx(runs.straight_result["train_loss"])
 
 
 @pytest.mark.slow
@@ -229,3 +229,17 @@ def test_only_whole_checkpoints_are_resumed_from(tmp_path: Path):
             (folder / "trainer_state.json").write_text(state)
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-100")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100"]
+
+
+def test_the_run_loss_weights_each_logged_window_by_the_steps_it_covers():
+    from tasks.sft import run_train_loss
+
+    history = [
+        {"loss": 2.0, "step": 10, "learning_rate": 1e-3},
+        {"loss": 1.0, "step": 20},
+        {"eval_loss": 7.0, "step": 20},  # not a training loss
+        {"loss": 4.0, "step": 25},  # a last, shorter window
+        {"train_loss": 9.0, "step": 25},  # the Trainer's own summary entry
+    ]
+    assert run_train_loss(history) == pytest.approx((2.0 * 10 + 1.0 * 10 + 4.0 * 5) / 25)
+    assert run_train_loss([{"train_loss": 9.0, "step": 3}]) is None
