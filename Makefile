@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM = false
 # pip on this kind of machine prints one warning per package for its local index: keep the log readable
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install run test test-fast clean clean-workspace mlflow-ui
+.PHONY: install run test test-fast clean clean-workspace mlflow-ui constraints-gpu
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -m "not slow and not services"
+
+# Pins for GPU workers and the GPU image (README, "Running on a GPU work pool"): the [gpu] extra resolved
+# for Linux x86_64 and Python 3.11 with uv, which resolves for another platform without installing it.
+constraints-gpu: install
+	$(BIN)/pip install -q uv 2>&1 | $(QUIET_PIP)
+	$(BIN)/uv pip compile pyproject.toml --extra gpu -c infra/gpu-worker-caps.txt --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --no-emit-package longshort --custom-compile-command "make constraints-gpu" \
+	  -o constraints-gpu.txt
 
 # Production-like services on 127.0.0.1 (infra/README.md): PostgreSQL, SeaweedFS S3, MLflow, Prefect, a worker on
 # the pool `gpu`. Then `eval "$$($(BIN)/python -m infra.services env)"` points `longshort run` and dvc at them.
