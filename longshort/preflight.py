@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from longshort.config import Profile
+    from longshort.config import Profile, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,13 @@ def preflight(cfg: Profile) -> None:
     runner = cfg.run.task_runner
     if runner != "threads" and importlib.util.find_spec(f"prefect_{runner}") is None:
         raise ConfigError(f"run.task_runner is '{runner}' but prefect-{runner} is not installed: pip install prefect-{runner}")
-    if cfg.generation.backend == "vllm":
-        from models.generation import vllm_available  # noqa: PLC0415
+    from models.generation import vllm_available  # noqa: PLC0415
 
-        if not vllm_available():
-            raise ConfigError("generation.backend is 'vllm' but CUDA or the vllm package is missing")
+    if cfg.generation.backend == "vllm" and not vllm_available():
+        raise ConfigError("generation.backend is 'vllm' but CUDA or the vllm package is missing")
+    backend = "vllm" if cfg.generation.backend == "vllm" or (cfg.generation.backend == "auto" and vllm_available()) else "transformers"
+    if problem := shard_parallelism_problem(cfg.run, backend):
+        raise ConfigError(problem)
     if cfg.data.source != "demo" and cfg.data.path:
         load_problems(cfg.data, need_response=cfg.data.source == "traces")
     for bench in cfg.evaluate.benchmarks:
@@ -58,3 +60,22 @@ def unpinned_hub_sources(cfg: Profile) -> list[tuple[str, str]]:
         if not b.revision and not is_local_source(b.source)
     ]
     return out
+
+
+def shard_parallelism_problem(run: RunConfig, backend: str) -> str | None:
+    """Why the scoring shards cannot run side by side on this machine, or None.
+
+    Each mapped shard builds its own generation backend. A vLLM engine claims
+    ``generation.gpu_memory_utilization`` of the GPU, so two shards on one machine (threads, or a
+    Dask/Ray cluster started locally) start two engines on one GPU and the second fails minutes in.
+    A cluster at ``run.cluster_address`` places its workers on their own GPUs.
+    """
+    if backend != "vllm":
+        return None
+    if run.task_runner == "threads" and run.max_workers > 1:
+        return (f"run.max_workers is {run.max_workers} with the vLLM backend: each scoring shard would start its own "
+                "engine on the one GPU; use 1 (vLLM batches a shard's rollouts itself) or a cluster (run.cluster_address)")  # fmt: skip
+    if run.task_runner != "threads" and not run.cluster_address:
+        return (f"run.task_runner is '{run.task_runner}' without run.cluster_address and the backend is vLLM: a local "
+                "cluster runs several shards, each with its own engine, on the one GPU; set run.cluster_address or use threads")  # fmt: skip
+    return None

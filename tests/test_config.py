@@ -202,3 +202,16 @@ def test_deepspeed_runs_in_process_as_a_one_process_group(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     deepspeed_config("infra/deepspeed/zero2.json")
     assert os.environ["RANK"] == "3" and os.environ["WORLD_SIZE"] == "8"
+
+
+def test_scoring_shards_never_start_two_vllm_engines_on_one_gpu():
+    from longshort.config import RunConfig
+    from longshort.preflight import shard_parallelism_problem
+
+    assert shard_parallelism_problem(RunConfig(max_workers=4), "transformers") is None
+    assert shard_parallelism_problem(RunConfig(max_workers=1), "vllm") is None
+    assert shard_parallelism_problem(RunConfig(task_runner="dask", cluster_address="tcp://10.0.0.5:8786"), "vllm") is None
+    assert shard_parallelism_problem(RunConfig(max_workers=2), "vllm").startswith("run.max_workers is 2 with the vLLM backend")
+    assert shard_parallelism_problem(RunConfig(task_runner="ray"), "vllm").startswith(
+        "run.task_runner is 'ray' without run.cluster_address"
+    )
