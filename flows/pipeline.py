@@ -54,8 +54,8 @@ def _stage(task_fn: Any, stage: str, workspace: Path, key_extra: dict[str, str] 
 
 def _file_digests(cfg: Profile) -> tuple[dict[str, str], dict[str, str]]:
     """Digests of the local files the synthesize and evaluate stages read by path (data.path, benchmark files or
-    folders), for their cache keys: editing such a file in place recomputes what read it. Hub ids are keyed
-    by their config only, the id and its ``revision`` (pin a commit there if the dataset may change)."""
+    folders), for their cache keys: editing such a file in place recomputes what read it. A hub dataset is keyed
+    by its config entry alone, the id and its ``revision``: pin a commit if the dataset may change."""
     from tasks.benchmarks import is_local_source  # noqa: PLC0415
 
     data = {}

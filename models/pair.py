@@ -144,7 +144,6 @@ class LongShortPair(mlflow.pyfunc.PythonModel):
             seed=self.settings.seed,
         )  # fmt: skip
 
-    # no type hints here: MLflow would turn them into a second, conflicting input schema
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
         """Run one episode per problem in ``model_input``; returns :func:`episode_rows`.
 

@@ -282,11 +282,12 @@ def train_sft(
         log.info("resuming SFT from %s", last)
     result = trainer.train(resume_from_checkpoint=last)
     n_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    train_loss = run_train_loss(trainer.state.log_history)
     model_dir = out_dir / "model"
     save_trained(trainer, tokenizer, model_dir, merge_lora=cfg.lora is not None)
     out = SFTResult(
         model_dir=str(model_dir),
-        train_loss=float(logged if (logged := run_train_loss(trainer.state.log_history)) is not None else result.training_loss),
+        train_loss=float(train_loss if train_loss is not None else result.training_loss),
         steps=int(result.global_step),
         train_tokens=int(n_tokens * cfg.epochs),
         train_runtime_s=float(result.metrics.get("train_runtime", 0.0)),
