@@ -475,6 +475,11 @@ class Profile(Section):
                 f"rl.lora: base_model.dtype is {self.base_model.dtype}, and full-weight RL on half-precision "
                 "weights loses its updates; set rl.lora (adapters train in float32) or base_model.dtype: float32"
             )
+        if self.cold_start.compressor == "demo_terse" and self.data.source != "demo":
+            raise ValueError(
+                f"cold_start.compressor: 'demo_terse' reads the terse forms the demo teacher writes, and data.source is "
+                f"'{self.data.source}'; use 'model' (the base model rewrites each thought) or 'verbatim'"
+            )
         return self
 
     def section_dump(self, name: str) -> dict[str, Any]:

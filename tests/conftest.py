@@ -23,6 +23,9 @@ from hypothesis import settings
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+# the pipeline's stages, as its summary names them (tests/test_pipeline.py, tests/test_real_path.py)
+STAGES = {"synthesize", "sft_base", "evaluate_base", "chunk", "score_shard", "merge_scores", "cold_start",
+          "sft_long", "sft_short", "rl", "baseline", "evaluate"}  # fmt: skip
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -186,7 +186,7 @@ def _profile(tmp_path: Path, **sections) -> Path:
 @pytest.mark.parametrize("command", ["run", "evaluate"])
 def test_cli_run_checks_the_data_file_before_anything_runs(tmp_path, command):
     data = _write(tmp_path, b'{"problem": "1+2", "answer": null}\n')
-    profile = _profile(tmp_path, data={"source": "traces", "path": str(data)})
+    profile = _profile(tmp_path, data={"source": "traces", "path": str(data)}, cold_start={"compressor": "verbatim"})
     result = runner.invoke(app, [command, "-p", str(profile)])
     _one_line_error(result, f"{data}:2: field 'answer' must be a string, got NoneType")
     assert not (tmp_path / "ws").exists()

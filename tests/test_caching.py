@@ -38,7 +38,8 @@ def test_files_read_by_path_are_keyed_by_their_bytes(tmp_path):
     traces, bench = tmp_path / "traces.jsonl", tmp_path / "mine.jsonl"
     traces.write_text('{"problem": "1+1", "answer": "2", "response": "<think>1+1=2</think> \\\\boxed{2}"}\n')
     bench.write_text('{"problem": "2+2", "answer": "4"}\n')
-    overrides = ["data.source=traces", f"data.path={traces}", f"evaluate.benchmarks=[{{source: {bench}}}]"]
+    overrides = ["data.source=traces", f"data.path={traces}", "cold_start.compressor=verbatim",
+                 f"evaluate.benchmarks=[{{source: {bench}}}]"]  # fmt: skip
     first = _file_digests(load_profile("smoke", overrides))
     assert list(first[0]) == ["data_file"] and list(first[1]) == [f"benchmark_file:{bench}"]
     traces.write_text(traces.read_text().replace("1+1", "1 + 1"))

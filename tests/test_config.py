@@ -66,14 +66,25 @@ def test_a_hub_dataset_revision_is_validated_keyed_and_unpinned_ids_are_listed(t
         load_profile(write(tmp_path, {"evaluate": {"benchmarks": [{"source": "data/mine.jsonl", "revision": "v1"}]}}))
     hub = {"source": "traces", "hub_id": "someone/traces"}
     benches = [{"source": "someone/math"}, {"source": "someone/aime", "revision": "0123"}, {"source": "data/x.jsonl"}]
-    unpinned = load_profile(write(tmp_path, {"data": hub, "evaluate": {"benchmarks": benches}}))
+    model = {"compressor": "model"}  # the demo teacher's terse forms need the demo task
+    unpinned = load_profile(write(tmp_path, {"data": hub, "cold_start": model, "evaluate": {"benchmarks": benches}}))
     assert unpinned_hub_sources(unpinned) == [("data.hub_id", "someone/traces"),
                                               ("evaluate.benchmarks[0].source", "someone/math")]  # fmt: skip
-    pinned = load_profile(write(tmp_path, {"data": {**hub, "revision": "0123"}, "evaluate": {"benchmarks": benches[1:]}}))
+    pinned = load_profile(write(tmp_path, {"data": {**hub, "revision": "0123"}, "cold_start": model,
+                                           "evaluate": {"benchmarks": benches[1:]}}))  # fmt: skip
     assert unpinned_hub_sources(pinned) == []
     # the pin is part of the data section, which keys the synthesize stage: a new pin reads the data again
     assert pinned.section_dump("data") != unpinned.section_dump("data")
     assert pinned.section_dump("data")["revision"] == "0123"
+
+
+def test_the_demo_compressor_needs_the_demo_teacher(tmp_path):
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("")
+    with pytest.raises(ConfigError, match="cold_start.compressor: 'demo_terse' reads the terse forms the demo teacher"):
+        load_profile("smoke", ["data.source=traces", f"data.path={traces}"])
+    cfg = load_profile("smoke", ["data.source=traces", f"data.path={traces}", "cold_start.compressor=model"])
+    assert cfg.cold_start.compressor == "model"
 
 
 def test_overrides_are_typed_and_validated():

@@ -172,7 +172,7 @@ def test_the_flow_itself_fails_fast_on_a_bad_profile(prefect_server, tmp_path):
     data = tmp_path / "traces.jsonl"
     data.write_text(json.dumps({"problem": "1+1", "answer": "2", "response": "<think>2</think>"}) + "\n{oops}\n")
     workspace = tmp_path / "ws"
-    cases = [(["data.source=traces", f"data.path={data}"], f"{data}:2: not valid JSON")]
+    cases = [(["data.source=traces", f"data.path={data}", "cold_start.compressor=verbatim"], f"{data}:2: not valid JSON")]
     if importlib.util.find_spec("prefect_dask") is None:
         cases.append((["run.task_runner=dask"], "prefect-dask is not installed"))
     for overrides, message in cases:

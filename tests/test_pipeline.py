@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import STAGES
 from tasks.report import slug
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-STAGES = {"synthesize", "sft_base", "evaluate_base", "chunk", "score_shard", "merge_scores", "cold_start",
-          "sft_long", "sft_short", "rl", "baseline", "evaluate"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

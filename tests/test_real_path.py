@@ -1,0 +1,144 @@
+"""The real profiles' path, on the CPU: what `qwen2.5-7b` does, with a checkpoint small enough for a test.
+
+The base is a hub-style checkpoint (a tiny Qwen2 model saved with a Qwen2.5-style ChatML tokenizer and a
+generation config that samples, as Qwen2.5-Instruct ships them) loaded by path, the traces come from a jsonl
+file, and the model itself compresses the unimportant thoughts. Unlike the demo tokenizer, this one splits
+every protocol tag into several tokens, ends a turn with ``<|im_end|>``, has no BOS token and adds its own
+default system prompt when a conversation has none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import STAGES
+
+pytestmark = pytest.mark.slow
+
+CHATML = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message['role'] != 'system' %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def _chatml_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML,
+        clean_up_tokenization_spaces=False, model_max_length=32768,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hub_style(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint folder, traces file)."""
+    from transformers import GenerationConfig
+
+    from longshort.config import DemoTaskConfig, TinyModelConfig
+    from models.factory import build_tiny_model
+    from tasks.demo import demo_rows
+
+    root = tmp_path_factory.mktemp("hub-style")
+    train, heldout = demo_rows(DemoTaskConfig(n_train=72, n_heldout=8, min_ops=2, max_ops=3, max_value=12,
+                                              max_operand=5, seed=7))  # fmt: skip
+    traces = root / "traces.jsonl"
+    traces.write_text("".join(json.dumps({k: r[k] for k in ("problem", "answer", "response")}) + "\n"
+                              for r in train + heldout))  # fmt: skip
+    tok = _chatml_tokenizer([r["problem"] + "\n" + r["response"] for r in train + heldout])
+    tiny = TinyModelConfig(architecture="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+    model = build_tiny_model(tiny, tok)
+    end = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    model.generation_config = GenerationConfig(eos_token_id=end, pad_token_id=tok.pad_token_id, do_sample=True,
+                                               temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)  # fmt: skip
+    checkpoint = root / "Qwen2.5-tiny"
+    model.save_pretrained(checkpoint)
+    tok.save_pretrained(checkpoint)
+    return checkpoint, traces
+
+
+@pytest.fixture(scope="module")
+def real_run(prefect_server, hub_style, tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    checkpoint, traces = hub_style
+    work = tmp_path_factory.mktemp("real-path")
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        yield pipeline(profile="smoke", overrides=[
+            "base_model.source=pretrained", f"base_model.name_or_path={checkpoint}",
+            "data.source=traces", f"data.path={traces}", "cold_start.compressor=model",
+        ])  # fmt: skip
+    finally:
+        os.chdir(old)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_stage_runs_on_a_hub_style_checkpoint(real_run, hub_style):
+    from transformers import AutoTokenizer
+
+    assert real_run["cache_hits"] == 0 and set(real_run["recomputed"]) == STAGES
+    # the trained models keep the checkpoint's own tokenizer, template and end-of-turn token
+    for stage, sub in (("sft_base", "model"), ("rl", "long"), ("rl", "short")):
+        tok = AutoTokenizer.from_pretrained(Path(real_run["stage_dirs"][stage]) / sub)
+        assert (tok.eos_token, tok.bos_token, tok.chat_template) == ("<|im_end|>", None, CHATML), (stage, sub)
+    assert len(tok("</rethink>", add_special_tokens=False)["input_ids"]) > 1  # a tag is several tokens here
+
+
+def test_the_cold_start_data_are_in_the_checkpoints_protocol_shape(real_run):
+    from models.protocol import parse_transcript
+
+    folder = Path(real_run["stage_dirs"]["cold_start"])
+    d_long, d_short = _jsonl(folder / "d_long.jsonl"), _jsonl(folder / "d_short.jsonl")
+    assert d_long and d_short and real_run["metrics"]["cold_start_n_episodes"] == len({r["id"] for r in d_long})
+    assert all(r["completion"].startswith("<think>\n") and r["completion"].endswith("\n</think>") for r in d_long)
+    assert all(r["completion"].startswith("<answer>") for r in d_short)
+    finals = [r for r in d_short if r["completion"].endswith("</answer>")]
+    assert len(finals) == real_run["metrics"]["cold_start_n_episodes"]
+    for row in finals:  # every episode parses and ends with the trace's answer
+        turns = parse_transcript(row["history"] + row["completion"])
+        assert turns[-1].kind == "final" and turns[-1].answer is not None
+
+
+def test_evaluation_counts_this_tokenizers_tokens_and_the_registered_pair_answers(real_run):
+    import mlflow
+    import pandas as pd
+
+    folder = Path(real_run["stage_dirs"]["evaluate"])
+    records = _jsonl(folder / "records.jsonl")
+    assert {r["system"] for r in records} == {"long-CoT base", "truncation baseline", "Long⊗Short SFT",
+                                              "Long⊗Short RL"}  # fmt: skip
+    assert all(r["tokens_long"] + r["tokens_short"] > 0 for r in records)
+    mlflow.set_tracking_uri(real_run["tracking_uri"])
+    pair = mlflow.pyfunc.load_model(f"models:/longshort-pair/{real_run['pair_version']}")
+    out = pair.predict(pd.DataFrame({"problem": ["Start with 3. Then (1) add 2. What is the final number?"]}))
+    row = out.iloc[0]
+    assert int(row["tokens"]) == int(row["long_tokens"]) + int(row["short_tokens"]) > 0
+    # the smoke budget trains nothing useful: what matters is that the protocol ran and ended the episode, with
+    # each turn inside its cap in this tokenizer's tokens (smoke: 48 per long turn, 4 turns)
+    assert row["stop_reason"] in ("answer", "turn_cap", "malformed") and 1 <= int(row["n_turns"]) <= 4
+    assert int(row["long_tokens"]) <= 48 * 2
