@@ -246,7 +246,8 @@ def chunk_task(
     key: str, out_dir: str, train_path: str, heldout_path: str, chunk: dict, n_train: int, n_heldout: int, seed: int,
     llm: dict | None = None,
 ) -> StageRecord:  # fmt: skip
-    """Thoughts of the first ``n_train`` training traces and ``n_heldout`` held-out traces. ``chunk.method: llm``
+    """Thoughts of the first ``n_train`` training traces and ``n_heldout`` held-out traces (those with one:
+    ``data.source: teacher`` writes none for held-out problems, which only evaluation reads). ``chunk.method: llm``
     needs ``llm`` = ``{model_dir, base_model, generation}``: the model that is prompted for the blocks."""
     from tasks.chunking import chunk_rows  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
@@ -266,7 +267,10 @@ def chunk_task(
         outputs, metrics = {}, {}
         try:
             for split, path, n in (("train", train_path, n_train), ("heldout", heldout_path, n_heldout)):
-                rows = chunk_rows(read_split(path)[:n], cfg, backend, seed=seed)
+                rows = read_split(path)
+                if split == "heldout":  # a teacher answers the training problems only: held-out rows may have no trace
+                    rows = [r for r in rows if "response" in r]
+                rows = chunk_rows(rows[:n], cfg, backend, seed=seed)
                 write_jsonl(folder / f"chunks_{split}.jsonl", rows)
                 outputs[split] = str(folder / f"chunks_{split}.jsonl")
                 metrics[f"chunk_{split}_traces"] = len(rows)

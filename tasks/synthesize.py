@@ -342,8 +342,18 @@ def synthesize(
         return synthesize_demo(cfg.demo, out_dir)
     rows = load_problems(cfg, need_response=cfg.source == "traces")
     train, heldout = split_heldout(rows, cfg.heldout_fraction, seed)
+    name = cfg.path or cfg.hub_id
+    if not train:
+        raise DataError(f"{name}: all {len(rows)} problems fell in the held-out split (data.heldout_fraction "
+                        f"{cfg.heldout_fraction}); nothing is left to train on")  # fmt: skip
     if cfg.source == "teacher":
+        asked = len(train)
         train = synthesize_with_teacher(train, cfg, gen_cfg, model_cfg, seed)
+        if not train:
+            raise DataError(
+                f"data.teacher {cfg.teacher}: none of its {asked} traces for {name} ended with the right boxed answer "
+                f"within data.teacher_max_new_tokens={cfg.teacher_max_new_tokens}; nothing is left to train on"
+            )
     return write_splits(out_dir, train, heldout)
 
 

@@ -2,7 +2,8 @@
 
 The base is a hub-style checkpoint (a tiny Qwen2 model saved with a Qwen2.5-style ChatML tokenizer and a
 generation config that samples, as Qwen2.5-Instruct ships them) loaded by path, the traces come from a jsonl
-file, and the model itself compresses the unimportant thoughts. Unlike the demo tokenizer, this one splits
+file or from a teacher model answering a jsonl of problems, and the model itself compresses the unimportant
+thoughts. Unlike the demo tokenizer, this one splits
 every protocol tag into several tokens, ends a turn with ``<|im_end|>``, has no BOS token and adds its own
 default system prompt when a conversation has none.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STAGES
+from conftest import STAGES, fit_completions
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +95,37 @@ def real_run(prefect_server, hub_style, tmp_path_factory):
         os.chdir(old)
 
 
+@pytest.fixture(scope="module")
+def teacher_run(prefect_server, hub_style, tmp_path_factory):
+    """``data.source: teacher``: a teacher (the checkpoint fitted to 8 problems' traces, so that it answers most
+    of them) writes the training traces; the held-out problems get none."""
+    from flows.pipeline import pipeline
+    from models.protocol import SYSTEM_PROMPTS
+
+    checkpoint, traces = hub_style
+    rows = _jsonl(traces)[:8]
+    work = tmp_path_factory.mktemp("teacher-path")
+    problems = work / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"problem": r["problem"], "answer": r["answer"]}) + "\n" for r in rows))
+
+    def examples(tok):
+        system = {"role": "system", "content": SYSTEM_PROMPTS["base"]}
+        return [(tok.apply_chat_template([system, {"role": "user", "content": r["problem"]}], tokenize=False,
+                                         add_generation_prompt=True), r["response"]) for r in rows]  # fmt: skip
+
+    teacher, _ = fit_completions(str(checkpoint), examples, 300, work / "teacher")
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        yield pipeline(profile="smoke", overrides=[
+            "base_model.source=pretrained", f"base_model.name_or_path={checkpoint}", "data.source=teacher",
+            f"data.path={problems}", f"data.teacher={teacher}", "data.teacher_max_new_tokens=400",
+            "data.heldout_fraction=0.25", "cold_start.compressor=model",
+        ])  # fmt: skip
+    finally:
+        os.chdir(old)
+
+
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -142,3 +174,38 @@ def test_evaluation_counts_this_tokenizers_tokens_and_the_registered_pair_answer
     # each turn inside its cap in this tokenizer's tokens (smoke: 48 per long turn, 4 turns)
     assert row["stop_reason"] in ("answer", "turn_cap", "malformed") and 1 <= int(row["n_turns"]) <= 4
     assert int(row["long_tokens"]) <= 48 * 2
+
+
+def test_a_teacher_writes_the_training_traces_and_the_held_out_problems_are_evaluated(teacher_run):
+    assert teacher_run["cache_hits"] == 0 and set(teacher_run["recomputed"]) == STAGES
+    data = Path(teacher_run["stage_dirs"]["synthesize"])
+    train, heldout = _jsonl(data / "train.jsonl"), _jsonl(data / "heldout.jsonl")
+    assert train and heldout and len(train) + len(heldout) <= 8
+    assert all(r["response"].startswith("<think>\n") and r["response"].endswith("</answer>") for r in train)
+    assert all("response" not in r for r in heldout)  # the teacher answers the training problems only
+    m = teacher_run["metrics"]
+    assert m["chunk_train_traces"] == len(train) and m["chunk_heldout_traces"] == 0
+    records = _jsonl(Path(teacher_run["stage_dirs"]["evaluate"]) / "records.jsonl")
+    assert sorted(r["problem_id"] for r in records if r["system"] == "long-CoT base") == sorted(r["id"] for r in heldout)
+
+
+def test_a_teacher_that_answers_nothing_right_stops_synthesis_with_a_data_error(hub_style, tmp_path):
+    """Before, an empty training split went on to SFT, where TRL failed with a bare StopIteration."""
+    from longshort.config import load_profile
+    from longshort.io import DataError
+    from tasks.synthesize import synthesize
+
+    checkpoint, traces = hub_style
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"problem": r["problem"], "answer": r["answer"]}) + "\n"
+                                for r in _jsonl(traces)[:6]))  # fmt: skip
+    cfg = load_profile("smoke", ["base_model.source=pretrained", f"base_model.name_or_path={checkpoint}",
+                                 "data.source=teacher", f"data.path={problems}", f"data.teacher={checkpoint}",
+                                 "data.teacher_max_new_tokens=24", "cold_start.compressor=model"])  # fmt: skip
+    with pytest.raises(DataError, match=rf"data.teacher {checkpoint}: none of its \d+ traces for {problems} ended with "
+                                        r"the right boxed answer within data.teacher_max_new_tokens=24"):  # fmt: skip
+        synthesize(cfg.data, tmp_path / "out", cfg.generation, cfg.base_model)
+    assert not (tmp_path / "out" / "train.jsonl").exists()
+    everything_held_out = cfg.data.model_copy(update={"heldout_fraction": 0.999})
+    with pytest.raises(DataError, match="all 6 problems fell in the held-out split"):
+        synthesize(everything_held_out, tmp_path / "out", cfg.generation, cfg.base_model)
