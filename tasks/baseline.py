@@ -29,7 +29,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 
-from longshort.config import BaselineConfig
+from longshort.config import BaselineConfig, ConfigError
 from models.generation import GenerationBackend, vllm_available
 from models.protocol import SYSTEM_PROMPTS
 from tasks.answers import check_answer
@@ -134,9 +134,9 @@ def train_truncation_baseline(
     from trl import GRPOConfig, GRPOTrainer  # noqa: PLC0415 - heavy import, only this stage needs it
 
     if len(problems) < cfg.prompts_per_step:
-        raise ValueError(
-            f"baseline: {len(problems)} training problems left, fewer than prompts_per_step={cfg.prompts_per_step} "
-            "(is the easy filter too strict for this model?)"
+        raise ConfigError(
+            f"baseline.prompts_per_step: {len(problems)} training problems left, fewer than "
+            f"{cfg.prompts_per_step} (is baseline.easy_filter too strict for this model?)"
         )
     start = time.perf_counter()
     out_dir = Path(out_dir)

@@ -52,7 +52,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from longshort.config import ModelConfig, ProtocolConfig, RLConfig
+from longshort.config import ConfigError, ModelConfig, ProtocolConfig, RLConfig
 from models.factory import load_model
 from models.generation import Completion, TransformersBackend
 from models.protocol import SYSTEM_PROMPTS, Episode, history_suffix, run_episodes
@@ -543,8 +543,9 @@ def train_pair_rl(
         pool_idx = [k for k, rate in enumerate(rates) if rate > 0.5]
         log.info("RL easy filter: kept %d of %d problems (pass rate > 0.5)", len(pool_idx), len(problems))
         if not pool_idx:
-            raise ValueError(
-                f"rl.easy_filter kept none of {len(problems)} problems (pass rate > 0.5 under the starting pair)"
+            raise ConfigError(  # the profile asks for what this pair cannot give: say which field, not a traceback
+                f"rl.easy_filter kept none of {len(problems)} problems (pass rate > 0.5 under the starting pair); "
+                "set rl.easy_filter: false, or train the pair longer first"
             )
     else:
         pool_idx = list(range(len(problems)))

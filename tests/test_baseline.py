@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import chat_prompt, fit_completions
-from longshort.config import BaselineConfig, ModelConfig
+from longshort.config import BaselineConfig, ConfigError, ModelConfig
 from models.factory import load_model
 from models.generation import TransformersBackend
 from models.protocol import SYSTEM_PROMPTS, format_response
@@ -127,5 +127,5 @@ def test_grpo_run_saves_a_model_and_logs_each_step(base_format_tiny, demo_rows_s
 
 def test_no_problem_left_is_a_clear_error(trained_tiny, tmp_path: Path):
     model, tok = load_model(ModelConfig(), path=trained_tiny)
-    with pytest.raises(ValueError, match="0 training problems left, fewer than prompts_per_step=8"):
+    with pytest.raises(ConfigError, match=r"baseline.prompts_per_step: 0 training problems left, fewer than 8"):
         train_truncation_baseline(model, tok, [], BaselineConfig(), tmp_path)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import chat_prompt, fit_completions, protocol_turns
-from longshort.config import ModelConfig, ProtocolConfig
+from longshort.config import ConfigError, ModelConfig, ProtocolConfig
 from models.factory import load_model
 from models.generation import Completion, TransformersBackend
 from models.protocol import SYSTEM_PROMPTS, TURN_SEP, Episode, Turn, format_long_turn, format_short_turn
@@ -201,7 +201,7 @@ def test_easy_filter_keeps_problems_solved_more_than_half_the_time(solving_pair,
     # the filter keeps exactly the two solvable problems: an impossible one can never be kept
     result = train_pair_rl(solving_pair, solving_pair, mixed, cfg, tmp_path / "mixed", protocol=PROTOCOL)
     assert result.n_problems == 2 and result.steps == 2
-    with pytest.raises(ValueError, match="kept none of 2 problems"):
+    with pytest.raises(ConfigError, match="rl.easy_filter kept none of 2 problems"):
         train_pair_rl(solving_pair, solving_pair, impossible, cfg, tmp_path / "none", protocol=PROTOCOL)
 
 
