@@ -15,8 +15,9 @@ import os
 from pathlib import Path
 
 import pytest
+from prefect.logging.handlers import APILogHandler
 
-from conftest import STAGES, fit_completions
+from conftest import SHARED_DATA, STAGES, fit_completions
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +79,61 @@ def hub_style(tmp_path_factory) -> tuple[Path, Path]:
     return checkpoint, traces
 
 
+LLAMA3 = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llama_style(hub_style) -> Path:
+    """A Llama-3.1-style checkpoint: the tokenizer adds BOS on its own (a post-processor) and the chat template
+    writes it too, ``<|eot_id|>`` ends a turn, and there is no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from longshort.config import TinyModelConfig
+    from models.factory import build_tiny_model
+
+    _, traces = hub_style
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator([r["problem"] + "\n" + r["response"] for r in _jsonl(traces)], trainer=trainer)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                 chat_template=LLAMA3, clean_up_tokenization_spaces=False)  # fmt: skip
+    tiny = TinyModelConfig(architecture="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+    model = build_tiny_model(tiny, hf)
+    end = [hf.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eot_id|>")]
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=end, do_sample=True, temperature=0.6, top_p=0.9)
+    checkpoint = traces.parent / "Llama-3.1-tiny"
+    model.save_pretrained(checkpoint)
+    hf.save_pretrained(checkpoint)
+    return checkpoint
+
+
+# The real profile's sizes cut to seconds; everything else (bf16 weights, LoRA RL, the DeepSpeed file, which
+# is skipped without CUDA, k samples per problem, benchmark files) is the profile as written.
+SCALED_DOWN = [
+    "generation.backend=transformers", "generation.batch_size=16", "generation.max_new_tokens=64",
+    *(f"{s}.{k}" for s in ("sft_base", "sft_long", "sft_short") for k in ("epochs=1", "grad_accum=2")),
+    "score.n_train_traces=12", "score.n_heldout_traces=4", "score.n_rollouts=2", "score.shard_size=8",
+    "score.max_new_tokens=16", "protocol.max_new_tokens_long=48", "protocol.max_new_tokens_short=24",
+    "rl.steps_per_round=1", "rl.rounds=1", "rl.prompts_per_step=2", "rl.group_size=2", "rl.n_problems=8",
+    "rl.probe_problems=2", "rl.probe_every=1", "rl.length_target=64", "rl.micro_batch_size=2", "rl.checkpoint_every=1",
+    "rl.easy_filter=false", "baseline.steps=1", "baseline.prompts_per_step=2", "baseline.group_size=2",
+    "baseline.n_problems=8", "baseline.easy_filter=false", "baseline.micro_batch_size=2", "baseline.length_target=64",
+    "baseline.checkpoint_every=1", "evaluate.n_problems=4", "evaluate.max_new_tokens=64", "evaluate.k=2",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def real_run(prefect_server, hub_style, tmp_path_factory):
     from flows.pipeline import pipeline
@@ -93,6 +149,7 @@ def real_run(prefect_server, hub_style, tmp_path_factory):
         ])  # fmt: skip
     finally:
         os.chdir(old)
+        APILogHandler().flush()  # send the runs' logs while the server is up, not at exit after it stopped
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +181,7 @@ def teacher_run(prefect_server, hub_style, tmp_path_factory):
         ])  # fmt: skip
     finally:
         os.chdir(old)
+        APILogHandler().flush()  # send the runs' logs while the server is up, not at exit after it stopped
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -209,3 +267,34 @@ def test_a_teacher_that_answers_nothing_right_stops_synthesis_with_a_data_error(
     everything_held_out = cfg.data.model_copy(update={"heldout_fraction": 0.999})
     with pytest.raises(DataError, match="all 6 problems fell in the held-out split"):
         synthesize(everything_held_out, tmp_path / "out", cfg.generation, cfg.base_model)
+
+
+def test_the_llama_profile_scaled_down_runs_every_stage_with_one_bos(prefect_server, llama_style, hub_style, tmp_path):
+    from transformers import AutoTokenizer
+
+    from flows.pipeline import pipeline
+    from models.generation import prompt_token_ids
+    from models.protocol import SYSTEM_PROMPTS
+
+    _, traces = hub_style
+    amc = SHARED_DATA / "benchmarks" / "amc23.jsonl"
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        run = pipeline(profile="llama3.1-8b", overrides=[
+            f"base_model.name_or_path={llama_style}", "data.source=traces", f"data.path={traces}",
+            "data.max_examples=60", *SCALED_DOWN, f"evaluate.benchmarks=[{{source: {amc}, limit: 2}}]",
+        ])  # fmt: skip
+    finally:
+        os.chdir(old)
+        APILogHandler().flush()  # send the runs' logs while the server is up, not at exit after it stopped
+    assert run["cache_hits"] == 0 and set(run["recomputed"]) == STAGES
+    records = _jsonl(Path(run["stage_dirs"]["evaluate"]) / "records.jsonl")
+    assert {r["benchmark"] for r in records} == {"demo_heldout", "amc23"}
+    assert {r["sample"] for r in records} == {0, 1}  # k = 2
+    tok = AutoTokenizer.from_pretrained(Path(run["stage_dirs"]["rl"]) / "long")
+    assert (tok.bos_token, tok.eos_token) == ("<|begin_of_text|>", "<|eot_id|>")
+    prompt = tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPTS["long"]},
+                                      {"role": "user", "content": "1+1?"}], tokenize=False, add_generation_prompt=True)  # fmt: skip
+    assert tok(prompt)["input_ids"].count(tok.bos_token_id) == 2  # what a default tokenize would feed the model
+    assert prompt_token_ids(tok, [prompt])[0].count(tok.bos_token_id) == 1  # what every backend feeds it
