@@ -1,11 +1,12 @@
-"""The real profiles' path, on the CPU: what `qwen2.5-7b` does, with a checkpoint small enough for a test.
+"""The real profiles' path, on the CPU: what `qwen2.5-7b` and `llama3.1-8b` do, with checkpoints small enough
+for a test.
 
-The base is a hub-style checkpoint (a tiny Qwen2 model saved with a Qwen2.5-style ChatML tokenizer and a
-generation config that samples, as Qwen2.5-Instruct ships them) loaded by path, the traces come from a jsonl
-file or from a teacher model answering a jsonl of problems, and the model itself compresses the unimportant
-thoughts. Unlike the demo tokenizer, this one splits
-every protocol tag into several tokens, ends a turn with ``<|im_end|>``, has no BOS token and adds its own
-default system prompt when a conversation has none.
+The base is a hub-style checkpoint loaded by path: a tiny Qwen2 model saved with a Qwen2.5-style ChatML
+tokenizer and a generation config that samples (as Qwen2.5-Instruct ships them), or a tiny Llama model with a
+Llama-3.1-style tokenizer. The traces come from a jsonl file or from a teacher model answering a jsonl of
+problems, and the model itself compresses the unimportant thoughts. Unlike the demo tokenizer, these split
+every protocol tag into several tokens and end a turn with their own token; the ChatML one has no BOS and adds a
+default system prompt, the Llama one adds BOS both in its template and on its own and has no pad token.
 """
 
 from __future__ import annotations
@@ -199,9 +200,10 @@ def test_every_stage_runs_on_a_hub_style_checkpoint(real_run, hub_style):
     assert len(tok("</rethink>", add_special_tokens=False)["input_ids"]) > 1  # a tag is several tokens here
 
 
-def test_the_cold_start_data_are_in_the_checkpoints_protocol_shape(real_run):
+def test_the_cold_start_data_are_in_the_checkpoints_protocol_shape(real_run, hub_style):
     from models.protocol import parse_transcript
 
+    answers = {r["problem"]: r["answer"] for r in _jsonl(hub_style[1])}
     folder = Path(real_run["stage_dirs"]["cold_start"])
     d_long, d_short = _jsonl(folder / "d_long.jsonl"), _jsonl(folder / "d_short.jsonl")
     assert d_long and d_short and real_run["metrics"]["cold_start_n_episodes"] == len({r["id"] for r in d_long})
@@ -211,7 +213,7 @@ def test_the_cold_start_data_are_in_the_checkpoints_protocol_shape(real_run):
     assert len(finals) == real_run["metrics"]["cold_start_n_episodes"]
     for row in finals:  # every episode parses and ends with the trace's answer
         turns = parse_transcript(row["history"] + row["completion"])
-        assert turns[-1].kind == "final" and turns[-1].answer is not None
+        assert turns[-1].kind == "final" and turns[-1].answer == answers[row["problem"]]
 
 
 def test_evaluation_counts_this_tokenizers_tokens_and_the_registered_pair_answers(real_run):
