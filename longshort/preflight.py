@@ -29,12 +29,9 @@ def preflight(cfg: Profile) -> None:
     runner = cfg.run.task_runner
     if runner != "threads" and importlib.util.find_spec(f"prefect_{runner}") is None:
         raise ConfigError(f"run.task_runner is '{runner}' but prefect-{runner} is not installed: pip install prefect-{runner}")
-    from models.generation import vllm_available  # noqa: PLC0415
+    from models.generation import resolve_backend  # noqa: PLC0415
 
-    if cfg.generation.backend == "vllm" and not vllm_available():
-        raise ConfigError("generation.backend is 'vllm' but CUDA or the vllm package is missing")
-    backend = "vllm" if cfg.generation.backend == "vllm" or (cfg.generation.backend == "auto" and vllm_available()) else "transformers"
-    if problem := shard_parallelism_problem(cfg.run, backend):
+    if problem := shard_parallelism_problem(cfg.run, resolve_backend(cfg.generation)):
         raise ConfigError(problem)
     if cfg.data.source != "demo" and cfg.data.path:
         load_problems(cfg.data, need_response=cfg.data.source == "traces")

@@ -482,18 +482,23 @@ def vllm_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
 
+def resolve_backend(gen_cfg: GenerationConfig) -> Literal["vllm", "transformers"]:
+    """The backend ``generation.backend`` means on this machine: ``auto`` is vLLM when CUDA and vLLM are
+    present; ``vllm`` without them is a ConfigError."""
+    if gen_cfg.backend == "auto":
+        return "vllm" if vllm_available() else "transformers"
+    if gen_cfg.backend == "vllm" and not vllm_available():
+        from longshort.config import ConfigError  # noqa: PLC0415
+
+        raise ConfigError("generation.backend is 'vllm' but CUDA or the vllm package is missing")
+    return gen_cfg.backend
+
+
 def make_backend(
     model_path: str | Path, model_cfg: ModelConfig, gen_cfg: GenerationConfig, seed: int = 0
 ) -> GenerationBackend:
-    """The configured backend for a saved model; ``auto`` picks vLLM when CUDA and vLLM are present."""
-    choice = gen_cfg.backend
-    if choice == "auto":
-        choice = "vllm" if vllm_available() else "transformers"
-    if choice == "vllm":
-        if not vllm_available():
-            from longshort.config import ConfigError  # noqa: PLC0415
-
-            raise ConfigError("generation.backend is 'vllm' but CUDA or the vllm package is missing")
+    """The configured backend for a saved model (:func:`resolve_backend`)."""
+    if resolve_backend(gen_cfg) == "vllm":
         return VLLMBackend(
             str(model_path),
             model_cfg,
