@@ -32,20 +32,50 @@ CHATML = (
 )
 
 
-def _chatml_tokenizer(texts: list[str]):
+def _byte_bpe(texts: list[str], special: list[str]):
+    """A 500-token byte-level BPE trained on ``texts``, with ``special`` as its special tokens (no tags)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _save_checkpoint(folder: Path, tok, architecture: str, generation_config) -> Path:
+    """A tiny model of ``architecture`` for ``tok``, saved with it the way a hub checkpoint is."""
+    from longshort.config import TinyModelConfig
+    from models.factory import build_tiny_model
+
+    tiny = TinyModelConfig(architecture=architecture, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+    model = build_tiny_model(tiny, tok)
+    model.generation_config = generation_config
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _pipeline_in(work: Path, profile: str, overrides: list[str]) -> dict:
+    """The flow run from ``work`` (its workspace is the profile's relative ``workspace``)."""
+    from flows.pipeline import pipeline
+
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        return pipeline(profile=profile, overrides=overrides)
+    finally:
+        os.chdir(old)
+        APILogHandler().flush()  # send the run's logs while the server is up, not at exit after it stopped
+
+
+def _chatml_tokenizer(texts: list[str]):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _byte_bpe(texts, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML,
         clean_up_tokenization_spaces=False, model_max_length=32768,
@@ -57,8 +87,7 @@ def hub_style(tmp_path_factory) -> tuple[Path, Path]:
     """(checkpoint folder, traces file)."""
     from transformers import GenerationConfig
 
-    from longshort.config import DemoTaskConfig, TinyModelConfig
-    from models.factory import build_tiny_model
+    from longshort.config import DemoTaskConfig
     from tasks.demo import demo_rows
 
     root = tmp_path_factory.mktemp("hub-style")
@@ -68,16 +97,10 @@ def hub_style(tmp_path_factory) -> tuple[Path, Path]:
     traces.write_text("".join(json.dumps({k: r[k] for k in ("problem", "answer", "response")}) + "\n"
                               for r in train + heldout))  # fmt: skip
     tok = _chatml_tokenizer([r["problem"] + "\n" + r["response"] for r in train + heldout])
-    tiny = TinyModelConfig(architecture="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
-    model = build_tiny_model(tiny, tok)
     end = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
-    model.generation_config = GenerationConfig(eos_token_id=end, pad_token_id=tok.pad_token_id, do_sample=True,
-                                               temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)  # fmt: skip
-    checkpoint = root / "Qwen2.5-tiny"
-    model.save_pretrained(checkpoint)
-    tok.save_pretrained(checkpoint)
-    return checkpoint, traces
+    sampling = GenerationConfig(eos_token_id=end, pad_token_id=tok.pad_token_id, do_sample=True, temperature=0.7,
+                                top_p=0.8, top_k=20, repetition_penalty=1.05)  # fmt: skip
+    return _save_checkpoint(root / "Qwen2.5-tiny", tok, "qwen2", sampling), traces
 
 
 LLAMA3 = (
@@ -91,33 +114,19 @@ LLAMA3 = (
 def llama_style(hub_style) -> Path:
     """A Llama-3.1-style checkpoint: the tokenizer adds BOS on its own (a post-processor) and the chat template
     writes it too, ``<|eot_id|>`` ends a turn, and there is no pad token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-    from longshort.config import TinyModelConfig
-    from models.factory import build_tiny_model
-
     _, traces = hub_style
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator([r["problem"] + "\n" + r["response"] for r in _jsonl(traces)], trainer=trainer)
+    tok = _byte_bpe([r["problem"] + "\n" + r["response"] for r in _jsonl(traces)], special)
     bos = tok.token_to_id("<|begin_of_text|>")
     tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                  chat_template=LLAMA3, clean_up_tokenization_spaces=False)  # fmt: skip
-    tiny = TinyModelConfig(architecture="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
-    model = build_tiny_model(tiny, hf)
     end = [hf.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eot_id|>")]
-    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=end, do_sample=True, temperature=0.6, top_p=0.9)
-    checkpoint = traces.parent / "Llama-3.1-tiny"
-    model.save_pretrained(checkpoint)
-    hf.save_pretrained(checkpoint)
-    return checkpoint
+    sampling = GenerationConfig(bos_token_id=bos, eos_token_id=end, do_sample=True, temperature=0.6, top_p=0.9)
+    return _save_checkpoint(traces.parent / "Llama-3.1-tiny", hf, "llama", sampling)
 
 
 # The real profile's sizes cut to seconds; everything else (bf16 weights, LoRA RL, the DeepSpeed file, which
@@ -137,27 +146,17 @@ SCALED_DOWN = [
 
 @pytest.fixture(scope="module")
 def real_run(prefect_server, hub_style, tmp_path_factory):
-    from flows.pipeline import pipeline
-
     checkpoint, traces = hub_style
-    work = tmp_path_factory.mktemp("real-path")
-    old = os.getcwd()
-    os.chdir(work)
-    try:
-        yield pipeline(profile="smoke", overrides=[
-            "base_model.source=pretrained", f"base_model.name_or_path={checkpoint}",
-            "data.source=traces", f"data.path={traces}", "cold_start.compressor=model",
-        ])  # fmt: skip
-    finally:
-        os.chdir(old)
-        APILogHandler().flush()  # send the runs' logs while the server is up, not at exit after it stopped
+    return _pipeline_in(tmp_path_factory.mktemp("real-path"), "smoke", [
+        "base_model.source=pretrained", f"base_model.name_or_path={checkpoint}",
+        "data.source=traces", f"data.path={traces}", "cold_start.compressor=model",
+    ])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def teacher_run(prefect_server, hub_style, tmp_path_factory):
     """``data.source: teacher``: a teacher (the checkpoint fitted to 8 problems' traces, so that it answers most
     of them) writes the training traces; the held-out problems get none."""
-    from flows.pipeline import pipeline
     from models.protocol import SYSTEM_PROMPTS
 
     checkpoint, traces = hub_style
@@ -172,17 +171,11 @@ def teacher_run(prefect_server, hub_style, tmp_path_factory):
                                          add_generation_prompt=True), r["response"]) for r in rows]  # fmt: skip
 
     teacher, _ = fit_completions(str(checkpoint), examples, 300, work / "teacher")
-    old = os.getcwd()
-    os.chdir(work)
-    try:
-        yield pipeline(profile="smoke", overrides=[
-            "base_model.source=pretrained", f"base_model.name_or_path={checkpoint}", "data.source=teacher",
-            f"data.path={problems}", f"data.teacher={teacher}", "data.teacher_max_new_tokens=400",
-            "data.heldout_fraction=0.25", "cold_start.compressor=model",
-        ])  # fmt: skip
-    finally:
-        os.chdir(old)
-        APILogHandler().flush()  # send the runs' logs while the server is up, not at exit after it stopped
+    return _pipeline_in(work, "smoke", [
+        "base_model.source=pretrained", f"base_model.name_or_path={checkpoint}", "data.source=teacher",
+        f"data.path={problems}", f"data.teacher={teacher}", "data.teacher_max_new_tokens=400",
+        "data.heldout_fraction=0.25", "cold_start.compressor=model",
+    ])  # fmt: skip
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -274,22 +267,15 @@ def test_a_teacher_that_answers_nothing_right_stops_synthesis_with_a_data_error(
 def test_the_llama_profile_scaled_down_runs_every_stage_with_one_bos(prefect_server, llama_style, hub_style, tmp_path):
     from transformers import AutoTokenizer
 
-    from flows.pipeline import pipeline
     from models.generation import prompt_token_ids
     from models.protocol import SYSTEM_PROMPTS
 
     _, traces = hub_style
     amc = SHARED_DATA / "benchmarks" / "amc23.jsonl"
-    old = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        run = pipeline(profile="llama3.1-8b", overrides=[
-            f"base_model.name_or_path={llama_style}", "data.source=traces", f"data.path={traces}",
-            "data.max_examples=60", *SCALED_DOWN, f"evaluate.benchmarks=[{{source: {amc}, limit: 2}}]",
-        ])  # fmt: skip
-    finally:
-        os.chdir(old)
-        APILogHandler().flush()  # send the runs' logs while the server is up, not at exit after it stopped
+    run = _pipeline_in(tmp_path, "llama3.1-8b", [
+        f"base_model.name_or_path={llama_style}", "data.source=traces", f"data.path={traces}",
+        "data.max_examples=60", *SCALED_DOWN, f"evaluate.benchmarks=[{{source: {amc}, limit: 2}}]",
+    ])  # fmt: skip
     assert run["cache_hits"] == 0 and set(run["recomputed"]) == STAGES
     records = _jsonl(Path(run["stage_dirs"]["evaluate"]) / "records.jsonl")
     assert {r["benchmark"] for r in records} == {"demo_heldout", "amc23"}
