@@ -12,14 +12,17 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _lines(path: Path) -> list[str]:
+    """A requirements file's entries, comments and blank lines left out."""
+    return [s for line in path.read_text().splitlines() if (s := line.split("#", 1)[0].strip())]
+
+
 def _pins(path: Path) -> dict[str, str]:
     pins = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, _, version = line.partition("==")
-            assert version, f"{path.name}: {line!r} is not a name==version pin"
-            pins[canonicalize_name(name)] = version
+    for line in _lines(path):
+        name, _, version = line.partition("==")
+        assert version, f"{path.name}: {line!r} is not a name==version pin"
+        pins[canonicalize_name(name)] = version
     return pins
 
 
@@ -27,10 +30,6 @@ def _requirements(*extras: str) -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lines = [*project["dependencies"], *(r for e in extras for r in project["optional-dependencies"][e])]
     return [Requirement(r) for r in lines]
-
-
-def _pins_or_specs(path: Path) -> list[str]:
-    return [s for line in path.read_text().splitlines() if (s := line.split("#", 1)[0].strip())]
 
 
 @pytest.mark.parametrize(
@@ -41,13 +40,8 @@ def test_every_requirement_is_pinned_to_a_version_it_accepts(constraints, extras
     pins = _pins(ROOT / constraints)
     wanted = _requirements(*extras)
     if caps:
-        wanted += [Requirement(line) for line in _pins_or_specs(ROOT / caps)]
+        wanted += [Requirement(line) for line in _lines(ROOT / caps)]
     for req in wanted:
         name = canonicalize_name(req.name)
         assert name in pins, f"{constraints} has no pin for {req.name}"
         assert req.specifier.contains(pins[name], prereleases=True), f"{constraints}: {name}=={pins[name]} is not {req}"
-
-
-def _pins_or_specs(path: Path) -> list[str]:
-    return [s for line in path.read_text().splitlines() if (s := line.split("#", 1)[0].strip())]
-
