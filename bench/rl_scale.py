@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--long-tokens", type=int, default=2048)
     ap.add_argument("--short-tokens", type=int, default=512)
+    ap.add_argument("--rollouts", choices=("models", "vllm"), default="models",
+                    help="sample episodes with the training models (model.generate) or with the profile's vLLM engines")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="default: $OUT/rl_scale.json when OUT is set")
     args = ap.parse_args()
@@ -101,19 +103,24 @@ def main() -> None:
     def on_step(m: dict) -> None:
         now = time.perf_counter()
         keep = ("role", "trained_tokens", "tokens/total", "tokens/long", "tokens/short", "turns", "loss", "grad_norm")
-        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
-        steps.append({"s": round(now - step_start[0], 2), "peak_gpu_memory_gib": peak, **{k: m[k] for k in keep if k in m}})
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None  # this process's tensors
+        free, total = torch.cuda.mem_get_info() if cuda else (0, 0)  # the whole GPU: vLLM's engine processes too
+        steps.append({"s": round(now - step_start[0], 2), "peak_gpu_memory_gib": peak,
+                      "gpu_memory_in_use_gib": round((total - free) / 2**30, 2) if cuda else None,
+                      **{k: m[k] for k in keep if k in m}})  # fmt: skip
         step_start[0] = now
         print(f"[rl] step {len(steps)} ({m.get('role')}): {steps[-1]}", flush=True)
 
+    generation = profile.generation.model_copy(update={"backend": "vllm"}) if args.rollouts == "vllm" else None
     result = train_pair_rl(model_dir, model_dir, problems, rl, work / "rl", on_step, protocol=protocol,
-                           model_cfg=model_cfg)  # fmt: skip
+                           model_cfg=model_cfg, generation=generation)  # fmt: skip
     t_end = time.perf_counter()
     report = {
         "shape": args.shape, "profile": profile.run.name, "parameters": n_params, "dtype": profile.base_model.dtype,
         "vocab_size": shape["vocab_size"], "lora": rl.lora.model_dump() if rl.lora else None,
         "gradient_checkpointing": rl.gradient_checkpointing, "micro_batch_size": rl.micro_batch_size,
         "episodes_per_step": args.prompts * rl.group_size, "max_new_tokens": [args.long_tokens, args.short_tokens],
+        "rollouts": args.rollouts, "vllm_gpu_memory_utilization": rl.vllm_gpu_memory_utilization,
         "steps": steps, "build_and_save_s": round(t_built - t0, 1),
         "rl_s": round(t_end - t_rl, 1), "load_and_final_save_s": round(t_end - t_rl - sum(s["s"] for s in steps), 1),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,

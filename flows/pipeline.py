@@ -154,7 +154,7 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
         rl_task, "rl", ws,
         long_dir=pair["long"].outputs["model"], short_dir=pair["short"].outputs["model"],
         train_path=data.outputs["train"], base_model=base_model, protocol=cfg.section_dump("protocol"),
-        rl=cfg.section_dump("rl"), n_problems=cfg.rl.n_problems,
+        rl=cfg.section_dump("rl"), n_problems=cfg.rl.n_problems, generation=cfg.section_dump("generation"),
     )  # fmt: skip
     baseline = (
         _stage(

@@ -393,9 +393,10 @@ def sft_role_task(
 @task(name="rl", cache_policy=STAGE_CACHE, persist_result=True)
 def rl_task(
     key: str, out_dir: str, long_dir: str, short_dir: str, train_path: str, base_model: dict, protocol: dict,
-    rl: dict, n_problems: int,
+    rl: dict, n_problems: int, generation: dict,
 ) -> StageRecord:  # fmt: skip
-    """Synergizing multi-turn GRPO of the pair; resumes from its own checkpoints after a crash."""
+    """Synergizing multi-turn GRPO of the pair; resumes from its own checkpoints after a crash.
+    Rollouts run on vLLM engines when ``generation`` resolves to vLLM (CUDA and the package), else on the models."""
     from tasks.rl import quarter_means, train_pair_rl  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
 
@@ -412,7 +413,7 @@ def rl_task(
             long_dir, short_dir, problems[:n_problems], cfg, folder,
             model_cfg=ModelConfig.model_validate(base_model), protocol=ProtocolConfig.model_validate(protocol),
             on_step=lambda m: logger.info("rl step %s: %s", m.get("step"), _brief(m)),
-            probe_problems=probe_rows,
+            probe_problems=probe_rows, generation=GenerationConfig.model_validate(generation),
         )  # fmt: skip
         write_jsonl(folder / "history.jsonl", result.history)
         outputs = {"long": result.long_dir, "short": result.short_dir, "history": str(folder / "history.jsonl")}

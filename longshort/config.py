@@ -385,6 +385,7 @@ class RLConfig(Section):
     probe_every: int = Field(8, ge=1)  # steps between probes (also before the first step and after the last)
     lora: LoraConfig | None = None  # train LoRA adapters (fp32) on frozen weights, merged into the saved models
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (long episodes, big models)
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # each of the two rollout engines' share of the GPU
     seed: int = 0
 
 

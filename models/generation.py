@@ -11,6 +11,7 @@ import contextlib
 import gc
 import importlib.util
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,10 +407,13 @@ class VLLMBackend:
         *,
         tensor_parallel_size: int = 1,
         max_model_len: int | None = None,
+        weight_updates: bool = False,
     ):
         from vllm import LLM  # noqa: PLC0415 - optional GPU dependency
 
         extra: dict[str, Any] = {} if max_model_len is None else {"max_model_len": max_model_len}
+        if weight_updates:  # every worker of the engine gets EngineWeightsLoader's method (load_weights below)
+            extra["worker_extension_cls"] = ENGINE_WEIGHTS_EXTENSION
         self.llm = LLM(
             model=str(model_path),
             dtype=model_cfg.dtype if model_cfg.dtype != "float32" else "auto",
@@ -427,6 +431,17 @@ class VLLMBackend:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def load_weights(self, path: str | Path) -> None:
+        """Replace the engine's weights with those in ``path`` (:func:`save_engine_weights`), on every worker.
+
+        Needs an engine made with ``weight_updates=True``. The prefix cache is reset: KV blocks
+        computed with the old weights must not be reused for the same prompt ids.
+        """
+        if self.llm is None:
+            raise RuntimeError("load_weights: this backend was closed")
+        self.llm.collective_rpc("load_weights_file", args=(str(path),))
+        self.llm.reset_prefix_cache()
 
     def close(self) -> None:
         """Shut the engine down and free its GPU memory; idempotent."""
@@ -476,6 +491,75 @@ class VLLMBackend:
             ]
             for out in outputs
         ]
+
+
+# --------------------------------------------------------------------------- live weights (RL rollouts on vLLM)
+
+ENGINE_WEIGHTS_EXTENSION = "models.generation.EngineWeightsLoader"
+
+
+def engine_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights an engine serving ``model`` should hold now, named as ``save_pretrained`` names them.
+
+    A plain model gives its parameters (a tied embedding once, as in a checkpoint). A model with
+    peft LoRA layers injected (vanilla LoRA, ``tasks.rl`` trains nothing else) gives each adapted
+    layer's weight as W + ΔW of its active adapters, computed in float32 *out of place* and cast to
+    W's dtype: the training model is not touched (merging into bf16 weights and unmerging after
+    would move them by a rounding error at every step). Adapter tensors are left out.
+    """
+    try:
+        from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+    except ImportError:  # no peft: no adapters to fold in
+        LoraLayer = ()  # noqa: N806
+    lora = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    for name, param in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if ".lora_" in f".{name}":
+            continue  # lora_A.default.weight, lora_B.default.weight, lora_embedding_*, lora_magnitude_vector
+        tensor = param.detach()
+        if owner.endswith(".base_layer") and owner.removesuffix(".base_layer") in lora:
+            owner = owner.removesuffix(".base_layer")
+            layer = lora[owner]
+            if leaf == "weight" and not layer.merged and not layer.disable_adapters:
+                delta = sum(layer.get_delta_weight(a).float() for a in layer.active_adapters if a in layer.lora_A)
+                tensor = (tensor.float() + delta).to(tensor.dtype)
+        yield (f"{owner}.{leaf}" if owner else leaf), tensor
+
+
+def save_engine_weights(model: torch.nn.Module, path: str | Path) -> Path:
+    """:func:`engine_weights` of ``model`` in one safetensors file at ``path``, written atomically."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({name: t.to("cpu").contiguous() for name, t in engine_weights(model)}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+class EngineWeightsLoader:
+    """vLLM worker extension: ``LLM(worker_extension_cls=ENGINE_WEIGHTS_EXTENSION)`` mixes it into each
+    of the engine's workers, so ``LLM.collective_rpc("load_weights_file", args=(path,))`` runs it in
+    every worker process (one per tensor-parallel rank).
+
+    The model's own ``load_weights`` is the function vLLM loads a checkpoint with: it maps the
+    checkpoint's names onto vLLM's fused layers (q/k/v into qkv_proj, gate/up into gate_up_proj)
+    and takes each rank's shard. It copies into the existing parameters, so CUDA graphs captured
+    at start-up stay valid. The same path TRL's colocated GRPO takes, across processes.
+    """
+
+    model_runner: Any  # set by vLLM's worker
+
+    def load_weights_file(self, path: str) -> int:
+        from safetensors import safe_open  # noqa: PLC0415
+
+        runner = self.model_runner
+        model = runner.get_model() if hasattr(runner, "get_model") else runner.model  # not a CUDA-graph wrapper
+        with safe_open(path, framework="pt", device="cpu") as f:
+            names = list(f.keys())
+            model.load_weights(weights=((name, f.get_tensor(name)) for name in names))
+        return len(names)
 
 
 def vllm_available() -> bool:

@@ -52,9 +52,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from longshort.config import ConfigError, ModelConfig, ProtocolConfig, RLConfig
+from longshort.config import ConfigError, GenerationConfig, ModelConfig, ProtocolConfig, RLConfig
 from models.factory import load_model
-from models.generation import Completion, TransformersBackend
+from models.generation import (
+    Completion,
+    GenerationBackend,
+    TransformersBackend,
+    close_backend,
+    prompt_token_ids,
+    resolve_backend,
+    save_engine_weights,
+)
 from models.protocol import SYSTEM_PROMPTS, Episode, history_suffix, run_episodes
 from tasks.answers import is_correct
 from tasks.rewards import reward_components, weighted_total
@@ -97,7 +105,7 @@ class TurnSequence:
 class RecordingBackend:
     """A backend that keeps every completion it returns, in call order (to recover token ids)."""
 
-    def __init__(self, inner: TransformersBackend):
+    def __init__(self, inner: GenerationBackend):
         self.inner = inner
         self.name = inner.name
         self.calls: list[list[Completion]] = []
@@ -315,10 +323,32 @@ def _check_problems(problems: Sequence[Mapping[str, Any]]) -> None:
 
 @dataclass
 class _Pair:
-    models: dict[str, Any]  # what generates and trains (with LoRA: the model with its adapters injected)
+    models: dict[str, Any]  # what trains (with LoRA: the model with its adapters injected)
     tokenizers: dict[str, Any]
-    backends: dict[str, TransformersBackend] = field(default_factory=dict)
+    backends: dict[str, GenerationBackend] = field(default_factory=dict)  # what generates: the models, or vLLM engines
     adapters: dict[str, Any] = field(default_factory=dict)  # with LoRA: peft's wrapper of each model
+    engine_weights_dir: Path | None = None  # with vLLM engines: where a trained model's weights pass to its engine
+    devices: dict[str, torch.device] = field(default_factory=dict)  # with engines: where each model trains
+
+    def place(self, role: Role) -> None:
+        """With vLLM engines only the trained model needs the accelerator: its partner plays through its
+        engine, so its weights wait in host memory until its own phase (15 GB of a 7B pair's GPU memory)."""
+        if self.engine_weights_dir is None:
+            return
+        for r, model in self.models.items():
+            want = self.devices[r] if r == role else torch.device("cpu")
+            if next(model.parameters()).device != want:
+                model.to(want)  # the same Parameter objects: the optimizer keeps its references
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def sync_engine(self, role: Role) -> None:
+        """Give ``role``'s vLLM engine the model's current weights (nothing when the model generates itself)."""
+        if self.engine_weights_dir is None:
+            return
+        path = save_engine_weights(self.models[role], self.engine_weights_dir / f"{role}.safetensors")
+        self.backends[role].load_weights(path)  # type: ignore[attr-defined] - a VLLMBackend
+        path.unlink()  # a 7B model's file is ~15 GB
 
     def savable(self) -> dict[str, Any]:
         """What a checkpoint saves: the adapters with LoRA, else the whole models."""
@@ -362,6 +392,62 @@ def _load_pair(
         pair.models[role], pair.tokenizers[role] = model, tokenizer
         pair.backends[role] = TransformersBackend(model, tokenizer)
     return pair
+
+
+_TURN_MARGIN = 32  # tokens per turn for the separators and re-tokenization the turn caps do not count
+
+
+def rollout_context_tokens(
+    problems: Sequence[Mapping[str, Any]], tokenizer: Any, cfg: RLConfig, protocol: ProtocolConfig
+) -> int:
+    """The longest context an RL episode can reach: the longest chat prompt plus every turn at its cap."""
+    kw = _episode_kwargs(cfg, protocol)
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": SYSTEM_PROMPTS[role]}, {"role": "user", "content": p["problem"]}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        for p in problems
+        for role in ROLES
+    ]  # fmt: skip
+    longest = max(len(ids) for ids in prompt_token_ids(tokenizer, prompts))
+    turn = max(kw["max_new_tokens_long"], kw["max_new_tokens_short"]) + _TURN_MARGIN
+    return longest + kw["max_turns"] * turn
+
+
+def _start_engines(
+    pair: _Pair,
+    paths: Mapping[str, Path],
+    gen: GenerationConfig,
+    cfg: RLConfig,
+    model_cfg: ModelConfig,
+    context: int,
+    weights_dir: Path,
+) -> None:
+    """Put a vLLM engine in front of each model: rollouts, probes and the easy filter sample from them.
+
+    Each engine starts from ``paths[role]`` and takes ``rl.vllm_gpu_memory_utilization`` of the GPU;
+    both stay up, next to the model being trained. After each update the trained model's weights go
+    to its engine (:meth:`_Pair.sync_engine`), so every step samples from the current policy.
+    """
+    from models.generation import VLLMBackend  # noqa: PLC0415 - the GPU path
+
+    # an engine refuses to start unless its share is free: the models wait in host memory meanwhile, and
+    # ``_Pair.place`` brings back only the one a step trains
+    pair.devices = {r: next(m.parameters()).device for r, m in pair.models.items()}
+    for model in pair.models.values():
+        model.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    engine_gen = gen.model_copy(update={"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization})
+    for role in ROLES:
+        limit = getattr(pair.models[role].config, "max_position_embeddings", None)
+        max_len = gen.max_model_len or (context if limit is None or context < limit else None)
+        pair.backends[role] = VLLMBackend(
+            str(paths[role]), model_cfg, engine_gen, seed=cfg.seed, tensor_parallel_size=gen.tensor_parallel_size,
+            max_model_len=max_len, weight_updates=True,
+        )  # fmt: skip
+    pair.engine_weights_dir = weights_dir
 
 
 def score_episodes(
@@ -444,6 +530,7 @@ def rl_step(
     stats = policy_update(
         pair.models[role], refs.get(role), optimizers[role], seqs, advantages, pair.tokenizers[role].pad_token_id, cfg
     )
+    pair.sync_engine(role)  # the next rollouts sample from the updated policy (on-policy)
     correct = [c == 1.0 for c in parts["correctness"]]
     std = torch.tensor(rewards).view(-1, cfg.group_size).std(dim=1)
     metrics: dict[str, Any] = {"step": step + 1, "round": round_idx, "role": role}
@@ -488,6 +575,7 @@ def train_pair_rl(
     protocol: ProtocolConfig = ProtocolConfig(),
     model_cfg: ModelConfig = ModelConfig(),
     probe_problems: Sequence[Mapping[str, Any]] = (),
+    generation: GenerationConfig | None = None,
 ) -> RLResult:
     """Alternating multi-turn GRPO; resumes from ``out_dir``'s last checkpoint when there is one.
 
@@ -503,26 +591,61 @@ def train_pair_rl(
 
     With ``probe_problems`` (best kept out of ``problems``), ``probe`` measures the pair on them
     before the first step, every ``cfg.probe_every`` steps and after the last: ``RLResult.probes``.
+
+    ``generation`` picks how episodes are sampled (``models.generation.resolve_backend``): on vLLM,
+    each model gets an engine whose weights follow training step by step; otherwise (and when
+    ``generation`` is None) the training models generate with ``model.generate``.
     """
     t0 = time.time()
     _check_problems(problems)
     if probe_problems:
         _check_problems(probe_problems)
     out_dir = Path(out_dir)
+    engines = generation is not None and resolve_backend(generation) == "vllm"  # a ConfigError before any loading
     total_steps = 2 * cfg.rounds * cfg.steps_per_round
     ckpt = last_checkpoint(out_dir)
     if cfg.lora is not None:  # the starting models, with the checkpoint's adapters
-        pair = _load_pair(Path(long_dir), Path(short_dir), model_cfg, cfg, adapters=ckpt)
+        paths = {"long": Path(long_dir), "short": Path(short_dir)}
+        pair = _load_pair(paths["long"], paths["short"], model_cfg, cfg, adapters=ckpt)
     else:
-        pair = _load_pair(ckpt / "long" if ckpt else Path(long_dir), ckpt / "short" if ckpt else Path(short_dir),
-                          model_cfg, cfg)  # fmt: skip
+        paths = {r: ckpt / r if ckpt else Path(d) for r, d in zip(ROLES, (long_dir, short_dir))}
+        pair = _load_pair(paths["long"], paths["short"], model_cfg, cfg)
     refs: dict[str, Any] = {}
     if cfg.kl_coef > 0:  # the reference is always the stage's starting model
         refs = {
             r: _AdaptersOff(pair.adapters[r]) if pair.adapters
-            else load_model(model_cfg, path=p, device=pair.backends[r].device)[0]
+            else load_model(model_cfg, path=p, device=next(pair.models[r].parameters()).device)[0]
             for r, p in zip(ROLES, (long_dir, short_dir))
         }  # fmt: skip
+    if engines:
+        assert generation is not None
+        context = rollout_context_tokens([*problems, *probe_problems], pair.tokenizers["long"], cfg, protocol)
+        _start_engines(pair, paths, generation, cfg, model_cfg, context, out_dir / ".engine-weights")
+        try:
+            if ckpt and pair.adapters:  # the engines hold the starting weights; the checkpoint's adapters change them
+                for role in ROLES:
+                    pair.sync_engine(role)
+            return _train(pair, refs, problems, probe_problems, cfg, protocol, out_dir, ckpt, on_step, t0)
+        finally:
+            for role in ROLES:
+                close_backend(pair.backends[role])
+    return _train(pair, refs, problems, probe_problems, cfg, protocol, out_dir, ckpt, on_step, t0)
+
+
+def _train(
+    pair: _Pair,
+    refs: Mapping[str, Any],
+    problems: Sequence[Mapping[str, Any]],
+    probe_problems: Sequence[Mapping[str, Any]],
+    cfg: RLConfig,
+    protocol: ProtocolConfig,
+    out_dir: Path,
+    ckpt: Path | None,
+    on_step: Callable[[dict[str, Any]], None] | None,
+    t0: float,
+) -> RLResult:
+    """``train_pair_rl``'s loop, once the pair (and its engines) are up."""
+    total_steps = 2 * cfg.rounds * cfg.steps_per_round
     optimizers = {
         r: torch.optim.AdamW(
             [p for p in pair.models[r].parameters() if p.requires_grad], lr=cfg.learning_rate,
@@ -559,6 +682,7 @@ def train_pair_rl(
     for step in range(start, total_steps):
         pick = random.Random(cfg.seed * 1_000_003 + step)  # the batch depends on (seed, step) only
         chosen = pick.sample(range(len(pool_idx)), min(cfg.prompts_per_step, len(pool_idx)))
+        pair.place(phase_of(step, cfg)[1])
         metrics = rl_step(step, [problems[pool_idx[k]] for k in chosen], pair, refs, optimizers, cfg, protocol)
         history.append(metrics)
         log.info("RL step %d/%d (%s): %s", step + 1, total_steps, metrics["role"], metrics)
