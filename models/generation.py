@@ -559,6 +559,11 @@ class EngineWeightsLoader:
         with safe_open(path, framework="pt", device="cpu") as f:
             names = list(f.keys())
             model.load_weights(weights=((name, f.get_tensor(name)) for name in names))
+        try:  # what vLLM's loader runs after a checkpoint (repacking for quantized layers; nothing for bf16 ones)
+            from vllm.model_executor.model_loader.utils import process_weights_after_loading  # noqa: PLC0415
+        except ImportError:  # not vLLM's worker (the CPU tests)
+            return len(names)
+        process_weights_after_loading(model, self.model_config, self.device)  # type: ignore[attr-defined]
         return len(names)
 
 
