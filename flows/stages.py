@@ -447,7 +447,7 @@ def baseline_task(
 ) -> StageRecord:  # fmt: skip
     """The single-model baseline: GRPO of the long-CoT base with the truncation recipe (tasks/baseline.py)."""
     from models.factory import load_model  # noqa: PLC0415
-    from models.generation import close_backend, make_backend, vllm_available  # noqa: PLC0415
+    from models.generation import close_backend, make_backend, resolve_backend  # noqa: PLC0415
     from tasks.baseline import easy_problems, train_truncation_baseline  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
 
@@ -472,7 +472,7 @@ def baseline_task(
         model, tokenizer = load_model(model_cfg, path=model_dir)
         result = train_truncation_baseline(
             model, tokenizer, problems, cfg, folder,
-            use_vllm=gen_cfg.backend in ("auto", "vllm") and vllm_available(),
+            use_vllm=resolve_backend(gen_cfg) == "vllm",
             on_step=lambda m: logger.info("baseline step %s: %s", m.get("step"), _brief(m)),
         )  # fmt: skip
         write_jsonl(folder / "history.jsonl", result.history)

@@ -95,13 +95,15 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 
 def _print_summary(summary: dict) -> None:
+    from longshort.config import HELDOUT  # noqa: PLC0415
+
     m = summary["metrics"]
-    table = Table(title=f"longshort pipeline — profile {summary['profile']} — demo held-out problems")
+    table = Table(title=f"longshort pipeline — profile {summary['profile']} — held-out problems")
     for col in ("system", "accuracy", "mean tokens", "vs base", "tokens (correct)", "tokens (wrong)", "turns"):
         table.add_column(col, justify="left" if col == "system" else "right")
-    base_tokens = m.get("demo_heldout.long_cot_base.mean_tokens")
+    base_tokens = m.get(f"{HELDOUT}.long_cot_base.mean_tokens")
     for name, slug in SYSTEMS:
-        p = f"demo_heldout.{slug}"
+        p = f"{HELDOUT}.{slug}"
         if f"{p}.accuracy" not in m:
             continue
         ratio = m[f"{p}.mean_tokens"] / base_tokens if base_tokens else None

@@ -255,6 +255,9 @@ class BenchmarkSource(Section):
         return value
 
 
+HELDOUT = "heldout"  # the evaluation's name for the held-out split of the run's own problems (demo task or data)
+
+
 class EvaluateConfig(Section):
     """Systems side by side on the same problems and seeds (DESIGN §3, Evaluate)."""
 
@@ -275,8 +278,10 @@ class EvaluateConfig(Section):
             from tasks.benchmarks import benchmark_name  # noqa: PLC0415 - only when benchmarks are listed
 
             names = [b.name or benchmark_name(b.source) for b in self.benchmarks]
-            if dupes := sorted({n for n in names if names.count(n) > 1 or n == "demo_heldout"}):
+            if dupes := sorted({n for n in names if names.count(n) > 1}):
                 raise ValueError(f"benchmarks share the name(s) {dupes}: give each a distinct `name`")
+            if HELDOUT in names:
+                raise ValueError(f"a benchmark is named {HELDOUT!r}, the name of the run's held-out split: give it another `name`")
         return self
 
 

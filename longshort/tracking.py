@@ -17,7 +17,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from longshort.config import ConfigError, Profile, TrackingConfig, check_tracking_uri
+from longshort.config import HELDOUT, ConfigError, Profile, TrackingConfig, check_tracking_uri
 from longshort.endpoints import require_reachable
 from longshort.io import file_lock
 from longshort.records import StageRecord
@@ -135,7 +135,6 @@ def register_transformers_model(model_dir: str, name: str, digest: str, tags: di
 
 
 PAIR_SYSTEM = "Long⊗Short RL"  # the system registered as longshort-pair
-HELDOUT = "demo_heldout"
 
 
 def _log_history(record: StageRecord) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longshort.config import EvaluateConfig, GenerationConfig, ModelConfig, ProtocolConfig
+from longshort.config import HELDOUT, EvaluateConfig, GenerationConfig, ModelConfig, ProtocolConfig
 from longshort.io import write_jsonl
 from models.generation import GenerationBackend, close_backend, make_backend, share_gpu_memory
 from tasks.benchmarks import benchmark_name, load_benchmark
@@ -29,7 +29,6 @@ from tasks.synthesize import read_split
 
 log = logging.getLogger(__name__)
 
-HELDOUT = "demo_heldout"
 
 
 @dataclass(frozen=True)

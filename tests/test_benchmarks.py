@@ -232,5 +232,8 @@ def test_benchmarks_need_distinct_names() -> None:
     same = '[{source: a/test.jsonl}, {source: b/test.jsonl}]'
     with pytest.raises(ConfigError, match=r"benchmarks share the name\(s\) \['test'\]: give each a distinct `name`"):
         load_profile("smoke", [f"evaluate.benchmarks={same}"])
+    clash = '[{source: a/heldout.jsonl}]'  # its name would be the held-out split's, whose rows it would mix with
+    with pytest.raises(ConfigError, match="a benchmark is named 'heldout', the name of the run's held-out split"):
+        load_profile("smoke", [f"evaluate.benchmarks={clash}"])
     named = '[{source: a/test.jsonl, name: a}, {source: b/test.jsonl, name: b}]'
     assert [b.name for b in load_profile("smoke", [f"evaluate.benchmarks={named}"]).evaluate.benchmarks] == ["a", "b"]

@@ -74,16 +74,16 @@ def test_first_run_computes_every_stage(smoke_runs):
     systems = {"long_cot_base", "truncation_baseline", "long_short_sft", "long_short_rl"}
     by_system: dict[str, list[dict]] = {}
     for r in records:
-        assert r["benchmark"] == "demo_heldout"
+        assert r["benchmark"] == "heldout"
         by_system.setdefault(slug(r["system"]), []).append(r)
     assert set(by_system) == systems
     for system, rows in by_system.items():
         per_problem = Counter(r["problem_id"] for r in rows)
         assert len(set(per_problem.values())) == 1, f"{system}: problems sampled unequally {per_problem}"
-        assert m[f"demo_heldout.{system}.accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+        assert m[f"heldout.{system}.accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
         tokens = [r["tokens_long"] + r["tokens_short"] for r in rows]
-        assert m[f"demo_heldout.{system}.mean_tokens"] == pytest.approx(sum(tokens) / len(tokens))
-    assert (Path(first["report"]).parent / "demo_heldout_budget.png").stat().st_size > 0
+        assert m[f"heldout.{system}.mean_tokens"] == pytest.approx(sum(tokens) / len(tokens))
+    assert (Path(first["report"]).parent / "heldout_budget.png").stat().st_size > 0
 
 
 def test_rerun_is_all_cache_hits_with_identical_results(smoke_runs):

@@ -278,7 +278,7 @@ def test_the_llama_profile_scaled_down_runs_every_stage_with_one_bos(prefect_ser
     ])  # fmt: skip
     assert run["cache_hits"] == 0 and set(run["recomputed"]) == STAGES
     records = _jsonl(Path(run["stage_dirs"]["evaluate"]) / "records.jsonl")
-    assert {r["benchmark"] for r in records} == {"demo_heldout", "amc23"}
+    assert {r["benchmark"] for r in records} == {"heldout", "amc23"}
     assert {r["sample"] for r in records} == {0, 1}  # k = 2
     tok = AutoTokenizer.from_pretrained(Path(run["stage_dirs"]["rl"]) / "long")
     assert (tok.bos_token, tok.eos_token) == ("<|begin_of_text|>", "<|eot_id|>")

@@ -254,7 +254,7 @@ def test_evaluation_runs_one_system_at_a_time_and_releases_its_engines(tmp_path,
     assert life.most_alive == 2 and not life.alive
     records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     assert [r["system"] for r in records] == [name for name in systems for _ in range(3 * 2)]
-    assert all(r["correct"] for r in records) and report.metrics["demo_heldout.base.accuracy"] == 1.0
+    assert all(r["correct"] for r in records) and report.metrics["heldout.base.accuracy"] == 1.0
 
 
 def test_evaluation_releases_engines_when_a_system_fails(tmp_path, monkeypatch):
