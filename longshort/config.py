@@ -391,6 +391,9 @@ class RLConfig(Section):
     lora: LoraConfig | None = None  # train LoRA adapters (fp32) on frozen weights, merged into the saved models
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (long episodes, big models)
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # each of the two rollout engines' share of the GPU
+    # vLLM rollouts: weight each trained token by min(π_train/π_vLLM, cap) (truncated importance sampling, Yao et
+    # al. 2025), correcting for the engine's kernels sampling from a slightly different distribution; None: off
+    vllm_importance_sampling_cap: float | None = Field(2.0, ge=1)
     seed: int = 0
 
 

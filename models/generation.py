@@ -11,8 +11,9 @@ import contextlib
 import gc
 import importlib.util
 import logging
+import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -35,6 +36,9 @@ class Completion:
     n_tokens: int  # generated model tokens, the stop string included
     finish_reason: Literal["stop", "length"]
     token_ids: tuple[int, ...] = ()  # the generated ids counted in n_tokens (RL needs them for log-probs)
+    # each id's log-probability under the sampler, after temperature (vLLM when asked; empty otherwise): RL's
+    # importance-sampling correction for the sampler/trainer mismatch
+    logprobs: tuple[float, ...] = ()
 
 
 class GenerationBackend(Protocol):
@@ -322,8 +326,10 @@ def vllm_sampling_kwargs(
     top_p: float,
     n: int,
     seed: int,
+    logprobs: bool = False,
 ) -> list[dict[str, Any]]:
-    """One ``vllm.SamplingParams(**kwargs)`` per prompt (``LLM.generate`` pairs a list with the prompts)."""
+    """One ``vllm.SamplingParams(**kwargs)`` per prompt (``LLM.generate`` pairs a list with the prompts).
+    ``logprobs``: report each sampled token's log-probability (``logprobs=0``: the sampled one only)."""
     common = dict(
         n=n,
         temperature=temperature,
@@ -331,6 +337,7 @@ def vllm_sampling_kwargs(
         max_tokens=max_new_tokens,
         stop=list(stop),
         include_stop_str_in_output=True,
+        **({"logprobs": 0} if logprobs else {}),
     )
     return [{**common, "seed": s} for s in vllm_request_seeds(seed, n_prompts, n)]
 
@@ -351,19 +358,27 @@ def _ids_through_stop(tokenizer, ids: Sequence[int], stop: str) -> list[int]:
 
 
 def completion_from_vllm(
-    tokenizer, text: str, token_ids: Sequence[int], finish_reason: str | None, stop_reason: int | str | None
+    tokenizer, text: str, token_ids: Sequence[int], finish_reason: str | None, stop_reason: int | str | None,
+    logprobs: Sequence[Mapping[int, Any]] | None = None,
 ) -> Completion:
     """A :class:`Completion` from one vLLM ``CompletionOutput``'s fields, counted as the transformers backend counts.
 
     ``token_ids`` holds every generated id: an EOS (or other stop token) that ended the sample is the
     last id and is counted (its text is not in ``text``, special tokens being skipped); with
     ``include_stop_str_in_output=True`` the text ends with the stop string, and the ids end with the
-    token that completed it.
+    token that completed it. ``logprobs`` (vLLM's, one ``{id: Logprob}`` per generated id, when asked
+    for) gives each kept id's log-probability; NaN where vLLM has none for it.
     """
     ids = list(token_ids)
     if isinstance(stop_reason, str) and ids:
         ids = _ids_through_stop(tokenizer, ids, stop_reason)
-    return Completion(text, len(ids), "length" if finish_reason == "length" else "stop", tuple(ids))
+    lps: tuple[float, ...] = ()
+    if logprobs is not None:
+        lps = tuple(
+            float(getattr(step.get(i), "logprob", math.nan)) if step else math.nan for i, step in zip(ids, logprobs)
+        )
+        lps += (math.nan,) * (len(ids) - len(lps))
+    return Completion(text, len(ids), "length" if finish_reason == "length" else "stop", tuple(ids), lps)
 
 
 def _shutdown_vllm(llm: Any) -> None:
@@ -408,12 +423,16 @@ class VLLMBackend:
         tensor_parallel_size: int = 1,
         max_model_len: int | None = None,
         weight_updates: bool = False,
+        sample_logprobs: bool = False,
     ):
         from vllm import LLM  # noqa: PLC0415 - optional GPU dependency
 
         extra: dict[str, Any] = {} if max_model_len is None else {"max_model_len": max_model_len}
         if weight_updates:  # every worker of the engine gets EngineWeightsLoader's method (load_weights below)
             extra["worker_extension_cls"] = ENGINE_WEIGHTS_EXTENSION
+        if sample_logprobs:  # log-probabilities of the distribution sampled from, after temperature (as TRL asks)
+            extra["logprobs_mode"] = "processed_logprobs"
+        self.sample_logprobs = sample_logprobs
         self.llm = LLM(
             model=str(model_path),
             dtype=model_cfg.dtype if model_cfg.dtype != "float32" else "auto",
@@ -476,7 +495,7 @@ class VLLMBackend:
             SamplingParams(**kwargs)
             for kwargs in vllm_sampling_kwargs(
                 len(prompts), max_new_tokens=max_new_tokens, stop=stop, temperature=temperature,
-                top_p=top_p, n=n, seed=seed,
+                top_p=top_p, n=n, seed=seed, logprobs=self.sample_logprobs,
             )
         ]  # fmt: skip
         # a dict with "prompt_token_ids" is a vllm.inputs.TokensPrompt (a TypedDict): no tokenization by vLLM
@@ -485,7 +504,8 @@ class VLLMBackend:
         return [
             [
                 completion_from_vllm(
-                    self.tokenizer, o.text, o.token_ids, o.finish_reason, getattr(o, "stop_reason", None)
+                    self.tokenizer, o.text, o.token_ids, o.finish_reason, getattr(o, "stop_reason", None),
+                    o.logprobs if self.sample_logprobs else None,
                 )
                 for o in out.outputs
             ]

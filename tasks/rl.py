@@ -97,6 +97,7 @@ class TurnSequence:
     input_ids: list[int]
     loss_mask: list[int]
     episode: int
+    sampler_logps: list[float] | None = None  # per generated id, under the engine that sampled it (vLLM)
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -125,13 +126,20 @@ class RecordingBackend:
 def turn_token_ids(
     episodes: Sequence[Episode], role: Role, calls: Sequence[list[Completion]]
 ) -> list[dict[int, tuple[int, ...]]]:
-    """Map each episode's turns of ``role`` to the ids generated for them: [{turn index: ids}].
+    """Map each episode's turns of ``role`` to the ids generated for them: [{turn index: ids}]."""
+    return [{t: c.token_ids for t, c in turns.items()} for turns in turn_completions(episodes, role, calls)]
+
+
+def turn_completions(
+    episodes: Sequence[Episode], role: Role, calls: Sequence[list[Completion]]
+) -> list[dict[int, Completion]]:
+    """Map each episode's turns of ``role`` to the completions that wrote them: [{turn index: completion}].
 
     ``run_episodes`` calls a role's backend once per turn of that role, over the
     episodes still running, in episode order; so call j holds turn 2j (long) or
     2j+1 (short) of every episode that has that many turns.
     """
-    out: list[dict[int, tuple[int, ...]]] = [{} for _ in episodes]
+    out: list[dict[int, Completion]] = [{} for _ in episodes]
     for j, completions in enumerate(calls):
         t = 2 * j + (0 if role == "long" else 1)
         playing = [i for i, e in enumerate(episodes) if len(e.turns) > t]
@@ -140,14 +148,19 @@ def turn_token_ids(
         for i, c in zip(playing, completions):
             if episodes[i].turns[t].text != c.text or episodes[i].turns[t].role != role:
                 raise RuntimeError(f"episode {i} turn {t}: recorded completion does not match the turn")
-            out[i][t] = c.token_ids
+            out[i][t] = c
     return out
 
 
 def trained_turn_sequences(
-    episodes: Sequence[Episode], role: Role, token_ids: Sequence[Mapping[int, Sequence[int]]], tokenizer
+    episodes: Sequence[Episode],
+    role: Role,
+    token_ids: Sequence[Mapping[int, Sequence[int]]],
+    tokenizer,
+    sampler_logps: Sequence[Mapping[int, Sequence[float]]] | None = None,
 ) -> list[TurnSequence]:
-    """The sequences that carry loss: one per turn of ``role``; only its generated ids are unmasked."""
+    """The sequences that carry loss: one per turn of ``role``; only its generated ids are unmasked.
+    ``sampler_logps`` (same shape as ``token_ids``) go with a turn when there is one per generated id."""
     seqs = []
     for i, (episode, ids_by_turn) in enumerate(zip(episodes, token_ids)):
         chat = tokenizer.apply_chat_template(
@@ -162,7 +175,9 @@ def trained_turn_sequences(
             if not completion:
                 continue
             prompt = tokenizer(chat + history_suffix(episode.turns[:t]), add_special_tokens=False)["input_ids"]
-            seqs.append(TurnSequence(prompt + completion, [0] * len(prompt) + [1] * len(completion), i))
+            lps = list(sampler_logps[i].get(t, ())) if sampler_logps is not None else []
+            seqs.append(TurnSequence(prompt + completion, [0] * len(prompt) + [1] * len(completion), i,
+                                     lps if len(lps) == len(completion) else None))  # fmt: skip
     return seqs
 
 
@@ -261,6 +276,24 @@ def _pad(seqs: Sequence[TurnSequence], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, attn, mask
 
 
+def _sampler_logps(seqs: Sequence[TurnSequence], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's log-probabilities laid out like ``_token_logps`` (position j predicts id j + 1), and a mask
+    of the trained tokens that have one (a sequence without them, or a NaN, gets no correction)."""
+    mu = torch.zeros((len(seqs), width - 1), dtype=torch.float32)
+    has = torch.zeros((len(seqs), width - 1), dtype=torch.float32)
+    for k, s in enumerate(seqs):
+        if not s.sampler_logps:
+            continue
+        positions = [j for j in range(len(s.input_ids) - 1) if s.loss_mask[j + 1]]
+        if len(positions) != len(s.sampler_logps):
+            raise ValueError(f"sequence {k}: {len(s.sampler_logps)} sampler log-probs for {len(positions)} trained ids")
+        values = torch.tensor(s.sampler_logps, dtype=torch.float32)
+        known = ~torch.isnan(values)
+        mu[k, positions] = torch.nan_to_num(values, nan=0.0)
+        has[k, positions] = known.float()
+    return mu, has
+
+
 def policy_update(
     model,
     ref_model,
@@ -270,7 +303,13 @@ def policy_update(
     pad_id: int,
     cfg: RLConfig,
 ) -> dict[str, float]:
-    """One on-policy GRPO step over all trained turns; returns loss, KL, entropy, grad norm."""
+    """One on-policy GRPO step over all trained turns; returns loss, KL, entropy, grad norm.
+
+    Turns sampled by another engine (``TurnSequence.sampler_logps``) have each token's term weighted by
+    min(π_θ(t) / π_sampler(t), ``rl.vllm_importance_sampling_cap``), detached (truncated importance
+    sampling, Yao et al. 2025; TRL's ``vllm_importance_sampling_mode="token_truncate"``): vLLM's kernels
+    sample from a slightly different distribution than the one trained. Then ``is_ratio`` (the mean
+    ratio before the cap) and ``is_capped`` (the share capped), over the tokens corrected, are reported too."""
     n_tokens = sum(sum(s.loss_mask) for s in seqs)
     stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "trained_tokens": float(n_tokens)}
     if n_tokens == 0:
@@ -278,6 +317,7 @@ def policy_update(
     device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)
+    is_sums = {"ratio": 0.0, "capped": 0.0, "tokens": 0.0}
     for start in range(0, len(seqs), cfg.micro_batch_size):
         chunk = seqs[start : start + cfg.micro_batch_size]
         ids, attn, mask = (x.to(device) for x in _pad(chunk, pad_id))
@@ -286,6 +326,15 @@ def policy_update(
         logps, entropy = _token_logps(model, ids, attn, cfg.temperature, mask)
         # ratio = exp(logp - logp.detach()) = 1 on-policy; its gradient is ∇logp
         per_token = -adv * torch.exp(logps - logps.detach())
+        cap = cfg.vllm_importance_sampling_cap
+        if cap is not None and any(s.sampler_logps for s in chunk):
+            mu, has = (x.to(device) for x in _sampler_logps(chunk, ids.shape[1]))
+            ratio = torch.exp((logps.detach() - mu) * has)  # 1 where there is no sampler log-prob
+            per_token = per_token * torch.clamp(ratio, max=cap)
+            counted = mask * has
+            is_sums["ratio"] += float((ratio * counted).sum())
+            is_sums["capped"] += float(((ratio > cap).float() * counted).sum())
+            is_sums["tokens"] += float(counted.sum())
         if ref_model is not None and cfg.kl_coef > 0:
             with torch.no_grad():
                 ref_logps, _ = _token_logps(ref_model, ids, attn, cfg.temperature, mask)
@@ -300,6 +349,8 @@ def policy_update(
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     optimizer.step()
     model.eval()
+    if is_sums["tokens"]:
+        stats |= {"is_ratio": is_sums["ratio"] / is_sums["tokens"], "is_capped": is_sums["capped"] / is_sums["tokens"]}
     return stats | {"grad_norm": float(grad_norm)}
 
 
@@ -445,7 +496,7 @@ def _start_engines(
         max_len = gen.max_model_len or (context if limit is None or context < limit else None)
         pair.backends[role] = VLLMBackend(
             str(paths[role]), model_cfg, engine_gen, seed=cfg.seed, tensor_parallel_size=gen.tensor_parallel_size,
-            max_model_len=max_len, weight_updates=True,
+            max_model_len=max_len, weight_updates=True, sample_logprobs=cfg.vllm_importance_sampling_cap is not None,
         )  # fmt: skip
     pair.engine_weights_dir = weights_dir
 
@@ -525,8 +576,11 @@ def rl_step(
     parts, rewards = score_episodes(episodes, [p["answer"] for p in rows], cfg, role)
     total = [e.tokens() for e in episodes]
     advantages = group_advantages(rewards, cfg.group_size)
-    ids = turn_token_ids(episodes, role, recorder.calls)
-    seqs = trained_turn_sequences(episodes, role, ids, pair.tokenizers[role])
+    turns = turn_completions(episodes, role, recorder.calls)
+    seqs = trained_turn_sequences(
+        episodes, role, [{t: c.token_ids for t, c in d.items()} for d in turns], pair.tokenizers[role],
+        [{t: c.logprobs for t, c in d.items()} for d in turns],
+    )  # fmt: skip
     stats = policy_update(
         pair.models[role], refs.get(role), optimizers[role], seqs, advantages, pair.tokenizers[role].pad_token_id, cfg
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -107,6 +108,50 @@ def test_only_the_trained_roles_tokens_carry_loss(demo_tokenizer):
 
     with pytest.raises(RuntimeError, match="does not match"):
         turn_token_ids(episodes, "long", [[Completion("<think>other", 2, "stop", (1, 2))] * 3])
+
+
+def test_sampler_logprobs_weight_each_token_by_the_truncated_ratio(tiny_model):
+    """Turns sampled by vLLM: token t's term is weighted by min(π_θ(t)/π_vLLM(t), cap), detached."""
+    cfg = RLConfig(temperature=0.7, kl_coef=0.0, learning_rate=1e-2, max_grad_norm=1e6, vllm_importance_sampling_cap=2.0)
+    with torch.no_grad():
+        lp = [torch.log_softmax(tiny_model(input_ids=torch.tensor([ids])).logits[0, :-1] / 0.7, -1)
+              for ids in ([5, 6, 7, 8], [9, 10, 11])]  # fmt: skip
+    own = [[float(lp[0][1, 7]), float(lp[0][2, 8])], [float(lp[1][0, 10]), float(lp[1][1, 11])]]
+    # token 7: the engine gave it 1.5x less probability (ratio 1.5); token 8: 10x less (capped at 2);
+    # token 10: 4x more (ratio 0.25); token 11: no log-prob from the engine (NaN: weight 1)
+    sampler = [[own[0][0] - math.log(1.5), own[0][1] - math.log(10)], [own[1][0] + math.log(4), math.nan]]
+    weights = [[1.5, 2.0], [0.25, 1.0]]
+
+    def grads(seqs, c):
+        model = copy.deepcopy(tiny_model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        stats = policy_update(model, None, opt, seqs, [1.0, -2.0], pad_id=0, cfg=c)
+        return [p.grad.clone() for p in model.parameters()], stats
+
+    seqs = [TurnSequence([5, 6, 7, 8], [0, 0, 1, 1], 0, sampler[0]), TurnSequence([9, 10, 11], [0, 1, 1], 1, sampler[1])]
+    got, stats = grads(seqs, cfg)
+    model = copy.deepcopy(tiny_model)
+    lpg = [torch.log_softmax(model(input_ids=torch.tensor([s.input_ids])).logits[0, :-1] / 0.7, -1) for s in seqs]
+    objective = -(1.0 * (weights[0][0] * lpg[0][1, 7] + weights[0][1] * lpg[0][2, 8])
+                  - 2.0 * (weights[1][0] * lpg[1][0, 10] + weights[1][1] * lpg[1][1, 11])) / 4  # fmt: skip
+    expected = torch.autograd.grad(objective, list(model.parameters()))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+    # the mean ratio before the cap and the share capped, over the 3 tokens with an engine log-prob
+    assert stats["is_ratio"] == pytest.approx((1.5 + 10 + 0.25) / 3, rel=1e-4)
+    assert stats["is_capped"] == pytest.approx(1 / 3)
+
+    # the engine's own distribution (ratio 1 everywhere), or the correction off: plain GRPO
+    plain, plain_stats = grads([TurnSequence(s.input_ids, s.loss_mask, s.episode) for s in seqs], cfg)
+    same = [TurnSequence(s.input_ids, s.loss_mask, s.episode, o) for s, o in zip(seqs, own)]
+    for g, p in zip(grads(same, cfg)[0], plain):
+        torch.testing.assert_close(g, p, rtol=1e-4, atol=1e-6)  # a ratio of exactly 1, up to rounding
+    off = cfg.model_copy(update={"vllm_importance_sampling_cap": None})
+    for g, p in zip(grads(seqs, off)[0], plain):
+        torch.testing.assert_close(g, p, rtol=0, atol=0)
+    assert "is_ratio" not in plain_stats
+    with pytest.raises(ValueError, match="1 sampler log-probs for 2 trained ids"):
+        grads([TurnSequence([5, 6, 7, 8], [0, 0, 1, 1], 0, [-1.0])], cfg)
 
 
 def test_policy_update_gradient_is_a_token_mean_over_trained_tokens(tiny_model):

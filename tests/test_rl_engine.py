@@ -170,7 +170,7 @@ class _CopyEngine(TransformersBackend):
     made: list[_CopyEngine] = []
 
     def __init__(self, model_path, model_cfg, gen_cfg, seed=0, *, tensor_parallel_size=1, max_model_len=None,
-                 weight_updates=False):  # fmt: skip
+                 weight_updates=False, sample_logprobs=False):  # fmt: skip
         model, tokenizer = load_model(model_cfg, path=model_path)
         super().__init__(model, tokenizer)
         self.args = {"path": str(model_path), "gpu_memory_utilization": gen_cfg.gpu_memory_utilization,
@@ -320,4 +320,6 @@ def test_rl_on_vllm_engines_runs_both_phases_and_cleans_up(demo_tokenizer, demo_
                            generation=GenerationConfig(backend="vllm"))  # fmt: skip
     assert [h["role"] for h in result.history] == ["long", "short"]
     assert all(h["trained_tokens"] > 0 for h in result.history)
+    # the engines report each sampled token's log-prob: the ratio to the trainer's is near 1 (fp16 engine vs fp32)
+    assert all(0.5 < h["is_ratio"] < 2 for h in result.history)
     assert not list((tmp_path / "rl" / ".engine-weights").glob("*.safetensors"))  # each file removed once loaded

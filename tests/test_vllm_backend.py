@@ -156,6 +156,26 @@ def test_vllm_outputs_count_tokens_as_the_transformers_backend(demo_tokenizer, t
     assert expected.finish_reason == "length"
 
 
+def test_vllm_sampled_logprobs_follow_the_ids_kept(demo_tokenizer):
+    """RL asks the engine for each sampled id's log-probability (``logprobs=0``); they are cut where the ids are."""
+    from types import SimpleNamespace
+
+    tok = demo_tokenizer
+    body = tok("Okay, so we start</think> with 3", add_special_tokens=False)["input_ids"]
+    k = completion_from_vllm(tok, "", body, "stop", "we st").n_tokens
+    steps = [{i: SimpleNamespace(logprob=-0.1 * (j + 1), rank=1)} for j, i in enumerate(body)]
+    steps[1] = {body[1] + 1: SimpleNamespace(logprob=-9.0, rank=1)}  # the sampled id missing from its step
+    got = completion_from_vllm(tok, "", body, "stop", "we st", steps)
+    assert len(got.logprobs) == got.n_tokens == k < len(body)
+    assert got.logprobs[0] == pytest.approx(-0.1) and got.logprobs[2] == pytest.approx(-0.3)
+    assert got.logprobs[1] != got.logprobs[1]  # NaN: no correction for that token
+    assert completion_from_vllm(tok, "", body, "stop", "we st").logprobs == ()  # not asked for
+    asked = vllm_sampling_kwargs(2, max_new_tokens=8, stop=["</answer>"], temperature=1.0, top_p=1.0, n=1, seed=0,
+                                 logprobs=True)  # fmt: skip
+    assert all(kw["logprobs"] == 0 for kw in asked)
+    assert "logprobs" not in vllm_sampling_kwargs(1, max_new_tokens=8, stop=[], temperature=1.0, top_p=1.0, n=1, seed=0)[0]
+
+
 # --------------------------------------------------------------------------- releasing engines
 
 
