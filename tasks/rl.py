@@ -381,15 +381,20 @@ class _Pair:
     engine_weights_dir: Path | None = None  # with vLLM engines: where a trained model's weights pass to its engine
     devices: dict[str, torch.device] = field(default_factory=dict)  # with engines: where each model trains
 
-    def place(self, role: Role) -> None:
+    def place(self, role: Role, optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
         """With vLLM engines only the trained model needs the accelerator: its partner plays through its
-        engine, so its weights wait in host memory until its own phase (15 GB of a 7B pair's GPU memory)."""
+        engine, so its weights (and optimizer state) wait in host memory until its own phase (15 GB of a
+        7B pair's GPU memory)."""
         if self.engine_weights_dir is None:
             return
         for r, model in self.models.items():
             want = self.devices[r] if r == role else torch.device("cpu")
             if next(model.parameters()).device != want:
                 model.to(want)  # the same Parameter objects: the optimizer keeps its references
+                for state in optimizers[r].state.values():  # as Optimizer.load_state_dict places it: all but "step"
+                    for key, value in state.items():
+                        if key != "step" and torch.is_tensor(value):
+                            state[key] = value.to(want)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -736,7 +741,7 @@ def _train(
     for step in range(start, total_steps):
         pick = random.Random(cfg.seed * 1_000_003 + step)  # the batch depends on (seed, step) only
         chosen = pick.sample(range(len(pool_idx)), min(cfg.prompts_per_step, len(pool_idx)))
-        pair.place(phase_of(step, cfg)[1])
+        pair.place(phase_of(step, cfg)[1], optimizers)
         metrics = rl_step(step, [problems[pool_idx[k]] for k in chosen], pair, refs, optimizers, cfg, protocol)
         history.append(metrics)
         log.info("RL step %d/%d (%s): %s", step + 1, total_steps, metrics["role"], metrics)
