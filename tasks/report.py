@@ -30,7 +30,6 @@ from tasks.synthesize import read_split
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Report:
     outputs: dict[str, str]

@@ -123,13 +123,6 @@ class RecordingBackend:
         return outs
 
 
-def turn_token_ids(
-    episodes: Sequence[Episode], role: Role, calls: Sequence[list[Completion]]
-) -> list[dict[int, tuple[int, ...]]]:
-    """Map each episode's turns of ``role`` to the ids generated for them: [{turn index: ids}]."""
-    return [{t: c.token_ids for t, c in turns.items()} for turns in turn_completions(episodes, role, calls)]
-
-
 def turn_completions(
     episodes: Sequence[Episode], role: Role, calls: Sequence[list[Completion]]
 ) -> list[dict[int, Completion]]:
@@ -153,16 +146,12 @@ def turn_completions(
 
 
 def trained_turn_sequences(
-    episodes: Sequence[Episode],
-    role: Role,
-    token_ids: Sequence[Mapping[int, Sequence[int]]],
-    tokenizer,
-    sampler_logps: Sequence[Mapping[int, Sequence[float]]] | None = None,
+    episodes: Sequence[Episode], role: Role, completions: Sequence[Mapping[int, Completion]], tokenizer
 ) -> list[TurnSequence]:
     """The sequences that carry loss: one per turn of ``role``; only its generated ids are unmasked.
-    ``sampler_logps`` (same shape as ``token_ids``) go with a turn when there is one per generated id."""
+    A completion's sampler log-probs (vLLM) go with its turn when there is one per generated id."""
     seqs = []
-    for i, (episode, ids_by_turn) in enumerate(zip(episodes, token_ids)):
+    for i, (episode, by_turn) in enumerate(zip(episodes, completions)):
         chat = tokenizer.apply_chat_template(
             [{"role": "system", "content": SYSTEM_PROMPTS[role]}, {"role": "user", "content": episode.problem}],
             tokenize=False,
@@ -171,11 +160,10 @@ def trained_turn_sequences(
         for t, turn in enumerate(episode.turns):
             if turn.role != role:
                 continue
-            completion = list(ids_by_turn[t])
+            completion, lps = list(by_turn[t].token_ids), list(by_turn[t].logprobs)
             if not completion:
                 continue
             prompt = tokenizer(chat + history_suffix(episode.turns[:t]), add_special_tokens=False)["input_ids"]
-            lps = list(sampler_logps[i].get(t, ())) if sampler_logps is not None else []
             seqs.append(TurnSequence(prompt + completion, [0] * len(prompt) + [1] * len(completion), i,
                                      lps if len(lps) == len(completion) else None))  # fmt: skip
     return seqs
@@ -582,10 +570,7 @@ def rl_step(
     total = [e.tokens() for e in episodes]
     advantages = group_advantages(rewards, cfg.group_size)
     turns = turn_completions(episodes, role, recorder.calls)
-    seqs = trained_turn_sequences(
-        episodes, role, [{t: c.token_ids for t, c in d.items()} for d in turns], pair.tokenizers[role],
-        [{t: c.logprobs for t, c in d.items()} for d in turns],
-    )  # fmt: skip
+    seqs = trained_turn_sequences(episodes, role, turns, pair.tokenizers[role])
     stats = policy_update(
         pair.models[role], refs.get(role), optimizers[role], seqs, advantages, pair.tokenizers[role].pad_token_id, cfg
     )
@@ -661,7 +646,6 @@ def train_pair_rl(
         _check_problems(probe_problems)
     out_dir = Path(out_dir)
     engines = generation is not None and resolve_backend(generation) == "vllm"  # a ConfigError before any loading
-    total_steps = 2 * cfg.rounds * cfg.steps_per_round
     ckpt = last_checkpoint(out_dir)
     if cfg.lora is not None:  # the starting models, with the checkpoint's adapters
         paths = {"long": Path(long_dir), "short": Path(short_dir)}

@@ -27,7 +27,7 @@ from tasks.rl import (
     quarter_means,
     trained_turn_sequences,
     train_pair_rl,
-    turn_token_ids,
+    turn_completions,
 )
 
 PROTOCOL = ProtocolConfig(max_turns=2, max_new_tokens_long=16, max_new_tokens_short=16)
@@ -92,8 +92,8 @@ def test_only_the_trained_roles_tokens_carry_loss(demo_tokenizer):
     # the short backend was called for turn 1 of episodes 0 and 1, then for turn 3 of episode 0
     completion = {t: Completion(texts[t][1], len(ids[t]), "stop", ids[t]) for t in (1, 3)}
     calls = [[completion[1], completion[1]], [completion[3]]]
-    by_turn = turn_token_ids(episodes, "short", calls)
-    assert by_turn == [{1: ids[1], 3: ids[3]}, {1: ids[1]}, {}]
+    by_turn = turn_completions(episodes, "short", calls)
+    assert [{t: c.token_ids for t, c in d.items()} for d in by_turn] == [{1: ids[1], 3: ids[3]}, {1: ids[1]}, {}]
 
     seqs = trained_turn_sequences(episodes, "short", by_turn, tok)
     assert [s.episode for s in seqs] == [0, 0, 1]
@@ -107,7 +107,7 @@ def test_only_the_trained_roles_tokens_carry_loss(demo_tokenizer):
     assert tok.decode(seqs[1].input_ids[: -sum(seqs[1].loss_mask)]).endswith(texts[2][1] + TURN_SEP)
 
     with pytest.raises(RuntimeError, match="does not match"):
-        turn_token_ids(episodes, "long", [[Completion("<think>other", 2, "stop", (1, 2))] * 3])
+        turn_completions(episodes, "long", [[Completion("<think>other", 2, "stop", (1, 2))] * 3])
 
 
 def test_sampler_logprobs_weight_each_token_by_the_truncated_ratio(tiny_model):
