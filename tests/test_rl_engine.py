@@ -106,16 +106,15 @@ class _VllmLikeModel(torch.nn.Module):
 
 
 @pytest.mark.parametrize("runner_kind", ["get_model", "model attribute"])
-def test_worker_extension_loads_every_tensor_of_the_file(tiny_model, demo_tokenizer, tmp_path, runner_kind):
+def test_worker_extension_loads_every_tensor_of_the_file(demo_tokenizer, tmp_path, runner_kind):
     from longshort.config import TinyModelConfig
     from models.factory import build_tiny_model
 
     assert ENGINE_WEIGHTS_EXTENSION == f"{EngineWeightsLoader.__module__}.{EngineWeightsLoader.__qualname__}"
-    torch.manual_seed(99)  # another model, other weights
-    target = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=2, num_key_value_heads=2), demo_tokenizer)  # fmt: skip
-    source = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=2, num_key_value_heads=2), demo_tokenizer)  # fmt: skip
+    torch.manual_seed(99)  # two models with their own weights
+    tiny = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2)  # fmt: skip
+    target, source = build_tiny_model(tiny, demo_tokenizer), build_tiny_model(tiny, demo_tokenizer)
     with torch.no_grad():
         for p in source.parameters():
             p.add_(1.0)
