@@ -465,7 +465,7 @@ def _start_engines(
     gen: GenerationConfig,
     cfg: RLConfig,
     model_cfg: ModelConfig,
-    context: int,
+    context: int | None,
     weights_dir: Path,
 ) -> None:
     """Put a vLLM engine in front of each model: rollouts, probes and the easy filter sample from them.
@@ -486,6 +486,7 @@ def _start_engines(
     engine_gen = gen.model_copy(update={"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization})
     for role in ROLES:
         limit = getattr(pair.models[role].config, "max_position_embeddings", None)
+        # context is None only when gen.max_model_len is set, which then wins
         max_len = gen.max_model_len or (context if limit is None or context < limit else None)
         pair.backends[role] = VLLMBackend(
             str(paths[role]), model_cfg, engine_gen, seed=cfg.seed, tensor_parallel_size=gen.tensor_parallel_size,
@@ -662,7 +663,9 @@ def train_pair_rl(
         }  # fmt: skip
     if engines:
         assert generation is not None
-        context = rollout_context_tokens([*problems, *probe_problems], pair.tokenizers["long"], cfg, protocol)
+        context = None if generation.max_model_len else rollout_context_tokens(  # the profile's own limit wins
+            [*problems, *probe_problems], pair.tokenizers["long"], cfg, protocol
+        )
         _start_engines(pair, paths, generation, cfg, model_cfg, context, out_dir / ".engine-weights")
         try:
             if ckpt and pair.adapters:  # the engines hold the starting weights; the checkpoint's adapters change them
