@@ -25,24 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from pipeline import run_once  # bench/pipeline.py: one pipeline run in a fresh process, its summary back
+
 HELDOUT = "heldout"  # longshort.config.HELDOUT, not imported: this script only starts subprocesses
 MAX_ACCURACY_DROP = 0.02  # issue 3: within 2 points of the base
 MAX_TOKEN_SHARE = 0.30  # issue 3: at most 30% of the base's tokens
-
-CHILD = r"""
-import json, sys
-from flows.pipeline import pipeline
-summary = pipeline(profile=sys.argv[1], overrides=sys.argv[3:])
-with open(sys.argv[2], "w") as f:
-    json.dump(summary, f, default=str)
-"""
 
 
 @dataclass(frozen=True)
@@ -93,29 +84,6 @@ def row_from_summary(variant: str, summary: dict) -> Row:
     )
 
 
-def run_variant(profile: str, overrides: list[str], root: Path, name: str) -> dict:
-    env = {k: v for k, v in os.environ.items()}
-    env.update(
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    out, log = root / f"summary-{name}.json", root / f"{name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(
-            [sys.executable, "-c", CHILD, profile, str(out), *overrides],
-            cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-40:])
-        sys.exit(f"variant {name} failed (exit {proc.returncode}); log {log}\n{tail}")
-    return json.loads(out.read_text())
-
-
 def _opt(value: float | None, pattern: str) -> str:
     return "—" if value is None else format(value, pattern)
 
@@ -159,7 +127,7 @@ def main() -> None:
         for temp in temps:
             name = eff if temp is None else f"{eff} T={temp}"
             extra = [f"rl.efficiency={eff}", *([f"rl.temperature={temp}"] if temp is not None else [])]
-            summary = run_variant(args.profile, [*args.overrides, *extra], root, name.replace(" ", "_"))
+            summary = run_once(args.profile, [*args.overrides, *extra], root, name.replace(" ", "_"), verbose=False)
             rows.append(row_from_summary(name, summary))
             print(f"  {name}: computed {', '.join(summary['recomputed']) or 'nothing (all from cache)'}", flush=True)
     print()
