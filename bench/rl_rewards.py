@@ -15,9 +15,10 @@ To keep them out of the profile's workspace, pass ``--set run.workspace=DIR`` (t
 everything before RL too).
 
 The table gives, per variant, the RL pair on the held-out problems (accuracy, its difference to the long-CoT
-base in points, mean tokens long + short and their share of the base's, turns), the reward on the fixed probe
-batch before and after RL (its scale depends on the efficiency reward, so compare it within a row), and whether
-the row meets issue 3's target: accuracy within 2 points of the base with at most 30% of its tokens.
+base in points, mean tokens long + short and their share of the base's, turns), the reward, tokens and accuracy
+on the fixed probe batch before and after RL (the reward's scale depends on the efficiency reward, so compare it
+within a row), the RL stage's seconds, and whether the row meets issue 3's target: accuracy within 2 points of
+the base with at most 30% of its tokens.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline import run_once  # bench/pipeline.py: one pipeline run in a fresh process, its summary back
+from pipeline import REPO, run_once  # bench/pipeline.py: one pipeline run in a fresh process, its summary back
 
-HELDOUT = "heldout"  # longshort.config.HELDOUT, not imported: this script only starts subprocesses
+sys.path.insert(0, str(REPO))
+from longshort.config import HELDOUT  # noqa: E402
+
 MAX_ACCURACY_DROP = 0.02  # issue 3: within 2 points of the base
 MAX_TOKEN_SHARE = 0.30  # issue 3: at most 30% of the base's tokens
 
