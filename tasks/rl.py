@@ -51,6 +51,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 from longshort.config import ConfigError, GenerationConfig, ModelConfig, ProtocolConfig, RLConfig
 from models.factory import load_model
@@ -214,9 +215,54 @@ def _episode_kwargs(cfg: RLConfig, protocol: ProtocolConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- loss
 
 
-# Largest fp32 logits tensor (micro-batch x length x vocab) that the loss takes whole; above it (a 150k-token
-# vocabulary over long episodes) only the positions that predict trained tokens are projected onto the vocabulary.
+# Largest fp32 logits tensor (micro-batch x length x vocab) that the loss takes whole. Above it (a 150k-token
+# vocabulary over long episodes) only the positions that predict trained tokens are projected onto the vocabulary,
+# in slices of at most this many bytes of logits, and each slice's logits are recomputed in the backward pass
+# instead of kept: a Qwen2.5-7B micro-batch of 4 x 4,096 trained tokens would otherwise hold ~10 GB per fp32 copy
+# of its logits (the projection, its log-softmax, the entropy's temporaries and their gradients: several copies).
 _FULL_LOGITS_MAX_BYTES = 256 * 2**20
+# Architectures whose logits are exactly ``get_output_embeddings()(get_decoder()(...).last_hidden_state)``
+# (no soft-capping or logit scale): the sliced path splits the model there. Others take the kept-columns path.
+_PLAIN_HEAD_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+
+
+def _slice_logps(
+    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(target) and the entropy at ``hidden``'s positions ([n, d] -> [n], [n]), at the temperature."""
+    logp_all = torch.log_softmax(head(hidden).float() / temperature, dim=-1)
+    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logps, entropy
+
+
+def _trained_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_token_logps`` at the trained positions only, the head applied a slice of positions at a time under
+    activation checkpointing (the trick of Liger's fused linear cross-entropy, in plain PyTorch): peak memory
+    holds one slice's logits, not the micro-batch's. Untrained positions are 0."""
+    batch, length = input_ids.shape
+    vocab = model.config.get_text_config().vocab_size
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    rows, cols = loss_mask.bool().nonzero(as_tuple=True)  # position j predicts x_{j+1}
+    hidden, targets = hidden[rows, cols], input_ids[rows, cols + 1]
+    head = model.get_output_embeddings()
+    size = max(1, _FULL_LOGITS_MAX_BYTES // (vocab * 4))
+    parts = []
+    for start in range(0, len(targets), size):
+        args = (head, hidden[start : start + size], targets[start : start + size], temperature)
+        if torch.is_grad_enabled():
+            parts.append(torch.utils.checkpoint.checkpoint(_slice_logps, *args, use_reentrant=False))
+        else:
+            parts.append(_slice_logps(*args))
+    logps = torch.zeros(batch, length - 1, dtype=torch.float32, device=input_ids.device)
+    entropy = torch.zeros_like(logps)
+    if parts:
+        logps = logps.index_put((rows, cols), torch.cat([p[0] for p in parts]))
+        entropy[rows, cols] = torch.cat([p[1] for p in parts])
+    return logps, entropy
 
 
 def _token_logps(
@@ -226,12 +272,15 @@ def _token_logps(
     """Per-token log π(x_t | x_<t) at the sampling temperature, and the entropy, for t ≥ 1.
 
     With ``loss_mask`` (``[batch, length - 1]``, 1 where x_t is trained) and logits too big to build
-    whole, only the columns some row trains are computed (``logits_to_keep``); the others are 0.
+    whole, only the trained positions are computed (``_trained_logps``; for other architectures, the
+    columns some row trains, through ``logits_to_keep``); the others are 0.
     """
     batch, length = input_ids.shape
     vocab = model.config.get_text_config().vocab_size
     keep = None
     if loss_mask is not None and batch * (length - 1) * vocab * 4 > _FULL_LOGITS_MAX_BYTES:
+        if model.config.model_type in _PLAIN_HEAD_TYPES:
+            return _trained_logps(model, input_ids, attention_mask, temperature, loss_mask)
         keep = loss_mask.any(0).nonzero().squeeze(-1)  # column j: the logits at j predict x_{j+1}
     if keep is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
@@ -413,6 +462,19 @@ class _AdaptersOff:
     def __call__(self, **inputs: Any) -> Any:
         with self.peft_model.disable_adapter():
             return self.peft_model.get_base_model()(**inputs)
+
+    def get_decoder(self) -> Callable[..., Any]:
+        return self._off(self.peft_model.get_base_model().get_decoder())
+
+    def get_output_embeddings(self) -> Callable[..., Any]:
+        return self._off(self.peft_model.get_base_model().get_output_embeddings())
+
+    def _off(self, module: Any) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with self.peft_model.disable_adapter():
+                return module(*args, **kwargs)
+
+        return run
 
 
 def _load_pair(

@@ -72,25 +72,57 @@ def test_lora_rl_resumes_from_its_adapter_checkpoint(protocol_pair, demo_rows_sm
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_log_probs_of_the_trained_columns_only_match_the_full_logits(protocol_pair, monkeypatch):
+SEQS = [
+    TurnSequence(input_ids=[5, 9, 12, 7, 30, 41, 8], loss_mask=[0, 0, 0, 1, 1, 1, 0], episode=0),
+    TurnSequence(input_ids=[5, 9, 33, 2, 11], loss_mask=[0, 0, 1, 1, 0], episode=1),
+]
+
+
+@pytest.mark.parametrize("path", ["sliced", "kept columns"])
+def test_log_probs_of_the_trained_positions_only_match_the_full_logits(protocol_pair, monkeypatch, path):
+    """Above the logits budget (as with a 150k vocabulary) the loss takes the trained positions only: a slice of
+    positions at a time, recomputed in backward (Llama/Qwen), or the trained columns (other architectures)."""
     model, tok = load_model(ModelConfig(), path=protocol_pair)
-    seqs = [
-        TurnSequence(input_ids=[5, 9, 12, 7, 30, 41, 8], loss_mask=[0, 0, 0, 1, 1, 1, 0], episode=0),
-        TurnSequence(input_ids=[5, 9, 33, 2, 11], loss_mask=[0, 0, 1, 1, 0], episode=1),
-    ]
-    ids, attn, mask = _pad(seqs, tok.pad_token_id)
+    ids, attn, mask = _pad(SEQS, tok.pad_token_id)
     mask = mask[:, 1:]
     full, full_entropy = _token_logps(model, ids, attn, 0.7)
-    monkeypatch.setattr(rl, "_FULL_LOGITS_MAX_BYTES", 0)  # as with a 150k vocabulary
+    monkeypatch.setattr(rl, "_FULL_LOGITS_MAX_BYTES", 0)  # slices of one position
+    if path == "kept columns":
+        monkeypatch.setattr(rl, "_PLAIN_HEAD_TYPES", frozenset())
     kept, kept_entropy = _token_logps(model, ids, attn, 0.7, mask)
     on = mask.bool()
     assert torch.allclose(kept[on], full[on], atol=1e-5) and torch.allclose(kept_entropy[on], full_entropy[on], atol=1e-5)
     assert not kept[:, 0].any()  # column 0 predicts an untrained token in both rows: never computed
-    # the loss's gradient is the same either way
+    if path == "sliced":
+        assert not kept[~on].any() and not kept_entropy[~on].any()  # only trained positions, not whole columns
+    # the loss's gradient is the same either way, in the trunk and in the head
     grads = []
     for use_kept in (False, True):
         model.zero_grad()
         logps, _ = _token_logps(model, ids, attn, 0.7, mask if use_kept else None)
         (logps * mask).sum().backward()
-        grads.append(model.model.embed_tokens.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+        grads.append((model.model.embed_tokens.weight.grad.clone(), model.lm_head.weight.grad.clone()))
+    assert grads[0][0].abs().sum() > 0 and grads[0][1].abs().sum() > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[0], grads[1]))
+
+
+def test_sliced_log_probs_of_the_reference_run_with_the_adapters_off(protocol_pair, monkeypatch):
+    """The KL reference of a LoRA run (the adapters switched off) gives the starting model's log-probs on the
+    sliced path too, and leaves the adapters on for training."""
+    from peft import get_peft_model  # noqa: PLC0415
+
+    start, tok = load_model(ModelConfig(), path=protocol_pair)
+    ids, attn, mask = _pad(SEQS, tok.pad_token_id)
+    mask = mask[:, 1:]
+    expected, _ = _token_logps(start, ids, attn, 0.7)
+    wrapped = get_peft_model(load_model(ModelConfig(), path=protocol_pair)[0], rl.peft_lora(LORA))
+    for name, param in wrapped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # adapters that change the outputs
+    monkeypatch.setattr(rl, "_FULL_LOGITS_MAX_BYTES", 0)
+    with torch.no_grad():
+        ref, _ = _token_logps(rl._AdaptersOff(wrapped), ids, attn, 0.7, mask)
+        adapted, _ = _token_logps(wrapped.get_base_model(), ids, attn, 0.7, mask)
+    on = mask.bool()
+    assert torch.allclose(ref[on], expected[on], atol=1e-5)
+    assert (adapted[on] - expected[on]).abs().max() > 1e-2
