@@ -35,7 +35,7 @@ from models.protocol import SYSTEM_PROMPTS
 from tasks.answers import check_answer
 from tasks.evaluate import response_answer, single_model_records
 from tasks.rewards import truncation_reward
-from tasks.sft import deepspeed_config, last_complete_checkpoint, save_trained
+from tasks.sft import deepspeed_scope, last_complete_checkpoint, save_trained
 
 log = logging.getLogger(__name__)
 
@@ -166,62 +166,63 @@ def train_truncation_baseline(
             "vllm_enable_sleep_mode": True,  # frees the KV cache while the policy trains
             "generation_kwargs": {"stop": ["</answer>"], "include_stop_str_in_output": True},
         }
-    args = GRPOConfig(
-        output_dir=str(ckpt_dir),
-        max_steps=cfg.steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="constant",
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=batch // micro,
-        num_generations=cfg.group_size,
-        max_completion_length=cfg.length_target,  # L_R = L_T: a longer answer is cut and scores 0
-        temperature=cfg.temperature,
-        beta=cfg.kl_coef,
-        num_iterations=1,  # on-policy
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=cfg.checkpoint_every,
-        save_total_limit=2,
-        report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=cfg.bf16 and use_cuda,
-        use_cpu=not use_cuda,
-        deepspeed=deepspeed_config(cfg.deepspeed),
-        use_vllm=use_vllm,
-        **vllm_args,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-    )
-    dataset = Dataset.from_list(
-        [
-            {"prompt": _prompt(p), "answer": str(p["answer"])}
-            for p in problems
-        ]
-    )
-    history = _History(on_step)
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=[reward],
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=[history],
-    )
-    trainer.remove_callback(PrinterCallback)  # each step is logged once, by ``on_step``
-    last = last_complete_checkpoint(ckpt_dir)
-    if last:
-        log.info("resuming the truncation baseline from %s", last)
-    result = trainer.train(resume_from_checkpoint=last)
-    model_dir = out_dir / "model"
-    save_trained(trainer, tokenizer, model_dir)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return BaselineResult(
-        model_dir=str(model_dir),
-        steps=int(result.global_step),
-        n_problems=len(problems),
-        history=[history_row(int(h["step"]), h) for h in trainer.state.log_history if "reward" in h],
-        runtime_s=round(time.perf_counter() - start, 2),
-        resumed_from=last,
-    )
+    with deepspeed_scope(cfg.deepspeed) as deepspeed:
+        args = GRPOConfig(
+            output_dir=str(ckpt_dir),
+            max_steps=cfg.steps,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type="constant",
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=batch // micro,
+            num_generations=cfg.group_size,
+            max_completion_length=cfg.length_target,  # L_R = L_T: a longer answer is cut and scores 0
+            temperature=cfg.temperature,
+            beta=cfg.kl_coef,
+            num_iterations=1,  # on-policy
+            logging_steps=1,
+            save_strategy="steps",
+            save_steps=cfg.checkpoint_every,
+            save_total_limit=2,
+            report_to=[],
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            bf16=cfg.bf16 and use_cuda,
+            use_cpu=not use_cuda,
+            deepspeed=deepspeed,
+            use_vllm=use_vllm,
+            **vllm_args,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+        )
+        dataset = Dataset.from_list(
+            [
+                {"prompt": _prompt(p), "answer": str(p["answer"])}
+                for p in problems
+            ]
+        )
+        history = _History(on_step)
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[reward],
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[history],
+        )
+        trainer.remove_callback(PrinterCallback)  # each step is logged once, by ``on_step``
+        last = last_complete_checkpoint(ckpt_dir)
+        if last:
+            log.info("resuming the truncation baseline from %s", last)
+        result = trainer.train(resume_from_checkpoint=last)
+        model_dir = out_dir / "model"
+        save_trained(trainer, tokenizer, model_dir)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return BaselineResult(
+            model_dir=str(model_dir),
+            steps=int(result.global_step),
+            n_problems=len(problems),
+            history=[history_row(int(h["step"]), h) for h in trainer.state.log_history if "reward" in h],
+            runtime_s=round(time.perf_counter() - start, 2),
+            resumed_from=last,
+        )

@@ -14,7 +14,8 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +64,27 @@ def deepspeed_config(path: str | None) -> str | None:
                             "WORLD_SIZE": "1"}.items():  # fmt: skip
             os.environ.setdefault(name, value)
     return repo_file(path)
+
+
+@contextmanager
+def deepspeed_scope(path: str | None) -> Iterator[str | None]:
+    """``deepspeed_config(path)`` for the life of one Trainer, then transformers' ZeRO-3 flag cleared.
+
+    A Trainer's arguments with a ZeRO-3 config set a process-wide flag in transformers
+    (``is_deepspeed_zero3_enabled``). While it stands, every later ``from_pretrained`` in the process
+    builds its weights partitioned for DeepSpeed, i.e. empty outside a DeepSpeed engine. A pipeline
+    runs its stages in one process, so the next stage's model would load empty: on an H200, a ZeRO-2
+    SFT after a ZeRO-3 one failed with "'weight' must be 2-D". On exit, with or without an error,
+    the flag is cleared (``unset_hf_deepspeed_config``, what transformers' own tests call).
+    """
+    resolved = deepspeed_config(path)
+    try:
+        yield resolved
+    finally:
+        if resolved is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: PLC0415
+
+            unset_hf_deepspeed_config()
 
 
 def save_trained(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, model_dir: Path, *, merge_lora: bool = False) -> None:
@@ -239,67 +261,67 @@ def train_sft(
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     use_cuda = torch.cuda.is_available()
-    deepspeed = deepspeed_config(cfg.deepspeed)
-    args = TRLSFTConfig(
-        output_dir=str(ckpt_dir),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        max_length=cfg.max_length,
-        completion_only_loss=True,
-        packing=False,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        report_to=[],
-        seed=seed,
-        data_seed=seed,
-        bf16=cfg.bf16 and use_cuda,
-        use_cpu=not use_cuda,
-        deepspeed=deepspeed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    history = _LossHistory()
-    trainer = _SFTTrainer(
-        plain_loss=_use_plain_loss(model, cfg) if loss == "auto" else loss == "plain",
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(examples),
-        processing_class=tokenizer,
-        peft_config=peft_lora(cfg.lora),
-        callbacks=[history],
-    )
-    last = last_complete_checkpoint(ckpt_dir)
-    if last:
-        log.info("resuming SFT from %s", last)
-    result = trainer.train(resume_from_checkpoint=last)
-    n_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
-    train_loss = run_train_loss(trainer.state.log_history)
-    model_dir = out_dir / "model"
-    save_trained(trainer, tokenizer, model_dir, merge_lora=cfg.lora is not None)
-    out = SFTResult(
-        model_dir=str(model_dir),
-        train_loss=float(train_loss if train_loss is not None else result.training_loss),
-        steps=int(result.global_step),
-        train_tokens=int(n_tokens * cfg.epochs),
-        train_runtime_s=float(result.metrics.get("train_runtime", 0.0)),
-        resumed_from=last,
-    )
-    atomic_write_text(out_dir / "loss_history.json", json.dumps(history.history))
-    atomic_write_text(out_dir / "sft_result.json", json.dumps(asdict(out), indent=2))
-    # Renamed away before deleting: a kill during the rmtree must not leave a checkpoint that has its
-    # trainer_state.json but lost its weights, which a rerun would take as complete and fail to resume.
-    retired = out_dir / ".checkpoints.old"
-    shutil.rmtree(retired, ignore_errors=True)
-    os.replace(ckpt_dir, retired)
-    shutil.rmtree(retired, ignore_errors=True)
-    return out
+    with deepspeed_scope(cfg.deepspeed) as deepspeed:
+        args = TRLSFTConfig(
+            output_dir=str(ckpt_dir),
+            num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler,
+            warmup_steps=cfg.warmup_ratio,
+            weight_decay=cfg.weight_decay,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            max_length=cfg.max_length,
+            completion_only_loss=True,
+            packing=False,
+            logging_steps=cfg.logging_steps,
+            save_strategy="steps",
+            save_steps=cfg.save_steps,
+            save_total_limit=2,
+            report_to=[],
+            seed=seed,
+            data_seed=seed,
+            bf16=cfg.bf16 and use_cuda,
+            use_cpu=not use_cuda,
+            deepspeed=deepspeed,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        history = _LossHistory()
+        trainer = _SFTTrainer(
+            plain_loss=_use_plain_loss(model, cfg) if loss == "auto" else loss == "plain",
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(examples),
+            processing_class=tokenizer,
+            peft_config=peft_lora(cfg.lora),
+            callbacks=[history],
+        )
+        last = last_complete_checkpoint(ckpt_dir)
+        if last:
+            log.info("resuming SFT from %s", last)
+        result = trainer.train(resume_from_checkpoint=last)
+        n_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+        train_loss = run_train_loss(trainer.state.log_history)
+        model_dir = out_dir / "model"
+        save_trained(trainer, tokenizer, model_dir, merge_lora=cfg.lora is not None)
+        out = SFTResult(
+            model_dir=str(model_dir),
+            train_loss=float(train_loss if train_loss is not None else result.training_loss),
+            steps=int(result.global_step),
+            train_tokens=int(n_tokens * cfg.epochs),
+            train_runtime_s=float(result.metrics.get("train_runtime", 0.0)),
+            resumed_from=last,
+        )
+        atomic_write_text(out_dir / "loss_history.json", json.dumps(history.history))
+        atomic_write_text(out_dir / "sft_result.json", json.dumps(asdict(out), indent=2))
+        # Renamed away before deleting: a kill during the rmtree must not leave a checkpoint that has its
+        # trainer_state.json but lost its weights, which a rerun would take as complete and fail to resume.
+        retired = out_dir / ".checkpoints.old"
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(ckpt_dir, retired)
+        shutil.rmtree(retired, ignore_errors=True)
+        return out
 

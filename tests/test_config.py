@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -214,6 +215,39 @@ def test_deepspeed_runs_in_process_as_a_one_process_group(monkeypatch):
     deepspeed_config("infra/deepspeed/zero2.json")
     assert os.environ["RANK"] == "3" and os.environ["WORLD_SIZE"] == "8"
 
+
+
+def test_a_deepspeed_scope_clears_the_zero3_flag_its_trainer_sets(monkeypatch):
+    """A ZeRO-3 Trainer leaves transformers' process-wide ZeRO-3 flag set; the next stage's from_pretrained in the
+    same process would then build empty, partitioned weights. The scope clears it on exit, error or not."""
+    import weakref
+
+    import torch
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    from tasks.sft import deepspeed_scope
+
+    class Zero3Config:  # what TrainingArguments(deepspeed=<a ZeRO-3 file>) registers (HfTrainerDeepSpeedConfig)
+        def is_zero3(self) -> bool:
+            return True
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    config = Zero3Config()
+    for fails in (False, True):
+        with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+            with deepspeed_scope("infra/deepspeed/zero3_offload.json") as path:
+                assert Path(path).resolve() == REPO / "infra/deepspeed/zero3_offload.json"
+                hf_deepspeed._hf_deepspeed_config_weak_ref = weakref.ref(config)  # the Trainer's arguments
+                assert hf_deepspeed.is_deepspeed_zero3_enabled()
+                if fails:
+                    raise RuntimeError("the stage died")
+        assert not hf_deepspeed.is_deepspeed_zero3_enabled()
+    with deepspeed_scope(None) as path:  # no DeepSpeed asked for: nothing to clear
+        assert path is None
 
 def test_scoring_shards_never_start_two_vllm_engines_on_one_gpu():
     from longshort.config import RunConfig
