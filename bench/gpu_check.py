@@ -21,6 +21,14 @@ Three stages, each with the demo profile's settings (configs/demo.yaml) unless a
    ``baseline.n_problems`` training problems *without* the easy filter (it would cost a sampling pass).
    Reports seconds per step and the logged reward and completion length.
 
+4. ``deepspeed[CONFIG]`` (asked for with ``--stages ...,deepspeed``): the ``sft`` stage's training under each
+   DeepSpeed config of ``--deepspeed-configs`` (default: ``infra/deepspeed/zero3_offload.json``, the one the
+   real profiles name), in this process, as a Prefect worker runs it (``tasks.sft.deepspeed_config`` sets up a
+   one-process group). Each config runs ``--ds-steps`` steps three times: stopped by an exception right after
+   the checkpoint at half the steps (a dying worker), then run again (it must resume from that checkpoint),
+   then once without a stop. Reports where it resumed, whether the saved model is whole (ZeRO-3 gathers its
+   shards on save) and finite, and how far the resumed weights are from the uninterrupted ones.
+
 Every stage runs even if an earlier one failed (its error is recorded). With ``--budget-s`` a stage
 that would start after that many seconds of the script is skipped. The results go, as JSON, to
 ``--json`` (default ``$OUT/gpu_check.json`` when ``OUT`` is set), rewritten after every stage.
@@ -159,6 +167,78 @@ def stage_sft(args, profile, torch, work: Path) -> dict[str, Any]:  # noqa: ANN0
         f"mean loss {out['mean_train_loss']:.4f}",
         flush=True,
     )
+    return out
+
+
+class _Interrupted(RuntimeError):
+    """Raised after a checkpoint is saved: the run dies there, as a killed worker would."""
+
+
+def stage_deepspeed(args, profile, torch, work: Path, config: str) -> dict[str, Any]:  # noqa: ANN001
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    from models.factory import load_model  # noqa: PLC0415
+    from tasks import sft as sft_module  # noqa: PLC0415
+    from tasks.cold_start import pair_sft_examples  # noqa: PLC0415
+    from tasks.synthesize import read_split  # noqa: PLC0415
+
+    half = max(1, args.ds_steps // 2)
+    cfg = profile.sft_long.model_copy(update={"max_steps": 2 * half, "save_steps": half, "logging_steps": 1,
+                                              "bf16": True, "deepspeed": config})  # fmt: skip
+    base = load_file(str(Path(args.base) / "model.safetensors"))
+    out: dict[str, Any] = {"config": config, "deepspeed_active": sft_module.deepspeed_config(config) is not None,
+                           "steps": 2 * half, "interrupted_after_step": half}  # without CUDA: a plain Trainer
+
+    def run(name: str, interrupt: bool) -> Any:  # noqa: ANN401
+        model, tokenizer = load_model(profile.base_model, path=args.base)
+        examples = pair_sft_examples(tokenizer, read_split(args.d_long), "long")
+
+        def on_save(self, a, state, control, **kwargs):  # noqa: ANN001
+            raise _Interrupted(f"stopped after the checkpoint of step {state.global_step}")
+
+        if interrupt:
+            sft_module._LossHistory.on_save = on_save
+        try:
+            return sft_module.train_sft(examples, model.train(), tokenizer, cfg, work / name, seed=0)
+        finally:
+            if interrupt:
+                del sft_module._LossHistory.on_save
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        run("resumed", interrupt=True)
+        out["interruption"] = "none: the run finished"
+    except _Interrupted as exc:
+        out["interruption"] = str(exc)
+    out["interrupted_run_s"] = round(time.perf_counter() - start, 2)
+    out["checkpoints_left"] = sorted(p.name for p in (work / "resumed" / "checkpoints").glob("checkpoint-*"))
+    start = time.perf_counter()
+    resumed = run("resumed", interrupt=False)
+    out["resumed_run_s"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    whole = run("uninterrupted", interrupt=False)
+    out["uninterrupted_run_s"] = round(time.perf_counter() - start, 2)
+    a = load_file(str(Path(resumed.model_dir) / "model.safetensors"))
+    b = load_file(str(Path(whole.model_dir) / "model.safetensors"))
+    out |= {
+        "resumed_from": resumed.resumed_from and Path(resumed.resumed_from).name,
+        "steps_done": [resumed.steps, whole.steps],
+        "mean_loss": [round(resumed.train_loss, 5), round(whole.train_loss, 5)],
+        "saved_keys_match_base": sorted(a) == sorted(base) and all(a[k].shape == base[k].shape for k in base),
+        "saved_extra_keys": sorted(set(a) - set(base)), "saved_missing_keys": sorted(set(base) - set(a)),
+        "saved_shape_mismatches": {k: [list(a[k].shape), list(base[k].shape)] for k in base
+                                   if k in a and a[k].shape != base[k].shape},
+        "saved_dtypes": sorted({str(t.dtype) for t in a.values()}), "base_dtypes": sorted({str(t.dtype) for t in base.values()}),
+        "saved_all_finite": all(bool(torch.isfinite(t).all()) for t in a.values()),
+        "tensors_changed_from_base": sum(k in a and not torch.equal(a[k], base[k]) for k in base),
+        "tensors": len(base),
+        "max_abs_diff_resumed_vs_uninterrupted": max(float((a[k].float() - b[k].float()).abs().max()) for k in a),
+        "loss_history_uninterrupted": json.loads((Path(whole.model_dir).parent / "loss_history.json").read_text()),
+        **_cuda_memory(torch),
+    }  # fmt: skip
+    print(f"[deepspeed {config}] {out}", flush=True)
     return out
 
 
@@ -309,7 +389,7 @@ def main() -> None:
     ap.add_argument("--short-model", required=True, help="the SFT short model (sft_short/*/model)")
     ap.add_argument("--train", required=True, help="training problems (synthesize/*/train.jsonl)")
     ap.add_argument("--profile", default="demo")
-    ap.add_argument("--stages", default="sft,rl,baseline", help="comma-separated: sft, rl, baseline")
+    ap.add_argument("--stages", default="sft,rl,baseline", help="comma-separated: sft, rl, baseline, deepspeed")
     ap.add_argument("--sft-steps", type=int, default=100)
     ap.add_argument("--sft-logging-steps", type=int, default=10)
     ap.add_argument("--rl-steps-per-round", type=int, default=4)
@@ -320,6 +400,9 @@ def main() -> None:
     ap.add_argument("--baseline-steps", type=int, default=4)
     ap.add_argument("--baseline-prompts", type=int, default=8)
     ap.add_argument("--baseline-group", type=int, default=4)
+    ap.add_argument("--deepspeed-configs", default="infra/deepspeed/zero3_offload.json",
+                    help="comma-separated DeepSpeed configs for the deepspeed stage (CUDA only)")
+    ap.add_argument("--ds-steps", type=int, default=20, help="SFT steps per deepspeed run (interrupted at half)")
     ap.add_argument("--budget-s", type=float, default=0.0, help="skip a stage that would start later than this")
     ap.add_argument("--json", type=Path, default=None, help="default: $OUT/gpu_check.json when OUT is set")
     ap.add_argument("--workdir", type=Path, default=None, help="where the runs write (default: a temp dir)")
@@ -330,6 +413,7 @@ def main() -> None:
         args.sft_steps, args.sft_logging_steps = 4, 2
         args.rl_steps_per_round, args.rl_prompts, args.rl_group = 1, 2, 2
         args.baseline_steps, args.baseline_prompts, args.baseline_group = 1, 2, 2
+        args.ds_steps = 4
     if args.json is None and os.environ.get("OUT"):
         args.json = Path(os.environ["OUT"]) / "gpu_check.json"
 
@@ -381,6 +465,9 @@ def main() -> None:
         plan.append((f"rl[{rl_dtypes[0]}]", lambda w, d=rl_dtypes[0]: stage_rl(args, profile, torch, w, d)))
     if "baseline" in wanted:
         plan.append(("baseline", lambda w: stage_baseline(args, profile, torch, w)))
+    if "deepspeed" in wanted:
+        for c in [c.strip() for c in args.deepspeed_configs.split(",") if c.strip()]:
+            plan.append((f"deepspeed[{Path(c).stem}]", lambda w, c=c: stage_deepspeed(args, profile, torch, w, c)))
     if "rl" in wanted:
         for d in rl_dtypes[1:]:
             plan.append((f"rl[{d}]", lambda w, d=d: stage_rl(args, profile, torch, w, d)))
@@ -414,6 +501,10 @@ def main() -> None:
     for name, s in report.data["stages"].items():
         if "error" in s or "skipped" in s:
             print(f"  {name}: {s.get('error') or s.get('skipped')}")
+        elif name.startswith("deepspeed"):
+            print(f"  {name}: resumed from {s['resumed_from']}, steps {s['steps_done']}, whole weights "
+                  f"{s['saved_keys_match_base'] and s['saved_all_finite']}, resumed vs uninterrupted max |diff| "
+                  f"{s['max_abs_diff_resumed_vs_uninterrupted']:.3g}")  # fmt: skip
         elif name == "sft":
             print(f"  sft: {s['tokens_per_s']} tokens/s, {s['ms_per_step']} ms/step, final loss {s['final_loss']}, "
                   f"bf16 {s['bf16_autocast']}, on {s['device']}")  # fmt: skip
