@@ -226,15 +226,22 @@ _FULL_LOGITS_MAX_BYTES = 256 * 2**20
 _PLAIN_HEAD_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 
 
-def _slice_logps(
-    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, temperature: float
+def _logps_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(target) and the entropy at ``hidden``'s positions ([n, d] -> [n], [n]), at the temperature."""
-    logp_all = torch.log_softmax(head(hidden).float() / temperature, dim=-1)
+    """log π(target) and the entropy at each position of ``logits`` ([..., vocab] -> [...], [...]), at the temperature."""
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
     logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logps, entropy
+
+
+def _slice_logps(
+    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_logps_and_entropy`` of the head's logits at ``hidden``'s positions ([n, d] -> [n], [n])."""
+    return _logps_and_entropy(head(hidden), targets, temperature)
 
 
 def _trained_logps(
@@ -283,16 +290,12 @@ def _token_logps(
             return _trained_logps(model, input_ids, attention_mask, temperature, loss_mask)
         keep = loss_mask.any(0).nonzero().squeeze(-1)  # column j: the logits at j predict x_{j+1}
     if keep is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         targets = input_ids[:, 1:]
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-        logits = logits.float() / temperature
         targets = input_ids[:, keep + 1]
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    logps, entropy = _logps_and_entropy(logits, targets, temperature)
     if keep is not None:
         full = torch.zeros(batch, length - 1, dtype=logps.dtype, device=logps.device)
         logps = full.index_copy(1, keep, logps)
