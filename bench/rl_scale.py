@@ -124,10 +124,20 @@ def main() -> None:
         "steps": steps, "build_and_save_s": round(t_built - t0, 1),
         "rl_s": round(t_end - t_rl, 1), "load_and_final_save_s": round(t_end - t_rl - sum(s["s"] for s in steps), 1),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        "gpu": torch.cuda.get_device_name(0) if cuda else platform.machine(),
-        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
-        "saved": [result.long_dir, result.short_dir],
+        **gpu_fields(torch), "saved": [result.long_dir, result.short_dir],
     }  # fmt: skip
+    write_report(report, out_json)
+
+
+def gpu_fields(torch) -> dict:  # noqa: ANN001
+    """The GPU a report was measured on (the machine's architecture without one), and its memory."""
+    cuda = torch.cuda.is_available()
+    return {"gpu": torch.cuda.get_device_name(0) if cuda else platform.machine(),
+            "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None}  # fmt: skip
+
+
+def write_report(report: dict, out_json: Path | None) -> None:
+    """Print the report as JSON and, with ``out_json``, write it there."""
     print(json.dumps(report, indent=1))
     if out_json:
         out_json.parent.mkdir(parents=True, exist_ok=True)

@@ -25,15 +25,13 @@ in, one safetensors file) and reading that file back onto the GPU tensor by tens
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from rl_scale import REPO, SHAPES  # bench/rl_scale.py: the hub models' shapes
+from rl_scale import REPO, SHAPES, gpu_fields, write_report  # bench/rl_scale.py: the hub models' shapes, its report
 
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,6 +83,9 @@ def main() -> None:
     built_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
 
+    def advantages(n: int) -> list[float]:  # a group's worth: positive and negative, summing to about 0
+        return [1.0, -1.0] * (n // 2) + [0.5] * (n % 2)
+
     def turns(trained: int) -> list[rl.TurnSequence]:
         seqs = []
         for k in range(cfg.micro_batch_size):
@@ -92,12 +93,11 @@ def main() -> None:
             seqs.append(rl.TurnSequence(ids, [0] * args.prompt + [1] * trained, episode=k))
         return seqs
 
-    rl.policy_update(model, None, optimizer, turns(64), [1.0, -1.0] * (cfg.micro_batch_size // 2), 0, cfg)  # warm-up
+    rl.policy_update(model, None, optimizer, turns(64), advantages(cfg.micro_batch_size), 0, cfg)  # warm-up
     plain_heads = rl._PLAIN_HEAD_TYPES
     rows = []
     for trained in [int(x) for x in args.trained.split(",")]:
         seqs = turns(trained)
-        advantages = [1.0, -1.0] * (len(seqs) // 2) + [0.5] * (len(seqs) % 2)
         for way in args.ways.split(","):
             rl._PLAIN_HEAD_TYPES = plain_heads if way == "sliced" else frozenset()  # a bench switch, not a setting
             if cuda:
@@ -108,7 +108,7 @@ def main() -> None:
             row = {"trained_tokens": trained, "context_tokens": args.prompt, "sequences": len(seqs), "way": way}
             t = time.perf_counter()
             try:
-                stats = rl.policy_update(model, None, optimizer, seqs, advantages, 0, cfg)
+                stats = rl.policy_update(model, None, optimizer, seqs, advantages(len(seqs)), 0, cfg)
                 if cuda:
                     torch.cuda.synchronize()
                 row |= {"s": round(time.perf_counter() - t, 2), "loss": stats["loss"], "grad_norm": stats["grad_norm"],
@@ -125,7 +125,8 @@ def main() -> None:
 
     handoff = None
     if not args.no_handoff:
-        path = Path(tempfile.mkdtemp(prefix="engine-weights-")) / "long.safetensors"
+        tmp = tempfile.TemporaryDirectory(prefix="engine-weights-")
+        path = Path(tmp.name) / "long.safetensors"
         t = time.perf_counter()
         save_engine_weights(model, path)
         saved_s = time.perf_counter() - t
@@ -139,7 +140,7 @@ def main() -> None:
             torch.cuda.synchronize()
         handoff = {"file_gib": round(path.stat().st_size / 2**30, 2), "save_s": round(saved_s, 1),
                    "read_to_gpu_s": round(time.perf_counter() - t, 1), "tensors_gib": round(n_bytes / 2**30, 2)}  # fmt: skip
-        path.unlink()
+        tmp.cleanup()
         print(f"[handoff] {handoff}", flush=True)
 
     report = {
@@ -149,14 +150,9 @@ def main() -> None:
         "micro_batch_size": cfg.micro_batch_size, "slice_budget_mib": rl._FULL_LOGITS_MAX_BYTES / 2**20,
         "resident_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None,
         "build_s": round(built_s, 1), "updates": rows, "handoff": handoff,
-        "gpu": torch.cuda.get_device_name(0) if cuda else platform.machine(),
-        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
-        "torch": torch.__version__,
+        **gpu_fields(torch), "torch": torch.__version__,
     }  # fmt: skip
-    print(json.dumps(report, indent=1))
-    if out_json:
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(report, indent=1))
+    write_report(report, out_json)
 
 
 if __name__ == "__main__":
