@@ -219,7 +219,7 @@ def register_pair(
     Without an active run, one named ``register-pair`` is started in the current experiment.
     A long or short model whose folder digest is already registered reuses that version.
     """
-    from models.pair import CONFIG_ARTIFACT, LONG_ARTIFACT, SHORT_ARTIFACT, signature  # noqa: PLC0415
+    from models.pair import LONG_ARTIFACT, SHORT_ARTIFACT, signature  # noqa: PLC0415
 
     long_dir, short_dir = Path(long_dir), Path(short_dir)
     for label, folder in (("long", long_dir), ("short", short_dir)):

@@ -50,7 +50,6 @@ from models.protocol import (
     TURN_SEP,
     ProtocolError,
     Turn,
-    extract_boxed,
     format_long_turn,
     format_response,
     format_short_turn,
@@ -320,7 +319,7 @@ def build_cold_start(
     """
     checked = [_check_row(i, row) for i, row in enumerate(scored_rows)]
     to_compress: list[tuple[int, int]] = []  # (row, thought) of every unimportant thought
-    for i, (_, thoughts, importance) in enumerate(checked):
+    for i, (_, _, importance) in enumerate(checked):
         to_compress += [(i, k) for k, s in enumerate(importance) if s < cfg.theta]
     try:
         terse_batch = compressor([checked[i][1][k] for i, k in to_compress])

@@ -14,7 +14,7 @@ from conftest import chat_prompt, fit_completions
 from longshort.config import BaselineConfig, ConfigError, ModelConfig
 from models.factory import load_model
 from models.generation import TransformersBackend
-from models.protocol import SYSTEM_PROMPTS, format_response
+from models.protocol import format_response
 from tasks.baseline import easy_problems, keep_easy, make_truncation_reward, response_correct, train_truncation_baseline
 
 EOS = 2

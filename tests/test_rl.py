@@ -14,7 +14,7 @@ from conftest import chat_prompt, fit_completions, protocol_turns
 from longshort.config import ConfigError, ModelConfig, ProtocolConfig
 from models.factory import load_model
 from models.generation import Completion, TransformersBackend
-from models.protocol import SYSTEM_PROMPTS, TURN_SEP, Episode, Turn, format_long_turn, format_short_turn
+from models.protocol import TURN_SEP, Episode, Turn, format_long_turn, format_short_turn
 from tasks.rl import (
     RLConfig,
     TurnSequence,
