@@ -101,7 +101,10 @@ def score_flow(cfg: Profile, ws: Path, chunks: StageRecord, model: StageRecord) 
         **{name: unmapped(value) for name, value in shared.items()},
     )
     done = [f.result() for f in futures]
-    by_split = {s: [r.outputs["scored"] for (split, _), r in zip(shards, done) if split == s] for s in ("train", "heldout")}
+    by_split = {
+        s: [r.outputs["scored"] for (split, _), r in zip(shards, done, strict=True) if split == s]
+        for s in ("train", "heldout")
+    }
     return _stage(merge_scores_task, "merge_scores", ws, shards=by_split), done, str(flow_run.id)
 
 

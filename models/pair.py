@@ -94,7 +94,7 @@ def pair_metrics(episodes: Sequence[Episode], references: Sequence[str]) -> dict
 
     if len(episodes) != len(references) or not episodes:
         raise ValueError(f"need one reference per episode, got {len(references)} for {len(episodes)} episodes")
-    correct = [is_correct(e.answer, ref) for e, ref in zip(episodes, references)]
+    correct = [is_correct(e.answer, ref) for e, ref in zip(episodes, references, strict=True)]
     return {
         ACCURACY_METRIC: sum(correct) / len(correct),
         TOKENS_METRIC: statistics.fmean(e.tokens() for e in episodes),

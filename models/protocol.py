@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ def split_turns(transcript: str) -> list[str]:
     if transcript[: cuts[0]].strip():
         raise ProtocolError(f"text before the first turn: {transcript[: cuts[0]][:30]!r}")
     bounds = cuts + [len(transcript)]
-    return [transcript[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [transcript[a:b] for a, b in pairwise(bounds)]
 
 
 def parse_transcript(transcript: str) -> list[ParsedTurn]:
@@ -144,7 +145,7 @@ def parse_transcript(transcript: str) -> list[ParsedTurn]:
             turns.append(parse_turn(role, text))
         except ProtocolError as exc:
             raise ProtocolError(f"turn {k + 1}: {exc}") from None
-    for k, (a, b) in enumerate(zip(turns, turns[1:])):
+    for k, (a, b) in enumerate(pairwise(turns)):
         if (a.kind == "think") == (b.kind == "think"):
             raise ProtocolError(f"turns {k + 1} and {k + 2}: consecutive turns of the same model")
         if a.kind == "final":
@@ -241,7 +242,7 @@ def run_episodes(
             temperature=temperature,
             seed=seed + turn_idx,
         )
-        for episode, out in zip(active, outs):
+        for episode, out in zip(active, outs, strict=True):
             completion = out[0]
             episode.turns.append(Turn(role, completion.text, completion.n_tokens))
             try:

@@ -68,7 +68,7 @@ def make_truncation_reward(length_target: int, eos_token_id: int | None = None) 
     def truncation(completions: list[Any], completion_ids: list[list[int]], answer: list[str], **_: Any) -> list[float]:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
         lengths = [len(ids) - (1 if ids and ids[-1] == eos_token_id else 0) for ids in completion_ids]
-        correct = [response_correct(t, ref) for t, ref in zip(texts, answer)]
+        correct = [response_correct(t, ref) for t, ref in zip(texts, answer, strict=True)]
         return truncation_reward(correct, lengths, length_target)
 
     return truncation

@@ -169,7 +169,7 @@ def _gpqa_options(where: str, row: Mapping[str, Any]) -> list[str]:
 def _gpqa_item(where: str, item_id: str, question: str, row: Mapping[str, Any], seed: int) -> BenchmarkItem:
     options = _gpqa_options(where, row)
     order = gpqa_permutation(seed, item_id)
-    choices = {letter: options[j] for letter, j in zip(CHOICE_LETTERS, order)}
+    choices = {letter: options[j] for letter, j in zip(CHOICE_LETTERS, order, strict=True)}
     letter = CHOICE_LETTERS[order.index(0)]
     problem = question.strip() + "\n\n" + "\n".join(f"{k}) {v}" for k, v in choices.items())
     extras = {k: v for k, v in row.items() if k not in ("id", "problem", "answer", "choices", "permutation")}

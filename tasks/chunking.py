@@ -27,6 +27,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import TYPE_CHECKING, Literal, get_args
 
 
@@ -129,7 +130,7 @@ def split_steps(trace: str) -> list[str]:
     """
     cuts = [m.end() for m in _STEP_SEP.finditer(trace) if m.start() > 0 and m.end() < len(trace)]
     bounds = [0, *cuts, len(trace)]
-    return [trace[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [trace[a:b] for a, b in pairwise(bounds) if b > a]
 
 
 def marker_of(step: str, markers: Sequence[str] = DEFAULT_MARKERS) -> str | None:
@@ -303,7 +304,7 @@ def chunk_traces_by_llm(
             prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + attempt
         )
         still = []
-        for i, out in zip(pending, outs):
+        for i, out in zip(pending, outs, strict=True):
             try:
                 blocks = parse_blocks(out[0].text, len(steps_of[i]))
             except BlockError as exc:
@@ -372,5 +373,5 @@ def chunk_rows(
             "types": [t.type for t in c.thoughts],
             "chunk_method": c.method,
         }
-        for r, c in zip(rows, chunkings)
+        for r, c in zip(rows, chunkings, strict=True)
     ]

@@ -329,7 +329,7 @@ def build_cold_start(
     if len(terse_batch) != len(to_compress):
         raise ValueError(f"compressor returned {len(terse_batch)} texts for {len(to_compress)} thoughts")
     terse: list[list[str | None]] = [[None] * len(thoughts) for _, thoughts, _ in checked]
-    for (i, k), text in zip(to_compress, terse_batch):
+    for (i, k), text in zip(to_compress, terse_batch, strict=True):
         terse[i][k] = text
 
     d_long: list[dict[str, Any]] = []
@@ -337,7 +337,7 @@ def build_cold_start(
     histogram: dict[int, int] = {}
     n_important = n_thoughts = trace_chars = episode_chars = trace_tokens = episode_tokens = 0
     over_cap: list[str] = []
-    for row, (trace_id, thoughts, importance), terse_texts in zip(scored_rows, checked, terse):
+    for row, (trace_id, thoughts, importance), terse_texts in zip(scored_rows, checked, terse, strict=True):
         turns = episode_turns(thoughts, importance, cfg.theta, terse_texts, row["answer"], cfg.final_answer_template)
         check_episode(turns, row["answer"], trace_id)
         if max_turns is not None and len(turns) > max_turns:

@@ -56,7 +56,7 @@ def evaluate_single_model(
         prompts = [p + answer_prefix("") for p in prompts]
     outs = backend.generate(prompts, max_new_tokens=max_new_tokens, stop=STOP_STRINGS["base"], seed=seed)
     records = []
-    for row, out in zip(rows, outs):
+    for row, out in zip(rows, outs, strict=True):
         completion = out[0]
         answer, error = None, None
         try:
@@ -123,7 +123,7 @@ def single_model_records(
         prompts, max_new_tokens=max_new_tokens, stop=STOP_STRINGS["base"], temperature=temperature, n=k, seed=seed
     )
     records = []
-    for row, completions in zip(rows, outs):
+    for row, completions in zip(rows, outs, strict=True):
         for sample, completion in enumerate(completions):
             answer, well_formed = response_answer(completion.text)
             records.append(
@@ -173,7 +173,7 @@ def pair_records(
         seed=seed,
     )
     records = []
-    for i, (row, episode) in enumerate(zip(problems, episodes)):
+    for i, (row, episode) in enumerate(zip(problems, episodes, strict=True)):
         records.append(
             {
                 "benchmark": benchmark,

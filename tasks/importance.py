@@ -26,6 +26,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 from longshort.config import ScoreConfig
@@ -62,8 +63,8 @@ def importance_scores(acc: Sequence[float], context_tokens: Sequence[float], L_d
         raise ValueError(f"importance_scores: {len(acc)} accuracies but {len(context_tokens)} context lengths")
     if L_delta <= 0:
         raise ValueError(f"importance_scores: L_delta must be > 0, got {L_delta}")
-    value = [a * decay(c, L_delta) for a, c in zip(acc, context_tokens)]
-    return [b - a for a, b in zip(value, value[1:])]
+    value = [a * decay(c, L_delta) for a, c in zip(acc, context_tokens, strict=True)]
+    return [b - a for a, b in pairwise(value)]
 
 
 def prefix_thinkings(thoughts: Sequence[str]) -> list[str]:
@@ -142,7 +143,7 @@ def score_traces(
             **extra,
         )
         at = 0
-        for (trace_id, _, reference, _), thinkings in zip(shard, thinkings_of):
+        for (trace_id, _, reference, _), thinkings in zip(shard, thinkings_of, strict=True):
             rollouts = outs[at : at + len(thinkings)]
             at += len(thinkings)
             acc = [sum(rollout_correct(cfg.answer_probe + c.text, reference) for c in rs) / len(rs) for rs in rollouts]
@@ -191,7 +192,7 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
         for m in range(i, j + 1):
             ranks[order[m]] = (i + j) / 2 + 1  # 1-based average rank of the tie group
         i = j + 1
-    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    rank_sum = sum(r for r, y in zip(ranks, labels, strict=True) if y)
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
@@ -208,7 +209,7 @@ def score_rows(backend: GenerationBackend, rows: Sequence[Mapping[str, Any]], cf
             "n_rollouts": s.n_rollouts,
             "L_delta": cfg.L_delta,
         }
-        for row, s in zip(rows, scored)
+        for row, s in zip(rows, scored, strict=True)
     ]
 
 

@@ -11,6 +11,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +81,10 @@ def plot_length_histograms(rows: list[dict[str, Any]], benchmark: str, path: Pat
     cols = min(n, 3)
     nrows = math.ceil(n / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
-    for ax, s in zip(axes.flat, rows):
+    for ax, s in zip(axes.flat, rows, strict=False):  # the grid may have a spare axis
         hist = s["length"]["histogram"]
         edges = hist["edges"]
-        widths = [b - a for a, b in zip(edges, edges[1:])]
+        widths = [b - a for a, b in pairwise(edges)]
         ax.bar(edges[:-1], hist["correct"], width=widths, align="edge", alpha=0.6, color="tab:green",
                label=f"correct (n={s['length']['correct']['n']})")
         ax.bar(edges[:-1], hist["wrong"], width=widths, align="edge", alpha=0.6, color="tab:red",
@@ -115,7 +116,7 @@ def plot_pareto(rows: list[dict[str, Any]], benchmark: str, path: Path) -> Path:
             frontier.append((x, y))
             best = y
     if len(frontier) > 1:
-        ax.plot(*zip(*frontier), linestyle="--", color="gray", alpha=0.7, label="Pareto frontier")
+        ax.plot(*zip(*frontier, strict=True), linestyle="--", color="gray", alpha=0.7, label="Pareto frontier")
     k = rows[0]["k"]
     ax.set_xlabel("mean tokens per episode (long + short)")
     ax.set_ylabel(f"Mean@{k} accuracy (%)")

@@ -35,7 +35,7 @@ def _check_same_length(**lists: Sequence) -> int:
 def correctness_reward(answers: Sequence[str | None], references: Sequence[str]) -> list[float]:
     """r = 1 if the episode's final answer (boxed content, None if none) is correct, else 0 (math-verify)."""
     _check_same_length(answers=answers, references=references)
-    return [1.0 if is_correct(a, ref) else 0.0 for a, ref in zip(answers, references)]
+    return [1.0 if is_correct(a, ref) else 0.0 for a, ref in zip(answers, references, strict=True)]
 
 
 def format_reward(transcripts: Sequence[str]) -> list[float]:
@@ -64,7 +64,7 @@ def kimi_length_reward(correct: Sequence[bool], lengths: Sequence[int]) -> list[
     if hi == lo:
         return [0.0] * len(lengths)
     rewards = []
-    for c, n in zip(correct, lengths):
+    for c, n in zip(correct, lengths, strict=True):
         lam = 0.5 - (n - lo) / (hi - lo)
         rewards.append(lam if c else min(0.0, lam))
     return rewards
@@ -73,13 +73,13 @@ def kimi_length_reward(correct: Sequence[bool], lengths: Sequence[int]) -> list[
 def truncation_reward(correct: Sequence[bool], lengths: Sequence[int], length_target: int) -> list[float]:
     """r = 1 if correct and L ≤ L_T, else 0 (an over-long answer counts as truncated)."""
     _check_same_length(correct=correct, lengths=lengths)
-    return [1.0 if c and n <= length_target else 0.0 for c, n in zip(correct, lengths)]
+    return [1.0 if c and n <= length_target else 0.0 for c, n in zip(correct, lengths, strict=True)]
 
 
 def laser_reward(correct: Sequence[bool], lengths: Sequence[int], length_target: int, alpha: float) -> list[float]:
     """LASER step reward: r = correct · (1 + α·[L < L_T])."""
     _check_same_length(correct=correct, lengths=lengths)
-    return [(1.0 + (alpha if n < length_target else 0.0)) if c else 0.0 for c, n in zip(correct, lengths)]
+    return [(1.0 + (alpha if n < length_target else 0.0)) if c else 0.0 for c, n in zip(correct, lengths, strict=True)]
 
 
 def laser_d_reward(
@@ -97,7 +97,8 @@ def laser_d_reward(
     paper's per-difficulty adaptive L_A.
     """
     base = laser_reward(correct, lengths, length_target, alpha)
-    return [r + (alpha if not c and n >= length_target else 0.0) for r, c, n in zip(base, correct, lengths)]
+    bonus = [alpha if not c and n >= length_target else 0.0 for c, n in zip(correct, lengths, strict=True)]
+    return [r + b for r, b in zip(base, bonus, strict=True)]
 
 
 EfficiencyReward = Callable[[Sequence[bool], Sequence[int], int, float], list[float]]

@@ -139,7 +139,7 @@ def turn_completions(
         playing = [i for i, e in enumerate(episodes) if len(e.turns) > t]
         if len(playing) != len(completions):
             raise RuntimeError(f"turn {t}: {len(completions)} completions recorded for {len(playing)} episodes")
-        for i, c in zip(playing, completions):
+        for i, c in zip(playing, completions, strict=True):
             if episodes[i].turns[t].text != c.text or episodes[i].turns[t].role != role:
                 raise RuntimeError(f"episode {i} turn {t}: recorded completion does not match the turn")
             out[i][t] = c
@@ -152,7 +152,7 @@ def trained_turn_sequences(
     """The sequences that carry loss: one per turn of ``role``; only its generated ids are unmasked.
     A completion's sampler log-probs (vLLM) go with its turn when there is one per generated id."""
     seqs = []
-    for i, (episode, by_turn) in enumerate(zip(episodes, completions)):
+    for i, (episode, by_turn) in enumerate(zip(episodes, completions, strict=True)):
         chat = tokenizer.apply_chat_template(
             [{"role": "system", "content": SYSTEM_PROMPTS[role]}, {"role": "user", "content": episode.problem}],
             tokenize=False,
@@ -194,7 +194,7 @@ def pass_rates(
         **_episode_kwargs(cfg, protocol),
         seed=cfg.seed - 1,
     )
-    hits = [is_correct(e.answer, p["answer"]) for e, p in zip(episodes, _repeat(problems, cfg.group_size))]
+    hits = [is_correct(e.answer, p["answer"]) for e, p in zip(episodes, _repeat(problems, cfg.group_size), strict=True)]
     return [sum(hits[k : k + cfg.group_size]) / cfg.group_size for k in range(0, len(hits), cfg.group_size)]
 
 
@@ -485,7 +485,7 @@ def _load_pair(
 ) -> _Pair:
     """Both models. With ``cfg.lora`` each gets fresh adapters, or those saved under ``adapters/<role>``."""
     pair = _Pair({}, {})
-    for role, path in zip(ROLES, (long_dir, short_dir)):
+    for role, path in zip(ROLES, (long_dir, short_dir), strict=True):
         model, tokenizer = load_model(model_cfg, path=path)
         if cfg is not None and cfg.lora is not None:
             from peft import PeftModel, get_peft_model  # noqa: PLC0415
@@ -568,7 +568,7 @@ def score_episodes(
     total = [e.tokens() for e in episodes]
     over_cap = [cfg.cap_rollout_at_length_target and n > cfg.length_target for n in total]
     parts = reward_components(
-        [None if cut else e.answer for e, cut in zip(episodes, over_cap)],
+        [None if cut else e.answer for e, cut in zip(episodes, over_cap, strict=True)],
         list(references),
         [e.transcript for e in episodes],
         total if cfg.length_of == "episode" or role is None else [e.tokens(role) for e in episodes],
@@ -578,7 +578,7 @@ def score_episodes(
         alpha=cfg.alpha,
     )
     # L_R = L_T: an episode over the cap counts as cut off there, so neither correct nor well formed
-    parts["format"] = [0.0 if cut else f for f, cut in zip(parts["format"], over_cap)]
+    parts["format"] = [0.0 if cut else f for f, cut in zip(parts["format"], over_cap, strict=True)]
     weights = {"correctness": cfg.correctness_weight, "format": cfg.format_weight, "efficiency": cfg.efficiency_weight}
     return parts, weighted_total(parts, weights)
 
@@ -655,7 +655,7 @@ def rl_step(
         "turns": float(np.mean([len(e.turns) for e in episodes])),
     }
     for name, keep in (("correct", True), ("wrong", False)):
-        lengths = [n for n, c in zip(total, correct) if c == keep]
+        lengths = [n for n, c in zip(total, correct, strict=True) if c == keep]
         if lengths:
             metrics[f"tokens/{name}"] = float(np.mean(lengths))
     metrics |= {k: v for k, v in stats.items() if k != "kl" or role in refs}
@@ -717,14 +717,14 @@ def train_pair_rl(
         paths = {"long": Path(long_dir), "short": Path(short_dir)}
         pair = _load_pair(paths["long"], paths["short"], model_cfg, cfg, adapters=ckpt)
     else:
-        paths = {r: ckpt / r if ckpt else Path(d) for r, d in zip(ROLES, (long_dir, short_dir))}
+        paths = {r: ckpt / r if ckpt else Path(d) for r, d in zip(ROLES, (long_dir, short_dir), strict=True)}
         pair = _load_pair(paths["long"], paths["short"], model_cfg, cfg)
     refs: dict[str, Any] = {}
     if cfg.kl_coef > 0:  # the reference is always the stage's starting model
         refs = {
             r: _AdaptersOff(pair.adapters[r]) if pair.adapters
             else load_model(model_cfg, path=p, device=next(pair.models[r].parameters()).device)[0]
-            for r, p in zip(ROLES, (long_dir, short_dir))
+            for r, p in zip(ROLES, (long_dir, short_dir), strict=True)
         }  # fmt: skip
     if engines:
         assert generation is not None

@@ -321,7 +321,7 @@ def synthesize_with_teacher(
         temperature=cfg.teacher_temperature, top_p=cfg.teacher_top_p,
     )  # fmt: skip
     kept = []
-    for row, out in zip(rows, outs):
+    for row, out in zip(rows, outs, strict=True):
         text = out[0].text
         if not is_correct(trace_answer(text), row["answer"]):  # its own answer: a cut-off trace has none
             continue
