@@ -242,6 +242,10 @@ def run_episodes(
             temperature=temperature,
             seed=seed + turn_idx,
         )
+        if len(outs) != len(prompts):
+            raise RuntimeError(
+                f"turn {turn_idx + 1}: the {role} model returned {len(outs)} replies for {len(prompts)} prompts"
+            )
         for episode, out in zip(active, outs, strict=True):
             completion = out[0]
             episode.turns.append(Turn(role, completion.text, completion.n_tokens))

@@ -108,6 +108,17 @@ def test_episode_alternates_counts_tokens_and_ends_on_answer():
     parse_transcript(ep.transcript)
 
 
+def test_a_backend_that_drops_a_reply_is_an_error_not_a_lost_episode():
+    class Dropping(ScriptedBackend):
+        def generate(self, prompts, **kwargs):
+            return super().generate(prompts, **kwargs)[:-1]
+
+    long = Dropping(["<think>\na\n</think>", "<think>\nb\n</think>"])
+    short = ScriptedBackend([])
+    with pytest.raises(RuntimeError, match="turn 1: the long model returned 1 replies for 2 prompts"):
+        run_episodes(["p", "q"], long, short)
+
+
 def test_turn_cap_ends_an_episode_as_wrong():
     long = ScriptedBackend(["<think>\nx\n</think>"] * 3)
     short = ScriptedBackend(["<answer>more</rethink>"] * 3)
