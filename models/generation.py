@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import importlib.util
 import logging
 import math
@@ -306,15 +307,21 @@ class TransformersBackend:
 
 
 def vllm_request_seeds(seed: int, n_prompts: int, n: int) -> list[int]:
-    """The ``SamplingParams.seed`` of each prompt's request: ``seed + i * n`` for prompt ``i``.
+    """The ``SamplingParams.seed`` of each prompt's request: a hash of ``(seed, i)`` for prompt ``i``.
 
     vLLM seeds a generator per request, so requests that share a prompt and a seed give the same
     sample (the k copies of a problem that ``tasks.evaluate.pair_records`` sends would all agree).
     A request with ``n`` samples fans out into ``n`` child requests seeded ``seed + j``
-    (``vllm/v1/engine/parallel_sampling.py``, ``ParentRequest._get_child_sampling_params``), so a
-    stride of ``n`` gives every sample of one call its own seed, ``seed + i * n + j``.
+    (``vllm/v1/engine/parallel_sampling.py``, ``ParentRequest._get_child_sampling_params``). Hashing
+    keeps every child seed apart, within a call and across calls whose seeds differ by small offsets:
+    ``models.protocol.run_episodes`` seeds turn ``t`` with ``seed + t``, and a stride (``seed + i * n``)
+    would give prompt ``i`` of turn ``t + 1`` the noise of prompt ``i + 1`` at turn ``t``. The values are
+    in [0, 2**62): non-negative (the caller's seed may be), with room for ``+ j``.
     """
-    return [seed + i * n for i in range(n_prompts)]
+    return [
+        int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little") >> 2
+        for i in range(n_prompts)
+    ]
 
 
 def vllm_sampling_kwargs(
@@ -329,9 +336,11 @@ def vllm_sampling_kwargs(
     logprobs: bool = False,
 ) -> list[dict[str, Any]]:
     """One ``vllm.SamplingParams(**kwargs)`` per prompt (``LLM.generate`` pairs a list with the prompts).
-    ``logprobs``: report each sampled token's log-probability (``logprobs=0``: the sampled one only)."""
+    ``logprobs``: report each sampled token's log-probability (``logprobs=0``: the sampled one only).
+    Greedy requests ask for one sample: vLLM refuses ``n > 1`` at temperature 0, and the n greedy
+    samples are the same text (``VLLMBackend.generate`` repeats it, as the transformers backend does)."""
     common = dict(
-        n=n,
+        n=n if temperature > 0 else 1,
         temperature=temperature,
         top_p=top_p,
         max_tokens=max_new_tokens,
@@ -340,6 +349,16 @@ def vllm_sampling_kwargs(
         **({"logprobs": 0} if logprobs else {}),
     )
     return [{**common, "seed": s} for s in vllm_request_seeds(seed, n_prompts, n)]
+
+
+def repeat_to_n(completions: list[Completion], n: int) -> list[Completion]:
+    """A prompt's ``n`` completions from a greedy request, which asked the engine for one
+    (:func:`vllm_sampling_kwargs`); a sampled request's ``n`` pass through unchanged."""
+    if len(completions) == n:
+        return completions
+    if len(completions) != 1:
+        raise RuntimeError(f"the engine returned {len(completions)} completions for a request of {n}")
+    return completions * n
 
 
 def _ids_through_stop(tokenizer, ids: Sequence[int], stop: str) -> list[int]:
@@ -503,13 +522,16 @@ class VLLMBackend:
         requests = [{"prompt_token_ids": ids} for ids in prompt_token_ids(self.tokenizer, prompts)]
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
         return [
-            [
-                completion_from_vllm(
-                    self.tokenizer, o.text, o.token_ids, o.finish_reason, getattr(o, "stop_reason", None),
-                    o.logprobs if self.sample_logprobs else None,
-                )
-                for o in out.outputs
-            ]
+            repeat_to_n(
+                [
+                    completion_from_vllm(
+                        self.tokenizer, o.text, o.token_ids, o.finish_reason, getattr(o, "stop_reason", None),
+                        o.logprobs if self.sample_logprobs else None,
+                    )
+                    for o in out.outputs
+                ],
+                n,
+            )
             for out in outputs
         ]
 

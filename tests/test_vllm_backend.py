@@ -21,6 +21,7 @@ from models.generation import (
     close_backend,
     completion_from_vllm,
     prompt_token_ids,
+    repeat_to_n,
     share_gpu_memory,
     vllm_available,
     vllm_request_seeds,
@@ -48,27 +49,40 @@ def bos_tokenizer(demo_tokenizer):
 
 def test_each_prompt_and_sample_gets_its_own_seed():
     """Identical prompts (pair_records sends each problem k times) must not share a seed; vLLM seeds the
-    n children of a request seed + j, so no child seed of one prompt may be another prompt's."""
+    n children of a request seed + j, so no child seed of one prompt may be another prompt's, in one call
+    or in the next turn's call (run_episodes seeds turn t with seed + t)."""
     seeds = vllm_request_seeds(7, n_prompts=5, n=3)
-    assert seeds == [7, 10, 13, 16, 19]
     children = [s + j for s in seeds for j in range(3)]
     assert len(set(children)) == len(children) == 15
+    next_turn = {s + j for s in vllm_request_seeds(8, n_prompts=5, n=3) for j in range(3)}
+    assert not next_turn & set(children)
     assert vllm_request_seeds(7, 5, 3) == seeds  # reproducible for a seed
-    assert vllm_request_seeds(0, 4, 1) == [0, 1, 2, 3]
+    assert vllm_request_seeds(7, 2, 3) == seeds[:2]  # a prompt's seed does not depend on the batch size
+    for seed in (-1, 0, 2**40):  # RL's pass-rate rollouts use rl.seed - 1
+        assert all(0 <= s < 2**62 for s in vllm_request_seeds(seed, 4, 1))
 
 
 def test_sampling_kwargs_are_one_per_prompt_and_keep_the_stop_string():
     kwargs = vllm_sampling_kwargs(
         3, max_new_tokens=32, stop=("</answer>",), temperature=0.7, top_p=0.9, n=2, seed=5
     )
-    assert [k["seed"] for k in kwargs] == [5, 7, 9]
+    assert [k["seed"] for k in kwargs] == vllm_request_seeds(5, 3, 2)
     for k in kwargs:
         assert k["n"] == 2 and k["max_tokens"] == 32 and k["temperature"] == 0.7 and k["top_p"] == 0.9
         assert k["stop"] == ["</answer>"] and k["include_stop_str_in_output"] is True
     assert vllm_sampling_kwargs(0, max_new_tokens=1, stop=(), temperature=0, top_p=1, n=1, seed=0) == []
 
 
-# --------------------------------------------------------------------------- prompt ids and BOS
+def test_greedy_requests_ask_the_engine_for_one_sample_and_repeat_it():
+    """vLLM refuses n > 1 at temperature 0 (SamplingParams._verify_greedy_sampling); greedy samples are one text."""
+    greedy = vllm_sampling_kwargs(2, max_new_tokens=8, stop=(), temperature=0.0, top_p=1.0, n=4, seed=0)
+    assert [k["n"] for k in greedy] == [1, 1]
+    one = Completion("<think>\nx\n</think>", 4, "stop", (1, 2, 3, 4))
+    assert repeat_to_n([one], 4) == [one] * 4
+    sampled = [one, Completion("y", 1, "length", (5,))]
+    assert repeat_to_n(sampled, 2) is sampled
+    with pytest.raises(RuntimeError, match="returned 2 completions for a request of 3"):
+        repeat_to_n(sampled, 3)
 
 
 def test_prompt_ids_keep_the_templates_single_bos(bos_tokenizer):
