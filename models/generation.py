@@ -395,7 +395,7 @@ def completion_from_vllm(
     if logprobs is not None:
         lps = tuple(
             float(getattr(step.get(i), "logprob", math.nan)) if step else math.nan
-            for i, step in zip(ids, logprobs, strict=False)  # an engine may return fewer steps: padded below
+            for i, step in zip(ids, logprobs, strict=False)  # ids cut after a stop string; missing steps padded below
         )
         lps += (math.nan,) * (len(ids) - len(lps))
     return Completion(text, len(ids), "length" if finish_reason == "length" else "stop", tuple(ids), lps)
