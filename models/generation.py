@@ -306,7 +306,7 @@ class TransformersBackend:
         return None
 
 
-def vllm_request_seeds(seed: int, n_prompts: int, n: int) -> list[int]:
+def vllm_request_seeds(seed: int, n_prompts: int) -> list[int]:
     """The ``SamplingParams.seed`` of each prompt's request: a hash of ``(seed, i)`` for prompt ``i``.
 
     vLLM seeds a generator per request, so requests that share a prompt and a seed give the same
@@ -348,7 +348,7 @@ def vllm_sampling_kwargs(
         include_stop_str_in_output=True,
         **({"logprobs": 0} if logprobs else {}),
     )
-    return [{**common, "seed": s} for s in vllm_request_seeds(seed, n_prompts, n)]
+    return [{**common, "seed": s} for s in vllm_request_seeds(seed, n_prompts)]
 
 
 def repeat_to_n(completions: list[Completion], n: int) -> list[Completion]:

@@ -51,22 +51,22 @@ def test_each_prompt_and_sample_gets_its_own_seed():
     """Identical prompts (pair_records sends each problem k times) must not share a seed; vLLM seeds the
     n children of a request seed + j, so no child seed of one prompt may be another prompt's, in one call
     or in the next turn's call (run_episodes seeds turn t with seed + t)."""
-    seeds = vllm_request_seeds(7, n_prompts=5, n=3)
+    seeds = vllm_request_seeds(7, n_prompts=5)
     children = [s + j for s in seeds for j in range(3)]
     assert len(set(children)) == len(children) == 15
-    next_turn = {s + j for s in vllm_request_seeds(8, n_prompts=5, n=3) for j in range(3)}
+    next_turn = {s + j for s in vllm_request_seeds(8, n_prompts=5) for j in range(3)}
     assert not next_turn & set(children)
-    assert vllm_request_seeds(7, 5, 3) == seeds  # reproducible for a seed
-    assert vllm_request_seeds(7, 2, 3) == seeds[:2]  # a prompt's seed does not depend on the batch size
+    assert vllm_request_seeds(7, 5) == seeds  # reproducible for a seed
+    assert vllm_request_seeds(7, 2) == seeds[:2]  # a prompt's seed does not depend on the batch size
     for seed in (-1, 0, 2**40):  # RL's pass-rate rollouts use rl.seed - 1
-        assert all(0 <= s < 2**62 for s in vllm_request_seeds(seed, 4, 1))
+        assert all(0 <= s < 2**62 for s in vllm_request_seeds(seed, 4))
 
 
 def test_sampling_kwargs_are_one_per_prompt_and_keep_the_stop_string():
     kwargs = vllm_sampling_kwargs(
         3, max_new_tokens=32, stop=("</answer>",), temperature=0.7, top_p=0.9, n=2, seed=5
     )
-    assert [k["seed"] for k in kwargs] == vllm_request_seeds(5, 3, 2)
+    assert [k["seed"] for k in kwargs] == vllm_request_seeds(5, 3)
     for k in kwargs:
         assert k["n"] == 2 and k["max_tokens"] == 32 and k["temperature"] == 0.7 and k["top_p"] == 0.9
         assert k["stop"] == ["</answer>"] and k["include_stop_str_in_output"] is True
