@@ -268,7 +268,7 @@ def _trained_logps(
     entropy = torch.zeros_like(logps)
     if parts:
         logps = logps.index_put((rows, cols), torch.cat([p[0] for p in parts]))
-        entropy[rows, cols] = torch.cat([p[1] for p in parts])
+        entropy = entropy.index_put((rows, cols), torch.cat([p[1] for p in parts]))
     return logps, entropy
 
 

@@ -216,7 +216,6 @@ def test_deepspeed_runs_in_process_as_a_one_process_group(monkeypatch):
     assert os.environ["RANK"] == "3" and os.environ["WORLD_SIZE"] == "8"
 
 
-
 def test_a_deepspeed_scope_clears_the_zero3_flag_its_trainer_sets(monkeypatch):
     """A ZeRO-3 Trainer leaves transformers' process-wide ZeRO-3 flag set; the next stage's from_pretrained in the
     same process would then build empty, partitioned weights. The scope clears it on exit, error or not."""
@@ -248,6 +247,7 @@ def test_a_deepspeed_scope_clears_the_zero3_flag_its_trainer_sets(monkeypatch):
         assert not hf_deepspeed.is_deepspeed_zero3_enabled()
     with deepspeed_scope(None) as path:  # no DeepSpeed asked for: nothing to clear
         assert path is None
+
 
 def test_scoring_shards_never_start_two_vllm_engines_on_one_gpu():
     from longshort.config import RunConfig
