@@ -181,7 +181,11 @@ def solve(
                 long, short, cfg.base_model, cfg.generation, seed, same=short == long
             )
     except (ConfigError, ModelLoadError, OSError) as exc:  # pickle weights, custom code not allowed, no vLLM
-        _fail(exc)
+        # ModelLoadError's message starts with the folder; put the option that named it in front
+        failed = getattr(exc, "path", None)
+        named = (("--long", long), ("--short", short))
+        options = [o for o, folder in named if failed and Path(failed).resolve() == folder.resolve()]
+        _fail(ModelLoadError(f"{' and '.join(options)} {exc}", path=failed) if options else exc)
     with console.status("solving"):
         (episode,) = run_episodes(
             [problem],

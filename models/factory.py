@@ -23,10 +23,16 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# any of these makes a folder's tokenizer loadable (fast serialisation, config, sentencepiece, BPE vocab)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class ModelLoadError(ValueError):
-    """A model that cannot be loaded safely, with the reason."""
+    """A model that cannot be loaded (safely), with the reason; ``path`` is the folder or hub id when known."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
@@ -63,10 +69,30 @@ def check_weights_safe(path: Path, allow_pickle: bool) -> None:
     if not has_safetensors and pickles and not allow_pickle:
         raise ModelLoadError(
             f"{path}: weights are pickle files ({', '.join(pickles)}), which can run arbitrary code "
-            "when loaded; convert them to safetensors or set base_model.allow_pickle: true"
+            "when loaded; convert them to safetensors or set base_model.allow_pickle: true",
+            path=path,
         )
     if not has_safetensors and not pickles:
-        raise ModelLoadError(f"{path}: no model weights (*.safetensors) found")
+        raise ModelLoadError(f"{path}: no model weights (*.safetensors) found", path=path)
+
+
+def _load_error(name_or_path: str | Path, what: str, exc: Exception) -> ModelLoadError:
+    """A transformers loading failure as a one-line ModelLoadError naming the folder (or hub id) and what failed.
+
+    Custom code that is not allowed gets its own advice; a local folder without tokenizer files says so
+    (transformers' own message then talks of sentencepiece and slow tokenizers)."""
+    if "trust_remote_code" in str(exc):
+        return ModelLoadError(
+            f"{name_or_path}: the model needs custom code; set trust_remote_code: true in the "
+            "profile only if you trust its source",
+            path=name_or_path,
+        )
+    path = Path(name_or_path)
+    if what == "tokenizer" and path.is_dir() and not any((path / f).exists() for f in TOKENIZER_FILES):
+        reason = f"the folder has none of {', '.join(TOKENIZER_FILES)} (save the tokenizer with the model)"
+    else:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+    return ModelLoadError(f"{name_or_path}: cannot load the {what}: {reason}", path=name_or_path)
 
 
 def load_pretrained(
@@ -90,6 +116,9 @@ def load_pretrained(
         tokenizer = AutoTokenizer.from_pretrained(
             str(name_or_path), trust_remote_code=trust_remote_code, revision=revision
         )
+    except (ValueError, OSError) as exc:
+        raise _load_error(name_or_path, "tokenizer", exc) from exc
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             str(name_or_path),
             trust_remote_code=trust_remote_code,
@@ -97,13 +126,8 @@ def load_pretrained(
             dtype=DTYPES[dtype],
             use_safetensors=None if allow_pickle else True,
         )
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise ModelLoadError(
-                f"{name_or_path}: the model needs custom code; set trust_remote_code: true in the "
-                "profile only if you trust its source"
-            ) from exc
-        raise
+    except (ValueError, OSError) as exc:
+        raise _load_error(name_or_path, "model", exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

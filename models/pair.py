@@ -6,9 +6,13 @@ folder (``short``) and ``pair_config`` (a JSON :class:`PairSettings`). ``predict
 takes problems and runs :func:`models.protocol.run_episodes` on them, so the
 served model answers exactly as ``longshort solve`` does.
 
-Input: a DataFrame with a ``problem`` column (``{"dataframe_records": [{"problem": …}]}``
-over HTTP), or a list of strings / ``{"problem": …}`` dicts. Output: one row per
-problem with ``answer``, ``stop_reason``, tokens per role and the transcript.
+Input through ``mlflow.pyfunc.load_model``: a DataFrame with a string ``problem`` column, a list of
+``{"problem": str}`` records, or a ``{"problem": str | list[str]}`` dict. MLflow checks it against
+:func:`signature` (a named ``problem`` column) before ``predict`` runs, so a bare string or a list of
+strings is refused there ("Model is missing inputs ['problem']"); those work only when
+:meth:`LongShortPair.predict` is called directly. Over HTTP (``mlflow models serve``):
+``{"dataframe_records": [{"problem": …}]}``, ``{"dataframe_split": …}`` or ``{"inputs": {"problem": […]}}``.
+Output: one row per problem with ``answer``, ``stop_reason``, tokens per role and the transcript.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
@@ -31,6 +36,10 @@ OUTPUT_COLUMNS = ("problem", "answer", "stop_reason", "tokens", "long_tokens", "
 # The metrics a pair is judged and promoted on (longshort.registry's gate reads them from the candidate's run).
 ACCURACY_METRIC = "pair_accuracy"
 TOKENS_METRIC = "pair_mean_tokens"
+ACCEPTED_INPUTS = (
+    "a DataFrame with a 'problem' column, a {'problem': str | list[str]} dict or, called directly, "
+    "a str or a list of str / {'problem': str} dicts"
+)
 
 
 class PairSettings(BaseModel):
@@ -52,21 +61,39 @@ class PairSettings(BaseModel):
 
 
 def problems_of(model_input: Any) -> list[str]:
-    """The problem texts in a pyfunc input: DataFrame (``problem`` column), str, list of str or of dicts."""
+    """The problem texts in a pyfunc input.
+
+    Accepted: a DataFrame with a ``problem`` column (a cell may hold a list of str), a
+    ``{"problem": str | list[str]}`` dict, and, when
+    ``predict`` is called directly (MLflow's signature refuses them first, see the module docstring),
+    a str or a list / Series / 1-D array of str or ``{"problem": str}`` dicts. Every problem must be
+    a non-empty string. Raises ValueError naming the accepted forms and what was received.
+    """
     if isinstance(model_input, pd.DataFrame):
         if "problem" not in model_input.columns:
             raise ValueError(f"input DataFrame needs a 'problem' column, got columns {list(model_input.columns)}")
-        values = model_input["problem"].tolist()
+        # a cell holding a list of str counts as that many problems: MLflow makes {"problem": [...]} one such row
+        values = [x for v in model_input["problem"] for x in (v if isinstance(v, (list, tuple, np.ndarray)) else [v])]
     elif isinstance(model_input, str):
         values = [model_input]
     elif isinstance(model_input, dict):
-        values = [model_input.get("problem")] if "problem" in model_input else []
-    else:
+        if "problem" not in model_input:
+            raise ValueError(f"input dict needs a 'problem' key, got keys {list(model_input)}; pass {ACCEPTED_INPUTS}")
+        given = model_input["problem"]
+        values = list(given) if isinstance(given, (list, tuple, pd.Series, np.ndarray)) else [given]
+    elif isinstance(model_input, (list, tuple, pd.Series)) or (
+        isinstance(model_input, np.ndarray) and model_input.ndim == 1
+    ):
         values = [v.get("problem") if isinstance(v, dict) else v for v in model_input]
-    bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
-    if bad or not values:
-        raise ValueError(f"each input row needs a non-empty string 'problem'; rows {bad or '(none given)'} do not")
-    return values
+    else:
+        raise ValueError(f"cannot read problems from type {type(model_input).__name__}; pass {ACCEPTED_INPUTS}")
+    if not values:
+        raise ValueError(f"the input holds no problems; pass {ACCEPTED_INPUTS}")
+    bad = [i for i, v in enumerate(values) if not (isinstance(v, str) and v.strip())]
+    if bad:
+        shown = ", ".join(f"{i}: {type(values[i]).__name__} {values[i]!r:.40}" for i in bad[:5])
+        raise ValueError(f"each input row needs a non-empty string 'problem'; rows {bad} do not ({shown})")
+    return [str(v) for v in values]
 
 
 def episode_rows(episodes: Sequence[Episode]) -> pd.DataFrame:
@@ -153,7 +180,11 @@ class LongShortPair(mlflow.pyfunc.PythonModel):
 
 
 def signature() -> Any:
-    """The pyfunc's input/output schema: ``problem`` in; :data:`OUTPUT_COLUMNS` out."""
+    """The pyfunc's input/output schema: a named string ``problem`` column in; :data:`OUTPUT_COLUMNS` out.
+
+    MLflow 3 enforces it before ``predict``: a DataFrame, records or a ``{"problem": …}`` dict pass; a bare
+    str or a list of str has no ``problem`` column and is refused (an unnamed column would admit them, but
+    also any other column name, so the name stays)."""
     from mlflow.models.signature import ModelSignature  # noqa: PLC0415
     from mlflow.types.schema import ColSpec, Schema  # noqa: PLC0415
 
