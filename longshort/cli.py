@@ -308,13 +308,19 @@ def promote(
         decision = registry.promote(run_id, tolerance, client)
     except registry.PromotionRefused as exc:
         console.print(registry.comparison_table(exc.decision))
-        current = exc.decision.production.version if exc.decision.production else "none"
-        console.print(f"[bold red]refused:[/] @{registry.PRODUCTION} stays at v{current}")
+        current = exc.decision.production
+        stays = f"stays at v{current.version}" if current else "stays unset"
+        console.print(f"[bold red]refused:[/] @{registry.PRODUCTION} {stays}")
         raise typer.Exit(1) from None
     except (ConfigError, registry.RegistryError, ServiceUnavailable, MlflowException) as exc:
-        _fail(exc)  # MlflowException: the registry failed mid-way (nothing was promoted if it was the gate's lookup)
+        _fail(exc)  # RegistryError: also a failed alias move, with what was put back; MlflowException: a lookup
     console.print(registry.comparison_table(decision))
     tags = decision.candidate.tags
+    if not decision.promoted:  # already @production: exit 0, its promoted_at/promoted_over left as they were
+        prod = f"@{registry.PRODUCTION}"
+        done = f"moved {prod} on {', '.join(decision.moved)} to it" if decision.moved else "nothing moved"
+        console.print(f"{registry.PAIR_MODEL} v{decision.candidate.version} is already at {prod}; {done}")
+        return
     console.print(
         f"[green]promoted[/] {registry.PAIR_MODEL} v{decision.candidate.version} "
         f"({registry.LONG_MODEL} v{tags['pair.long_version']}, {registry.SHORT_MODEL} v{tags['pair.short_version']}) "

@@ -21,16 +21,23 @@ candidate passes when
     pair_mean_tokens(candidate) <= pair_mean_tokens(production)
 
 and otherwise the alias stays where it is and :class:`PromotionRefused` carries
-the numbers. The first candidate (no production yet) is promoted unconditionally;
-"no production yet" means only that MLflow says the alias or the model does not
-exist. Any other registry error (a timeout, a 5xx, a locked database) propagates
-and nothing moves.
+the numbers. A gate metric that is missing or not finite (nan, inf) on either side
+refuses: it cannot be compared. The first candidate (no production yet) is
+promoted if its own metrics are there and finite; "no production yet" means only
+that MLflow says the alias or the model does not exist. Any other registry error
+(a timeout, a 5xx, a locked database) propagates and nothing moves.
+
+The three moves are one change: the member versions are looked up first (a
+missing one refuses, nothing moved), and a failure part-way puts back every alias
+already moved. Promoting the pair already at ``@production`` moves nothing (or only
+the members that are off it) and leaves its ``promoted_at``/``promoted_over`` tags.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -97,15 +104,24 @@ class Decision:
     tolerance: float
     passed: bool
     reasons: list[str] = field(default_factory=list)
-    promoted: bool = False
+    promoted: bool = False  # @production moved to this pair on longshort-pair
+    moved: tuple[str, ...] = ()  # the models whose @production this call moved (members only: a repair)
+
+    @property
+    def is_production(self) -> bool:
+        """The candidate is the version ``@production`` already points at."""
+        return self.production is not None and self.production.version == self.candidate.version
 
     def summary(self) -> str:
         c = self.candidate
         head = f"{PAIR_MODEL} v{c.version} (run {c.run_id}): {_numbers(c)}"
+        refused = "refused: " + "; ".join(self.reasons)
         if self.production is None:
-            return f"{head}; no @{PRODUCTION} yet"
+            return f"{head}; no @{PRODUCTION} yet" + ("" if self.passed else f"; {refused}")
+        if self.is_production:
+            return f"{head}; already at @{PRODUCTION}"
         p = self.production
-        verdict = "passes the gate" if self.passed else "refused: " + "; ".join(self.reasons)
+        verdict = "passes the gate" if self.passed else refused
         return (
             f"{head} vs @{PRODUCTION} v{p.version} (run {p.run_id}): {_numbers(p)}; "
             f"tolerance {self.tolerance:g}; {verdict}"
@@ -115,6 +131,22 @@ class Decision:
 def _numbers(s: Snapshot) -> str:
     acc, tok = s.metrics.get(ACCURACY_METRIC), s.metrics.get(TOKENS_METRIC)
     return f"{ACCURACY_METRIC}={acc:.4f}, {TOKENS_METRIC}={tok:.1f}" if None not in (acc, tok) else "metrics missing"
+
+
+def unusable_metrics(side: str, metrics: Mapping[str, Any]) -> list[str]:
+    """Why ``side``'s gate metrics cannot be compared: missing, or not a finite number (nan compares False
+    with everything, so a nan would pass both rules). Empty: usable."""
+    if missing := [m for m in GATE_METRICS if m not in metrics]:
+        return [f"{side}'s run has no metric {missing}; cannot be compared"]
+    return [f"{side}'s {name} is {metrics[name]!r}, not a finite number; cannot be compared"
+            for name in GATE_METRICS if not _finite(metrics[name])]  # fmt: skip
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 # --- registration ----------------------------------------------------------------------------------
@@ -141,7 +173,11 @@ def _register_transformers(model_dir: Path, name: str, artifact: str, tags: dict
     client = MlflowClient()
     try:
         existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("model_digest") == digest]
-    except MlflowException:
+    except MlflowException as exc:
+        # MLflow 3 answers [] for a model that does not exist yet; anything else (a locked database, a 5xx)
+        # is not "unregistered": going on would register a duplicate of weights that may be there
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         existing = []
     if existing:
         # the version keeps the lineage of the run that logged its weights (run_id, git_commit, data.*):
@@ -227,6 +263,9 @@ def register_pair(
             raise RegistryError(f"{label} model folder {folder} has no config.json (not a saved transformers model)")
     if missing := [m for m in GATE_METRICS if m not in metrics]:
         raise RegistryError(f"register_pair: metrics {missing} are missing (got {sorted(metrics)})")
+    if bad := {m: metrics[m] for m in GATE_METRICS if not _finite(metrics[m])}:
+        raise RegistryError(f"register_pair: gate metrics {bad} are not finite numbers: the promotion gate "
+                            "could not compare this pair, so nothing is registered")  # fmt: skip
     tags = {str(k): str(v) for k, v in tags.items()}
     _check_no_secrets(tags, "register_pair tags")
     settings = settings or PairSettings()
@@ -362,12 +401,11 @@ def _check_tolerance(tolerance: float) -> None:
 
 
 def gate(candidate: Mapping[str, float], current: Mapping[str, float], tolerance: float) -> list[str]:
-    """Reasons to refuse (empty: promote). Accuracy may drop by at most ``tolerance``; tokens may not rise."""
+    """Reasons to refuse (empty: promote). Accuracy may drop by at most ``tolerance``; tokens may not rise.
+    A gate metric missing or not finite on either side is a reason: the two cannot be compared."""
     _check_tolerance(tolerance)
-    for side, values in (("candidate", candidate), ("production", current)):
-        if missing := [m for m in GATE_METRICS if m not in values]:
-            raise RegistryError(f"the {side}'s run has no metric {missing}; it cannot be compared")
-    reasons = []
+    if reasons := unusable_metrics("candidate", candidate) + unusable_metrics("production", current):
+        return reasons
     acc_c, acc_p = candidate[ACCURACY_METRIC], current[ACCURACY_METRIC]
     if acc_c < acc_p - tolerance:
         reasons.append(
@@ -389,17 +427,85 @@ def evaluate_promotion(
     candidate = candidate_for_run(run_id, client)
     current = production(client)
     if current is None:
-        missing = [m for m in GATE_METRICS if m not in candidate.metrics]
-        return Decision(candidate, None, tolerance, not missing, [f"candidate run lacks {missing}"] if missing else [])
-    reasons = gate(candidate.metrics, current.metrics, tolerance)
+        reasons = unusable_metrics("candidate", candidate.metrics)
+    elif current.version == candidate.version:
+        reasons = []  # already @production: nothing to gate (promote only repairs members that are off it)
+    else:
+        reasons = gate(candidate.metrics, current.metrics, tolerance)
     return Decision(candidate, current, tolerance, not reasons, reasons)
+
+
+def _alias_target(client: MlflowClient, name: str) -> str | None:
+    """The version ``name@production`` points at; None when the alias or the model does not exist."""
+    try:
+        return str(client.get_model_version_by_alias(name, PRODUCTION).version)
+    except MlflowException as exc:
+        if exc.error_code in _NO_ALIAS_CODES:
+            return None
+        raise
+
+
+def _check_members(client: MlflowClient, version: str, members: dict[str, str]) -> None:
+    """Each member version the pair's tags name exists (else RegistryError naming it: nothing may move)."""
+    for name, member in members.items():
+        try:
+            client.get_model_version(name, member)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise RegistryError(
+                f"{name} v{member}, which {PAIR_MODEL} v{version} names as its member, does not exist "
+                f"(deleted?); nothing was moved"
+            ) from exc
+
+
+def _move_aliases(client: MlflowClient, targets: dict[str, str], before: dict[str, str | None]) -> list[str]:
+    """Point ``@production`` at ``targets`` (in order), skipping those already there; the names moved.
+
+    On a failure, every alias already moved is put back (set to its old version, or deleted if it had
+    none) and RegistryError says what failed and what was restored, or which models are left inconsistent.
+    """
+    moved: list[str] = []
+    try:
+        for name, version in targets.items():
+            if before[name] != version:
+                client.set_registered_model_alias(name, PRODUCTION, version)
+                moved.append(name)
+    except Exception as exc:
+        failed = next(n for n in targets if n not in moved and before[n] != targets[n])
+        restored, stuck = [], []
+        for name in reversed(moved):
+            old = before[name]
+            try:
+                if old is None:
+                    client.delete_registered_model_alias(name, PRODUCTION)
+                else:
+                    client.set_registered_model_alias(name, PRODUCTION, old)
+                restored.append(f"{name}@{PRODUCTION} back to {'unset' if old is None else 'v' + old}")
+            except Exception as undo:  # noqa: BLE001 - reported below, with the model it concerns
+                stuck.append(f"{name}@{PRODUCTION} is v{targets[name]}, was "
+                             f"{'unset' if old is None else 'v' + old} ({undo})")  # fmt: skip
+        head = f"moving @{PRODUCTION} on {failed} to v{targets[failed]} failed ({exc})"
+        if stuck:
+            log.error("%s; INCONSISTENT: %s", head, "; ".join(stuck))
+            raise RegistryError(
+                f"{head}; restoring failed, @{PRODUCTION} is now inconsistent: {'; '.join(stuck)}"
+                + (f" (restored: {', '.join(restored)})" if restored else "")
+            ) from exc
+        raise RegistryError(
+            f"{head}; " + (f"restored {', '.join(restored)}" if restored else "nothing had moved")
+        ) from exc
+    return moved
 
 
 def promote(run_id: str, tolerance: float = DEFAULT_TOLERANCE, client: MlflowClient | None = None) -> Decision:
     """Move ``@production`` to the pair of ``run_id`` if it passes the gate: on ``longshort-long`` and
     ``longshort-short`` (the versions the pair's tags name), then on ``longshort-pair``, the one served.
 
-    Raises :class:`PromotionRefused` (aliases unchanged) when it does not.
+    Raises :class:`PromotionRefused` (aliases unchanged) when it does not, and RegistryError when a member
+    version is missing (nothing moved) or a move fails (the ones already made are undone).
+    The pair already at ``@production`` is not promoted again (``promoted`` False, its ``promoted_at`` and
+    ``promoted_over`` tags kept); members whose alias is elsewhere are moved to it (``moved`` names them).
     """
     client = client or MlflowClient()
     decision = evaluate_promotion(run_id, tolerance, client)
@@ -407,17 +513,33 @@ def promote(run_id: str, tolerance: float = DEFAULT_TOLERANCE, client: MlflowCli
         log.warning("promotion refused: %s", decision.summary())
         raise PromotionRefused(decision)
     version, tags = decision.candidate.version, decision.candidate.tags
-    members = {LONG_MODEL: tags.get("pair.long_version"), SHORT_MODEL: tags.get("pair.short_version")}
-    if not all(members.values()):
+    long_v, short_v = tags.get("pair.long_version"), tags.get("pair.short_version")
+    if not (long_v and short_v):
         raise RegistryError(f"{PAIR_MODEL} v{version} lacks the tags pair.long_version / pair.short_version")
-    for name, member in members.items():
-        client.set_registered_model_alias(name, PRODUCTION, member)
-    client.set_registered_model_alias(PAIR_MODEL, PRODUCTION, version)
-    client.set_model_version_tag(PAIR_MODEL, version, "promoted_at", datetime.now(timezone.utc).isoformat())
-    previous = decision.production.version if decision.production else "none"
-    client.set_model_version_tag(PAIR_MODEL, version, "promoted_over", previous)
+    members = {LONG_MODEL: long_v, SHORT_MODEL: short_v}
+    _check_members(client, version, members)
+    targets = {**members, PAIR_MODEL: version}
+    before = {name: _alias_target(client, name) for name in targets}
+    gated_against = decision.production.version if decision.production else None
+    if before[PAIR_MODEL] != gated_against:  # someone moved it since the gate read it
+        raise RegistryError(
+            f"{PAIR_MODEL}@{PRODUCTION} moved from {gated_against or 'unset'} to {before[PAIR_MODEL] or 'unset'} "
+            "while the gate ran; nothing was moved, run it again"
+        )
+    moved = tuple(_move_aliases(client, targets, before))
+    if PAIR_MODEL not in moved:
+        what = f"repaired @{PRODUCTION} on {', '.join(moved)}" if moved else "nothing moved"
+        log.info("%s v%s is already at @%s: %s", PAIR_MODEL, version, PRODUCTION, what)
+        return Decision(decision.candidate, decision.production, tolerance, True, [], promoted=False, moved=moved)
+    previous = before[PAIR_MODEL] or "none"
+    try:
+        client.set_model_version_tag(PAIR_MODEL, version, "promoted_at", datetime.now(timezone.utc).isoformat())
+        client.set_model_version_tag(PAIR_MODEL, version, "promoted_over", previous)
+    except MlflowException as exc:  # the aliases agree (all moved): say so, not "nothing promoted"
+        raise RegistryError(f"{PAIR_MODEL} v{version} is @{PRODUCTION} on all three models, but tagging it "
+                            f"promoted_at/promoted_over={previous} failed: {exc}") from exc  # fmt: skip
     log.info("promoted %s v%s to @%s (was %s): %s", PAIR_MODEL, version, PRODUCTION, previous, decision.summary())
-    return Decision(decision.candidate, decision.production, tolerance, True, [], promoted=True)
+    return Decision(decision.candidate, decision.production, tolerance, True, [], promoted=True, moved=moved)
 
 
 # --- side by side ----------------------------------------------------------------------------------
@@ -432,7 +554,7 @@ def comparison_rows(candidate: Snapshot, current: Snapshot | None) -> list[tuple
     rows = []
     for name in names:
         c, p = candidate.metrics.get(name), prod_metrics.get(name)
-        delta = f"{c - p:+.4g}" if c is not None and p is not None else ""
+        delta = f"{c - p:+.4g}" if c is not None and p is not None and math.isfinite(c - p) else ""
         rows.append((name, "—" if c is None else f"{c:.4g}", "—" if p is None else f"{p:.4g}", delta))
     prod_tags = current.tags if current else {}
     data_tags = sorted(k for k in {*candidate.tags, *prod_tags} if k.startswith("data."))
@@ -454,12 +576,14 @@ def comparison_table(decision: Decision) -> Any:
     table.add_column("Δ", justify="right")
     for row in comparison_rows(c, p):
         table.add_row(*row)
-    if p is None:
-        verdict = "no production yet: promote would set it"
-    elif decision.passed:
-        verdict = f"[green]passes the gate[/] (tolerance {decision.tolerance:g})"
-    else:
+    if not decision.passed:
         verdict = "[red]would be refused:[/] " + "; ".join(decision.reasons)
+    elif p is None:
+        verdict = "no production yet: promote would set it"
+    elif decision.is_production:
+        verdict = f"already at @{PRODUCTION}"
+    else:
+        verdict = f"[green]passes the gate[/] (tolerance {decision.tolerance:g})"
     table.caption = verdict
     return table
 
@@ -483,4 +607,4 @@ def decision_json(decision: Decision) -> str:
 
     return json.dumps({"candidate": side(decision.candidate), "production": side(decision.production),
                        "tolerance": decision.tolerance, "passed": decision.passed, "promoted": decision.promoted,
-                       "reasons": decision.reasons})  # fmt: skip
+                       "moved": list(decision.moved), "reasons": decision.reasons})  # fmt: skip

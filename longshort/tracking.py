@@ -105,7 +105,10 @@ def find_registered_version(name: str, digest: str) -> Any | None:
     client = MlflowClient()
     try:
         versions = client.search_model_versions(f"name = '{name}'")
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as exc:
+        # MLflow 3 answers [] for a model not registered yet; a locked database or a 5xx is not "unregistered"
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         return None
     return next((v for v in versions if v.tags.get("model_digest") == digest), None)
 

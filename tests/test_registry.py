@@ -310,8 +310,9 @@ def rest(store, monkeypatch: pytest.MonkeyPatch):
         server.server_close()
 
 
-def _bare_candidate(client, accuracy: float, tokens: float) -> str:
-    """A run with the gate's metrics and one version of each model, linked like register_pair links them."""
+def _bare_candidate(client, accuracy: float | None, tokens: float | None) -> str:
+    """A run with the gate's metrics (None: not logged) and one version of each model, linked like
+    register_pair links them."""
     from mlflow.exceptions import MlflowException
 
     from longshort import registry
@@ -319,8 +320,9 @@ def _bare_candidate(client, accuracy: float, tokens: float) -> str:
     experiment = client.get_experiment_by_name("registry-test").experiment_id
     run = client.create_run(experiment)
     run_id = run.info.run_id
-    client.log_metric(run_id, "pair_accuracy", accuracy)
-    client.log_metric(run_id, "pair_mean_tokens", tokens)
+    for name, value in (("pair_accuracy", accuracy), ("pair_mean_tokens", tokens)):
+        if value is not None:
+            client.log_metric(run_id, name, value)
     client.set_terminated(run_id)
     versions = {}
     for name in (registry.LONG_MODEL, registry.SHORT_MODEL, registry.PAIR_MODEL):
@@ -430,3 +432,276 @@ def test_a_second_run_in_the_same_process_tracks_to_its_own_store(tmp_path, monk
     monkeypatch.setenv("MLFLOW_TRACKING_URI", second)  # the user's choice still wins
     assert configure(load_profile("smoke", [f"run.workspace={tmp_path / 'a'}"])) == second
     assert os.environ["MLFLOW_TRACKING_URI"] == second
+
+
+# --- promotion is all-or-nothing, and the gate compares only finite numbers ---------------------------
+# Registry failures are simulated by subclasses of MLflow's own MlflowClient that fail on one chosen call
+# (a locked database or a 5xx cannot be produced on demand here); everything else is the real SQLite store.
+
+ALL_UNSET = {"longshort-long": None, "longshort-short": None, "longshort-pair": None}
+
+
+def _at(version: str) -> dict[str, str]:
+    return dict.fromkeys(ALL_UNSET, version)
+
+
+def _failing_client(store, fail_on: str, times: int = 1, method: str = "set_registered_model_alias"):
+    """A client on ``store`` whose ``method`` raises for model ``fail_on`` on its first ``times`` calls."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    calls: list[tuple] = []
+
+    class Failing(MlflowClient):
+        pass
+
+    def failing(self, name, *args, **kwargs):
+        calls.append((name, *args))
+        if name == fail_on and sum(c[0] == fail_on for c in calls) <= times:
+            raise MlflowException(f"simulated: database is locked ({method} {name})")
+        return getattr(MlflowClient, method)(self, name, *args, **kwargs)
+
+    setattr(Failing, method, failing)
+    return Failing(tracking_uri=store.tracking_uri, registry_uri=store._registry_uri), calls
+
+
+def test_a_deleted_member_version_refuses_before_anything_moves(store):
+    from longshort import registry
+
+    registry.promote(_bare_candidate(store, 0.5, 100.0), client=store)
+    second = _bare_candidate(store, 0.6, 90.0)
+    store.delete_model_version(registry.SHORT_MODEL, "2")  # e.g. a cleanup removed it
+    with pytest.raises(registry.RegistryError, match=r"longshort-short v2, which longshort-pair v2 names .* does not "
+                                                     r"exist.*nothing was moved"):  # fmt: skip
+        registry.promote(second, client=store)
+    assert _aliases(store) == _at("1")
+    assert "promoted_at" not in store.get_model_version(registry.PAIR_MODEL, "2").tags
+
+
+@pytest.mark.parametrize(
+    ("fail_on", "restored"),
+    [("longshort-short", "longshort-long@production back to v1"),
+     ("longshort-pair", "longshort-short@production back to v1, longshort-long@production back to v1")],
+)  # fmt: skip
+def test_a_failing_alias_move_puts_back_the_ones_already_moved(store, fail_on, restored):
+    from longshort import registry
+
+    registry.promote(_bare_candidate(store, 0.5, 100.0), client=store)
+    second = _bare_candidate(store, 0.6, 90.0)
+    flaky, _ = _failing_client(store, fail_on)
+    with pytest.raises(registry.RegistryError) as failed:
+        registry.promote(second, client=flaky)
+    assert str(failed.value) == (f"moving @production on {fail_on} to v2 failed (simulated: database is locked "
+                                 f"(set_registered_model_alias {fail_on})); restored {restored}")  # fmt: skip
+    assert _aliases(store) == _at("1")
+    assert "promoted_at" not in store.get_model_version(registry.PAIR_MODEL, "2").tags
+    assert registry.promote(second, client=store).promoted and _aliases(store) == _at("2")  # a retry goes through
+
+
+def test_a_failed_first_promotion_deletes_the_aliases_it_set(store):
+    from longshort import registry
+
+    first = _bare_candidate(store, 0.5, 100.0)
+    flaky, _ = _failing_client(store, registry.PAIR_MODEL)
+    with pytest.raises(registry.RegistryError, match="restored longshort-short@production back to unset, "
+                                                     "longshort-long@production back to unset"):  # fmt: skip
+        registry.promote(first, client=flaky)
+    assert _aliases(store) == ALL_UNSET
+
+
+def test_a_failed_restore_names_the_inconsistent_models(store):
+    from longshort import registry
+
+    registry.promote(_bare_candidate(store, 0.5, 100.0), client=store)
+    second = _bare_candidate(store, 0.6, 90.0)
+    # longshort-long: its move works, putting it back fails; longshort-short: its move fails
+    flaky, calls = _failing_client(store, registry.SHORT_MODEL)
+    original = type(flaky).set_registered_model_alias
+
+    def long_undo_fails(self, name, alias, version):
+        if name == registry.LONG_MODEL and version == "1":
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException("simulated: server went away")
+        return original(self, name, alias, version)
+
+    type(flaky).set_registered_model_alias = long_undo_fails
+    with pytest.raises(registry.RegistryError) as failed:
+        registry.promote(second, client=flaky)
+    message = str(failed.value)
+    assert "restoring failed, @production is now inconsistent: longshort-long@production is v2, was v1" in message
+    assert "simulated: server went away" in message
+    assert _aliases(store) == {registry.LONG_MODEL: "2", registry.SHORT_MODEL: "1", registry.PAIR_MODEL: "1"}
+
+
+def test_non_finite_metrics_never_pass_the_gate(store):
+    from longshort import registry
+
+    nan, inf = float("nan"), float("inf")
+    prod = {"pair_accuracy": 0.9, "pair_mean_tokens": 10.0}
+    assert registry.gate({"pair_accuracy": nan, "pair_mean_tokens": 5.0}, prod, 0.02) == [
+        "candidate's pair_accuracy is nan, not a finite number; cannot be compared"]  # fmt: skip
+    assert registry.gate({"pair_accuracy": 0.0, "pair_mean_tokens": 1e9}, {**prod, "pair_mean_tokens": inf}, 0.02) == [
+        "production's pair_mean_tokens is inf, not a finite number; cannot be compared"]  # fmt: skip
+    assert registry.gate({"pair_accuracy": 0.9}, prod, 0.02) == [
+        "candidate's run has no metric ['pair_mean_tokens']; cannot be compared"]  # fmt: skip
+
+    lone_nan = _bare_candidate(store, nan, 10.0)  # no production yet: still refused
+    with pytest.raises(registry.PromotionRefused, match="candidate's pair_accuracy is nan") as refused:
+        registry.promote(lone_nan, client=store)
+    assert not refused.value.decision.passed and _aliases(store) == ALL_UNSET
+
+    registry.promote(_bare_candidate(store, 0.9, 10.0), client=store)
+    with pytest.raises(registry.PromotionRefused, match="candidate's pair_mean_tokens is nan"):
+        registry.promote(_bare_candidate(store, 0.95, nan), client=store)
+    assert _aliases(store) == _at("2")
+
+
+def test_register_pair_refuses_non_finite_gate_metrics(store, tmp_path):
+    from longshort import registry
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")  # the metrics are checked before the weights are read
+    with pytest.raises(registry.RegistryError, match=r"gate metrics \{'pair_mean_tokens': nan\} are not finite"):
+        registry.register_pair(folder, folder, {"pair_accuracy": 0.5, "pair_mean_tokens": float("nan")}, {})
+    assert store.search_model_versions(f"name = '{registry.PAIR_MODEL}'") == []
+    assert store.search_runs([store.get_experiment_by_name("registry-test").experiment_id]) == []
+
+
+def _cli(store, monkeypatch, *args: str):
+    from typer.testing import CliRunner
+
+    from longshort.cli import app
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.tracking_uri)  # conftest's mlflow_state undoes the rest
+    return CliRunner().invoke(app, list(args))
+
+
+def test_a_refused_first_candidate_is_shown_refused(store, monkeypatch):
+    from rich.console import Console
+
+    from longshort import registry
+
+    run_id = _bare_candidate(store, None, 100.0)  # no production yet, and no pair_accuracy
+    decision = registry.compare(run_id, client=store)
+    assert not decision.passed and decision.production is None
+    assert decision.summary().endswith(
+        "metrics missing; no @production yet; refused: candidate's run has no metric ['pair_accuracy']; "
+        "cannot be compared")  # fmt: skip
+    console = Console(width=160, record=True)
+    console.print(registry.comparison_table(decision))
+    text = " ".join(console.export_text().split())  # the caption wraps at the table's width
+    assert "would be refused: candidate's run has no metric ['pair_accuracy']" in text and "would set it" not in text
+
+    result = _cli(store, monkeypatch, "promote", run_id)
+    assert result.exit_code == 1, result.output
+    assert "refused: @production stays unset" in result.output and "vnone" not in result.output
+    assert _aliases(store) == ALL_UNSET
+
+
+def test_promoting_the_production_pair_again_changes_nothing(store, monkeypatch):
+    from longshort import registry
+
+    registry.promote(_bare_candidate(store, 0.5, 100.0), client=store)
+    second = _bare_candidate(store, 0.6, 90.0)
+    registry.promote(second, client=store)
+    tags = store.get_model_version(registry.PAIR_MODEL, "2").tags
+    assert tags["promoted_over"] == "1"
+
+    flaky, calls = _failing_client(store, "none")  # counts the alias moves
+    again = registry.promote(second, client=flaky)
+    assert (again.promoted, again.passed, again.moved, again.is_production) == (False, True, (), True)
+    assert again.summary().endswith("already at @production") and calls == []
+    assert store.get_model_version(registry.PAIR_MODEL, "2").tags == tags  # promoted_at/_over kept
+
+    store.set_registered_model_alias(registry.SHORT_MODEL, "production", "1")  # a partial state, e.g. by hand
+    repair = registry.promote(second, client=flaky)
+    assert (repair.promoted, repair.moved) == (False, (registry.SHORT_MODEL,))
+    assert calls == [(registry.SHORT_MODEL, "production", "2")] and _aliases(store) == _at("2")
+    assert store.get_model_version(registry.PAIR_MODEL, "2").tags == tags
+
+    store.set_registered_model_alias(registry.LONG_MODEL, "production", "1")
+    result = _cli(store, monkeypatch, "promote", second)  # the table, its caption, then what was done
+    assert result.exit_code == 0, result.output
+    assert result.output.split("└")[-1].splitlines()[1:] == [
+        "already at @production",
+        "longshort-pair v2 is already at @production; moved @production on longshort-long to it",
+    ]
+    result = _cli(store, monkeypatch, "promote", second)
+    assert result.exit_code == 0 and result.output.splitlines()[-1].endswith("already at @production; nothing moved")
+    assert _aliases(store) == _at("2") and store.get_model_version(registry.PAIR_MODEL, "2").tags == tags
+
+
+def test_a_production_run_without_a_gate_metric_is_compared_not_crashed(store, monkeypatch):
+    from longshort import registry
+
+    _bare_candidate(store, 0.5, None)
+    store.set_registered_model_alias(registry.PAIR_MODEL, "production", "1")  # e.g. set by hand in the UI
+    candidate = _bare_candidate(store, 0.6, 90.0)
+    decision = registry.compare(client=store)
+    assert not decision.passed and decision.production.version == "1"
+    assert decision.reasons == ["production's run has no metric ['pair_mean_tokens']; cannot be compared"]
+
+    result = _cli(store, monkeypatch, "compare")
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "pair_mean_tokens" in line)
+    assert [cell.strip() for cell in row.split("│")[1:5]] == ["pair_mean_tokens", "90", "—", ""]
+    assert "would be refused: production's run has no metric ['pair_mean_tokens']" in " ".join(result.output.split())
+
+    result = _cli(store, monkeypatch, "promote", candidate)
+    assert result.exit_code == 1, result.output
+    assert "refused: @production stays at v1" in result.output
+    assert str(store.get_model_version_by_alias(registry.PAIR_MODEL, "production").version) == "1"
+
+
+def test_a_failing_digest_lookup_is_not_taken_for_unregistered(store, tmp_path, monkeypatch):
+    """A locked database or a 5xx on the digest search must not register the weights a second time."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from longshort import registry, tracking
+
+    assert store.search_model_versions("name = 'never-registered'") == []  # MLflow 3: no error for a new name
+    assert tracking.find_registered_version("never-registered", "0" * 32) is None
+
+    class Locked(MlflowClient):
+        def search_model_versions(self, *args, **kwargs):
+            raise MlflowException("simulated: database is locked")
+
+    monkeypatch.setattr(tracking, "MlflowClient", Locked)
+    monkeypatch.setattr(registry, "MlflowClient", Locked)
+    with pytest.raises(MlflowException, match="database is locked"):
+        tracking.find_registered_version(registry.LONG_MODEL, "0" * 32)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(MlflowException, match="database is locked"):
+        registry._register_transformers(folder, registry.LONG_MODEL, "long_model", {})
+    assert store.search_registered_models() == []
+
+
+def test_production_moved_by_someone_else_during_the_gate_stops_the_promotion(store):
+    from mlflow.tracking import MlflowClient
+
+    from longshort import registry
+
+    registry.promote(_bare_candidate(store, 0.5, 100.0), client=store)
+    _bare_candidate(store, 0.1, 500.0)  # v2: what the other user puts at @production meanwhile
+    third = _bare_candidate(store, 0.6, 90.0)
+
+    class Racing(MlflowClient):
+        """Another promotion lands right after the gate read @production (v1)."""
+
+        lookups = 0
+
+        def get_model_version_by_alias(self, name, alias):
+            found = super().get_model_version_by_alias(name, alias)
+            if name == registry.PAIR_MODEL and not Racing.lookups:
+                Racing.lookups += 1
+                store.set_registered_model_alias(registry.PAIR_MODEL, "production", "2")
+            return found
+
+    with pytest.raises(registry.RegistryError, match="longshort-pair@production moved from 1 to 2 while the gate ran"):
+        registry.promote(third, client=Racing(tracking_uri=store.tracking_uri, registry_uri=store._registry_uri))
+    assert _aliases(store) == {registry.LONG_MODEL: "1", registry.SHORT_MODEL: "1", registry.PAIR_MODEL: "2"}
