@@ -130,7 +130,8 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
     base_eval = _stage(
         evaluate_base_task, "evaluate_base", ws,
         model_dir=base.outputs["model"], heldout_path=data.outputs["heldout"], base_model=base_model,
-        generation=cfg.section_dump("generation"), evaluate=cfg.section_dump("evaluate"), seed=seed,
+        generation=cfg.section_dump("generation"), evaluate=cfg.section_dump("evaluate"),
+        protocol=cfg.section_dump("protocol"), seed=seed,
     )  # fmt: skip
     chunks = _stage(
         chunk_task, "chunk", ws,

@@ -186,21 +186,33 @@ def evaluate_base_task(
     base_model: dict,
     generation: dict,
     evaluate: dict,
+    protocol: dict,
     seed: int,
 ) -> StageRecord:
+    """The base alone, thinking and forced to answer at once, sampled as the evaluate stage samples.
+
+    The forced answer is one ``<answer>`` turn, so it gets the pair's answer-turn cap
+    (``protocol.max_new_tokens_short``).
+    """
     from models.generation import close_backend, make_backend  # noqa: PLC0415
     from tasks.evaluate import evaluate_single_model  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
 
     def body(folder: Path) -> dict[str, Any]:
         cfg = EvaluateConfig.model_validate(evaluate)
+        answer_cap = ProtocolConfig.model_validate(protocol).max_new_tokens_short
         rows = read_split(heldout_path)[: cfg.n_problems]
         backend = make_backend(
             model_dir, ModelConfig.model_validate(base_model), GenerationConfig.model_validate(generation), seed
         )
         try:
-            think, think_records = evaluate_single_model(backend, rows, think=True, max_new_tokens=cfg.max_new_tokens)
-            direct, direct_records = evaluate_single_model(backend, rows, think=False, max_new_tokens=64)
+            sampling = dict(k=cfg.k, temperature=cfg.temperature, seed=seed)
+            think, think_records = evaluate_single_model(
+                backend, rows, think=True, max_new_tokens=cfg.max_new_tokens, **sampling
+            )
+            direct, direct_records = evaluate_single_model(
+                backend, rows, think=False, max_new_tokens=answer_cap, **sampling
+            )
         finally:
             close_backend(backend)  # frees a vLLM engine's GPU memory for the next stage
         write_jsonl(folder / "episodes_think.jsonl", think_records)

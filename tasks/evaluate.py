@@ -2,7 +2,9 @@
 
 ``think=True`` lets the model reason as trained; ``think=False`` forces an empty
 ``<think></think>`` and lets it answer directly, which shows how much the
-thoughts matter.
+thoughts matter. Both sample as the evaluation does (``evaluate.k`` samples per
+problem at ``evaluate.temperature``, the run's seed), so their rows sit beside
+the evaluate stage's on equal terms.
 """
 
 from __future__ import annotations
@@ -48,16 +50,24 @@ def evaluate_single_model(
     *,
     think: bool = True,
     max_new_tokens: int = 512,
+    k: int = 1,
+    temperature: float = 0.0,
     seed: int = 0,
 ) -> tuple[SingleModelResult, list[dict[str, Any]]]:
-    """Greedy-decode every problem once; return the summary and one record per problem."""
+    """k responses per problem (greedy by default); the summary and one record per response.
+
+    Every problem gets the same k, so ``accuracy`` (over responses) is Mean@k.
+    """
     prompts = [backend.chat_prompt(SYSTEM_PROMPTS["base"], r["problem"]) for r in rows]
     if not think:
         prompts = [p + answer_prefix("") for p in prompts]
-    outs = backend.generate(prompts, max_new_tokens=max_new_tokens, stop=STOP_STRINGS["base"], seed=seed)
+    outs = backend.generate(
+        prompts, max_new_tokens=max_new_tokens, stop=STOP_STRINGS["base"], temperature=temperature, n=k, seed=seed
+    )
     records = []
-    for row, out in zip(rows, outs, strict=True):
-        completion = out[0]
+    for row, completion, sample in (
+        (row, c, i) for row, out in zip(rows, outs, strict=True) for i, c in enumerate(out)
+    ):
         answer, error = None, None
         try:
             if think:
@@ -72,6 +82,7 @@ def evaluate_single_model(
         records.append(
             {
                 "id": row["id"],
+                "sample": sample,
                 "reference": row["answer"],
                 "predicted": answer,
                 "correct": is_correct(answer, row["answer"]),
