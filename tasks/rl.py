@@ -493,6 +493,9 @@ def _load_pair(
             if adapters is not None:
                 wrapped = PeftModel.from_pretrained(model, str(adapters / role), is_trainable=True)
             else:
+                # lora_A is drawn from the global RNG: seed it from the run, not from whatever ran before in
+                # this process (a fresh pipeline and one whose SFT stages came from the cache must agree)
+                torch.manual_seed(cfg.seed + ROLES.index(role))
                 wrapped = get_peft_model(model, peft_lora(cfg.lora))
             pair.adapters[role] = wrapped
             model = wrapped.get_base_model()  # the adapters are injected into its modules

@@ -72,6 +72,22 @@ def test_lora_rl_resumes_from_its_adapter_checkpoint(protocol_pair, demo_rows_sm
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_fresh_adapters_do_not_depend_on_what_drew_from_the_rng_before(protocol_pair, demo_rows_small, tmp_path):
+    """A fresh pipeline (SFT drew from torch's RNG first) and one whose upstream stages came from the cache
+    start RL from the same adapters: the run's seed draws them."""
+    runs = []
+    for before in (1, 2):
+        torch.manual_seed(before)
+        out = tmp_path / f"after-{before}"
+        runs.append(train_pair_rl(protocol_pair, protocol_pair, _problems(demo_rows_small), CFG.model_copy(
+            update={"steps_per_round": 1}), out, protocol=PROTOCOL))  # fmt: skip
+    assert [h["reward/total"] for h in runs[0].history] == [h["reward/total"] for h in runs[1].history]
+    for role in ("long", "short"):
+        a = load_file(str(tmp_path / "after-1" / role / "model.safetensors"))
+        b = load_file(str(tmp_path / "after-2" / role / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 SEQS = [
     TurnSequence(input_ids=[5, 9, 12, 7, 30, 41, 8], loss_mask=[0, 0, 0, 1, 1, 1, 0], episode=0),
     TurnSequence(input_ids=[5, 9, 33, 2, 11], loss_mask=[0, 0, 1, 1, 0], episode=1),
