@@ -9,6 +9,8 @@ byte-identical datasets. The synthesize stage is ``longshort synthesize`` (it re
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 from flows import stages as st
@@ -18,6 +20,8 @@ from longshort.io import file_digest
 from longshort.records import StageRecord
 
 DATA_STAGES = ("sft_base", "chunk", "score", "cold_start")
+
+log = logging.getLogger(__name__)
 
 
 def _record(data: Path, stage: str) -> StageRecord:
@@ -58,6 +62,13 @@ def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
             llm=st.chunk_llm(cfg, _record(data, "sft_base").outputs["model"]) if cfg.chunk.method == "llm" else None,
         )  # fmt: skip
     if name == "score":
+        stale = StageRecord.load(data / "score")
+        if stale is not None and stale.key != key:
+            # the shards live inside the merge's folder: clear it first, or the merge would find the old
+            # record after the shards were recomputed and remove them with it
+            log.warning("score: %s holds results of other inputs (key %s, now %s); recomputing",
+                        data / "score", stale.key[:16], key[:16])  # fmt: skip
+            shutil.rmtree(data / "score")
         shards, shared = st.score_shards(cfg, _record(data, "chunk"), _record(data, "sft_base"))
         scored: dict[str, list[str]] = {}
         for i, (split, rows) in enumerate(shards):
