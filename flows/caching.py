@@ -21,42 +21,26 @@ from prefect.cache_policies import CachePolicy
 
 from longshort.io import json_digest
 
-# The modules whose code decides each stage's output.
+# The modules whose code decides each stage's output: the stage task's imports in flows/stages.py (module-level
+# and inside the function) and theirs, transitively, within flows/tasks/models/longshort; tests/test_caching.py
+# recomputes that closure from the source and checks these lists cover it. Every stage writes through
+# longshort.io (write_jsonl's bytes, the record's tree_digest) and all but score_shard read their inputs with
+# tasks.synthesize.read_split, whose module also runs data.source teacher (models.generation -> models.factory);
+# a change there recomputes synthesize, hence everything downstream, anyway.
+_READ = ["longshort.io", "tasks.synthesize", "tasks.demo", "tasks.answers", "models.protocol", "models.generation", "models.factory"]  # fmt: skip
 STAGE_MODULES: dict[str, list[str]] = {
-    "synthesize": ["tasks.synthesize", "tasks.demo", "tasks.answers", "models.protocol", "longshort.io"],
-    "sft_base": [
-        "tasks.base_model",
-        "tasks.sft",
-        "models.tokenizer",
-        "models.factory",
-        "models.protocol",
-    ],
-    "evaluate_base": [
-        "tasks.evaluate",
-        "tasks.answers",
-        "models.generation",
-        "models.factory",
-        "models.protocol",
-    ],
-    "chunk": ["tasks.chunking", "models.protocol", "models.generation", "models.factory"],  # generation: method llm
-    "score_shard": ["tasks.importance", "tasks.answers", "models.generation", "models.factory", "models.protocol"],
-    "merge_scores": ["tasks.importance"],
-    "cold_start": ["tasks.cold_start", "tasks.chunking", "models.protocol", "models.generation"],
-    "sft_long": ["tasks.sft", "tasks.cold_start", "models.factory", "models.protocol"],
-    "sft_short": ["tasks.sft", "tasks.cold_start", "models.factory", "models.protocol"],
-    "baseline": ["tasks.baseline", "tasks.rewards", "tasks.evaluate", "tasks.answers", "tasks.sft", "models.generation", "models.factory", "models.protocol"],
-    "rl": ["tasks.rl", "tasks.rl_checkpoint", "tasks.rewards", "tasks.answers", "tasks.sft", "models.generation", "models.factory", "models.protocol"],
-    "evaluate": [
-        "tasks.report",
-        "tasks.evaluate",
-        "tasks.metrics",
-        "tasks.plots",
-        "tasks.benchmarks",
-        "tasks.importance",
-        "tasks.answers",
-        "models.generation",
-        "models.protocol",
-    ],
+    "synthesize": [*_READ],
+    "sft_base": [*_READ, "tasks.base_model", "tasks.sft", "models.tokenizer"],
+    "evaluate_base": [*_READ, "tasks.evaluate"],
+    "chunk": [*_READ, "tasks.chunking"],  # models.generation: chunk.method llm
+    "score_shard": ["longshort.io", "tasks.importance", "tasks.answers", "models.generation", "models.factory", "models.protocol"],  # fmt: skip
+    "merge_scores": [*_READ, "tasks.importance"],
+    "cold_start": [*_READ, "tasks.cold_start", "tasks.chunking"],
+    "sft_long": [*_READ, "tasks.sft", "tasks.cold_start", "tasks.chunking"],
+    "sft_short": [*_READ, "tasks.sft", "tasks.cold_start", "tasks.chunking"],
+    "baseline": [*_READ, "tasks.baseline", "tasks.rewards", "tasks.evaluate", "tasks.sft"],
+    "rl": [*_READ, "tasks.rl", "tasks.rl_checkpoint", "tasks.rewards", "tasks.sft"],
+    "evaluate": [*_READ, "tasks.report", "tasks.evaluate", "tasks.metrics", "tasks.plots", "tasks.benchmarks", "tasks.importance"],  # fmt: skip
 }
 
 

@@ -10,6 +10,7 @@ Each stage is a cached Prefect task keyed on its inputs and code
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -37,36 +38,73 @@ from flows.stages import (
     track_task,
     version_data_task,
 )
-from longshort.config import Profile, load_profile
+from longshort.config import Profile, load_profile, repo_file
 from longshort.io import tree_digest
 from longshort.preflight import preflight
 from longshort.records import StageRecord
+
+log = logging.getLogger(__name__)
 
 BASELINE_SYSTEM = "truncation baseline"  # single-model GRPO, reward = correct and length <= L_T
 
 
 def _stage(task_fn: Any, stage: str, workspace: Path, key_extra: dict[str, str] | None = None, **inputs: Any) -> StageRecord:
     """Run ``task_fn`` keyed on its inputs (and on ``key_extra``, e.g. digests of files it reads by path)."""
-    key = stage_key(stage, {**inputs, **(key_extra or {}), "workspace": str(workspace)})
+    key = _stage_key(stage, workspace, key_extra, inputs)
     out_dir = str(stage_dir(workspace, stage, key))
     return task_fn.with_options(result_storage=workspace / "prefect-results")(key=key, out_dir=out_dir, **inputs)
 
 
-def _file_digests(cfg: Profile) -> tuple[dict[str, str], dict[str, str]]:
-    """Digests of the local files the synthesize and evaluate stages read by path (data.path, benchmark files or
-    folders), for their cache keys: editing such a file in place recomputes what read it. A hub dataset is keyed
-    by its config entry alone, the id and its ``revision``: pin a commit if the dataset may change."""
+def _stage_key(stage: str, workspace: Path, key_extra: dict[str, str] | None, inputs: dict[str, Any]) -> str:
+    """The key ``_stage`` runs a stage under: its inputs, the digests in ``key_extra`` and the workspace."""
+    return stage_key(stage, {**inputs, **(key_extra or {}), "workspace": str(workspace)})
+
+
+def _local_dir_digest(name_or_path: str | None) -> dict[str, str]:
+    """``{"files": digest}`` of a model named by a local path (the rule ``load_pretrained`` uses: the path
+    exists), else nothing: a hub id is keyed by its config entry, the id and its ``revision``. Hashing reads
+    every byte, about 1 GB/s with a warm page cache (a 7B folder: 15-30 s per run); logged when slow."""
+    if not name_or_path or not Path(name_or_path).exists():
+        return {}
+    start = time.perf_counter()
+    digest = tree_digest(Path(name_or_path))
+    if (took := time.perf_counter() - start) > 5:
+        log.info("cache key: hashed the local model %s in %.0f s", name_or_path, took)
+    return {"files": digest}
+
+
+def _file_digests(cfg: Profile) -> dict[str, dict[str, str]]:
+    """Per stage, digests of the local files it reads by path, for its cache key (``_stage``'s ``key_extra``):
+    editing such a file in place recomputes what read it (and, through the upstream paths in their keys, what
+    follows). These are data.path and a local data.teacher model folder (synthesize), a local
+    base_model.name_or_path folder (sft_base, the one stage that loads it; later stages load sft_base's model),
+    local benchmark files or folders (evaluate) and the DeepSpeed config of sft_base, sft_long, sft_short and
+    baseline (the file the path names, resolved as the trainer resolves it). A hub dataset or model is keyed by
+    its config entry alone, the id and its ``revision`` (data.teacher has none): pin a commit if it may change."""
     from tasks.benchmarks import is_local_source  # noqa: PLC0415
+
+    def deepspeed(path: str | None) -> dict[str, str]:
+        return {"deepspeed_file": tree_digest(Path(repo_file(path)))} if path else {}
 
     data = {}
     if cfg.data.path and Path(cfg.data.path).expanduser().exists():
         data["data_file"] = tree_digest(Path(cfg.data.path).expanduser())
+    if cfg.data.source == "teacher":
+        data.update({f"teacher_{k}": v for k, v in _local_dir_digest(cfg.data.teacher).items()})
+    base = _local_dir_digest(cfg.base_model.name_or_path) if cfg.base_model.source == "pretrained" else {}
     bench = {
         f"benchmark_file:{b.source}": tree_digest(Path(b.source).expanduser())
         for b in cfg.evaluate.benchmarks
         if is_local_source(b.source) and Path(b.source).expanduser().exists()
     }
-    return data, bench
+    return {
+        "synthesize": data,
+        "evaluate": bench,
+        "sft_base": {**deepspeed(cfg.sft_base.deepspeed), **{f"base_model_{k}": v for k, v in base.items()}},
+        "sft_long": deepspeed(cfg.sft_long.deepspeed),
+        "sft_short": deepspeed(cfg.sft_short.deepspeed),
+        "baseline": deepspeed(cfg.baseline.deepspeed),
+    }
 
 
 def _chunk_llm(cfg: Profile, base: StageRecord) -> dict[str, Any]:
@@ -115,15 +153,15 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
     cfg = load_profile(profile, overrides)
     preflight(cfg)  # a deployment's run fails here, in seconds, like `longshort run` does before Prefect starts
     ws, seed, base_model = cfg.run.workspace.resolve(), cfg.run.seed, cfg.section_dump("base_model")
-    data_files, bench_files = _file_digests(cfg)
+    files = _file_digests(cfg)  # each stage's key_extra
 
     data = _stage(
-        synthesize_task, "synthesize", ws, key_extra=data_files,
+        synthesize_task, "synthesize", ws, key_extra=files["synthesize"],
         data=cfg.section_dump("data"), generation=cfg.section_dump("generation"), base_model=base_model, seed=seed,
     )  # fmt: skip
     versioned = _version_data(cfg, data) if os.environ.get("LONGSHORT_DVC_REMOTE") else None
     base = _stage(
-        sft_base_task, "sft_base", ws,
+        sft_base_task, "sft_base", ws, key_extra=files["sft_base"],
         train_path=data.outputs["train"], base_model=base_model,
         tokenizer=cfg.section_dump("tokenizer"), sft=cfg.section_dump("sft_base"), seed=seed,
     )  # fmt: skip
@@ -148,7 +186,7 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
     )  # fmt: skip
     pair = {
         role: _stage(
-            sft_role_task, f"sft_{role}", ws,
+            sft_role_task, f"sft_{role}", ws, key_extra=files[f"sft_{role}"],
             role=role, data_path=cold.outputs[role], model_dir=base.outputs["model"], base_model=base_model,
             sft=cfg.section_dump(f"sft_{role}"), seed=seed,
         )  # fmt: skip
@@ -162,7 +200,7 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
     )  # fmt: skip
     baseline = (
         _stage(
-            baseline_task, "baseline", ws,
+            baseline_task, "baseline", ws, key_extra=files["baseline"],
             model_dir=base.outputs["model"], train_path=data.outputs["train"], base_model=base_model,
             generation=cfg.section_dump("generation"), baseline=cfg.section_dump("baseline"),
         )  # fmt: skip
@@ -176,7 +214,7 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
         "Long⊗Short RL": {"kind": "pair", "long": rl.outputs["long"], "short": rl.outputs["short"]},
     }
     evaluation = _stage(
-        evaluate_task, "evaluate", ws, key_extra=bench_files,
+        evaluate_task, "evaluate", ws, key_extra=files["evaluate"],
         systems=systems, heldout_path=data.outputs["heldout"], scored_heldout=scored.outputs["heldout"],
         base_model=base_model, generation=cfg.section_dump("generation"), protocol=cfg.section_dump("protocol"),
         evaluate=cfg.section_dump("evaluate"), seed=seed,
