@@ -5,8 +5,10 @@ Every item has ``id``, ``problem``, ``answer`` (a string), ``kind`` (``math`` or
 math500, aime24, aime25, amc23, gpqa_diamond — are recognised from the file stem
 or the hub id (or given as ``name=``). GPQA is multiple choice: the options are
 shuffled again for every seed, deterministically from the seed and the row id,
-the problem text is rebuilt as the question, a blank line and ``A) … D)``, and
-``answer`` is the letter of the correct option (the simple-evals convention).
+the problem text is rebuilt as the question, a blank line, ``A) … D)`` and an
+instruction to box the option's letter (``GPQA_INSTRUCTION``: the checker,
+``tasks.answers.choice_letter``, accepts only a letter), and ``answer`` is the
+letter of the correct option (the simple-evals convention).
 
 Paths and hub ids come from the config or the command line, never from a fixed
 location.
@@ -35,18 +37,34 @@ KNOWN_BENCHMARKS: dict[str, AnswerKind] = {
     "gpqa_diamond": "choice",
 }
 
-# hub id (lower case) -> (benchmark name, config, split); the split overrides the default "test"
-# where the dataset only has one split
-HUB_DATASETS: dict[str, tuple[str, str | None, str | None]] = {
-    "huggingfaceh4/math-500": ("math500", None, None),
-    "huggingfaceh4/aime_2024": ("aime24", None, "train"),
-    "maxwell-jia/aime_2024": ("aime24", None, "train"),
-    "math-ai/aime24": ("aime24", None, None),
-    "math-ai/aime25": ("aime25", None, None),
-    "yentinglin/aime_2025": ("aime25", None, "train"),
-    "math-ai/amc23": ("amc23", None, None),
-    "idavidrein/gpqa": ("gpqa_diamond", "gpqa_diamond", "train"),
+DEFAULT_SPLIT = "test"  # load_benchmark's split when none is given (as BenchmarkSource.split)
+
+# hub repository (lower case) -> (default config, split). The split replaces the default "test" where the
+# dataset has only that one split; a split the caller names other than "test" is kept.
+HUB_REPOS: dict[str, tuple[str | None, str | None]] = {
+    "huggingfaceh4/math-500": (None, None),
+    "huggingfaceh4/aime_2024": (None, "train"),
+    "maxwell-jia/aime_2024": (None, "train"),
+    "math-ai/aime24": (None, None),
+    "math-ai/aime25": (None, None),
+    "yentinglin/aime_2025": (None, "train"),
+    "math-ai/amc23": (None, None),
+    "idavidrein/gpqa": ("gpqa_diamond", "train"),
 }
+
+# (hub repository, config) (lower case; config None for a repository without configs) -> benchmark name
+HUB_NAMES: dict[tuple[str, str | None], str] = {
+    ("huggingfaceh4/math-500", None): "math500",
+    ("huggingfaceh4/aime_2024", None): "aime24",
+    ("maxwell-jia/aime_2024", None): "aime24",
+    ("math-ai/aime24", None): "aime24",
+    ("math-ai/aime25", None): "aime25",
+    ("yentinglin/aime_2025", None): "aime25",
+    ("math-ai/amc23", None): "amc23",
+    ("idavidrein/gpqa", "gpqa_diamond"): "gpqa_diamond",
+}
+
+GPQA_INSTRUCTION = "Answer with the letter of the correct option (A, B, C or D) inside \\boxed{}."
 
 # first field present wins; covers our jsonl files and the common hub layouts
 ID_FIELDS = ("id", "unique_id", "ID", "Record ID", "idx")
@@ -64,12 +82,34 @@ class BenchmarkItem:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+def _hub_parts(dataset_id: str) -> tuple[str, str | None]:
+    """``owner/name[:config]`` -> (repository, config as written or the repository's default; None if neither)."""
+    repo, _, config = dataset_id.partition(":")
+    repo = repo.strip()
+    default = HUB_REPOS.get(repo.lower(), (None, None))[0]
+    return repo, (config.strip() or default)
+
+
 def benchmark_name(source: str) -> str:
-    """The conventional name of a source: a known hub id's name, else the file stem or the id's tail."""
-    known = HUB_DATASETS.get(source.split(":")[0].lower())
+    """The conventional name of a source.
+
+    A local path: its file stem, or its folder's name (a trailing slash ignored). A hub id: the known name of
+    its (repository, config), else the repository's tail, with the config appended unless it already starts
+    with that tail (``idavidrein/gpqa:gpqa_main`` -> ``gpqa_main``, ``owner/math:algebra`` -> ``math_algebra``).
+    """
+    if is_local_source(source):
+        path = Path(source).expanduser()
+        name = path.stem if path.suffix.lower() in FILE_SUFFIXES else path.name
+        return name or path.resolve().name  # "." and the like
+    repo, config = _hub_parts(source)
+    repo, config = repo.lower(), config.lower() if config else None
+    known = HUB_NAMES.get((repo, config))
     if known:
-        return known[0]
-    return Path(source).stem if source.endswith(".jsonl") else source.split(":")[0].rsplit("/", 1)[-1].lower()
+        return known
+    tail = repo.rsplit("/", 1)[-1]
+    if not config:
+        return tail
+    return config if config.startswith(tail) else f"{tail}_{config}"
 
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
@@ -171,7 +211,8 @@ def _gpqa_item(where: str, item_id: str, question: str, row: Mapping[str, Any], 
     order = gpqa_permutation(seed, item_id)
     choices = {letter: options[j] for letter, j in zip(CHOICE_LETTERS, order, strict=True)}
     letter = CHOICE_LETTERS[order.index(0)]
-    problem = question.strip() + "\n\n" + "\n".join(f"{k}) {v}" for k, v in choices.items())
+    options_text = "\n".join(f"{k}) {v}" for k, v in choices.items())
+    problem = f"{question.strip()}\n\n{options_text}\n\n{GPQA_INSTRUCTION}"
     extras = {k: v for k, v in row.items() if k not in ("id", "problem", "answer", "choices", "permutation")}
     extras.update(question=question.strip(), choices=choices, correct_answer=options[0], permutation=order)
     return BenchmarkItem(item_id, problem, letter, "choice", extras)
@@ -208,14 +249,21 @@ def _rows_from_path(path: Path, split: str) -> Iterable[tuple[_Source, Mapping[s
         yield _Source(f"{path}:{lineno}", path, lineno), row
 
 
+def hub_load_args(dataset_id: str, split: str) -> tuple[str, str | None, str]:
+    """(repository, config, split) to read ``owner/name[:config]`` with: the config as written, else the known
+    repository's default; the split as asked, except that the default ``"test"`` becomes the only split of a
+    known repository that has no test split (GPQA and some AIME copies: ``train``). A split other than
+    ``"test"`` is always kept. (``"test"`` named explicitly cannot be told from the default here, and on such a
+    repository would only fail to load.)"""
+    repo, config = _hub_parts(dataset_id)
+    only_split = HUB_REPOS.get(repo.lower(), (None, None))[1]
+    return repo, config, (only_split if only_split and split == DEFAULT_SPLIT else split)
+
+
 def _rows_from_hub(dataset_id: str, split: str, revision: str | None = None) -> Iterable[tuple[_Source, Mapping[str, Any]]]:
     import datasets  # lazy: heavy, and only needed for hub sources
 
-    repo, _, config = dataset_id.partition(":")
-    known = HUB_DATASETS.get(repo.lower())
-    if known:
-        config = config or known[1] or ""
-        split = known[2] or split
+    repo, config, split = hub_load_args(dataset_id, split)
     at = f" at revision {revision}" if revision else ""
     log.info("loading %s (config %s, split %s)%s from the hub", repo, config or "default", split, at)
     try:
@@ -230,7 +278,7 @@ def _rows_from_hub(dataset_id: str, split: str, revision: str | None = None) -> 
 def load_benchmark(
     source: str,
     *,
-    split: str = "test",
+    split: str = DEFAULT_SPLIT,
     seed: int = 0,
     limit: int | None = None,
     name: str | None = None,

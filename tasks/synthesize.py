@@ -36,6 +36,8 @@ from longshort.io import (
     write_temp,
 )
 from models.protocol import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
     STOP_STRINGS,
     SYSTEM_PROMPTS,
     THINK_CLOSE,
@@ -150,6 +152,12 @@ def normalize_response(response: str, answer: str) -> str:
 
     ``<think>…</think> final text`` keeps its final text as the answer (a
     ``\\boxed{}`` is added if it has none); a response with no tags is all thinking.
+    The final text's own ``<answer>`` at its start and ``</answer>`` at its end are
+    dropped before it is wrapped again: a teacher that stopped at its end of sequence
+    before ``</answer>``, or whose stop string was kept, still yields one answer turn.
+    A ``</rethink>`` is left alone: it hands back to a long model, which the base
+    protocol (one thinking, one answer) has no place for, so such a response stays
+    unparseable and is rejected by the caller.
     """
     try:
         parse_response(response)
@@ -161,6 +169,10 @@ def normalize_response(response: str, answer: str) -> str:
         body = body[len(THINK_OPEN) :]
     thinking, _, final = body.partition(THINK_CLOSE)
     final = final.strip()
+    if final.startswith(ANSWER_OPEN):
+        final = final[len(ANSWER_OPEN) :].lstrip()
+    if final.endswith(ANSWER_CLOSE):
+        final = final[: -len(ANSWER_CLOSE)].rstrip()
     if extract_boxed(final) is None:
         final = (final + "\n\n" if final else "") + f"The final answer is \\boxed{{{answer}}}."
     return format_response(thinking.strip(), final)

@@ -9,7 +9,15 @@ import pytest
 
 from longshort.io import DataError
 from tasks.answers import check_answer
-from tasks.benchmarks import BenchmarkItem, benchmark_name, gpqa_permutation, load_benchmark
+from tasks.answers import choice_letter
+from tasks.benchmarks import (
+    GPQA_INSTRUCTION,
+    BenchmarkItem,
+    benchmark_name,
+    gpqa_permutation,
+    hub_load_args,
+    load_benchmark,
+)
 from conftest import SHARED_DATA
 
 BENCH = SHARED_DATA / "benchmarks"
@@ -81,8 +89,20 @@ def test_gpqa_letter_points_at_the_correct_text(seed: int) -> None:
         # the options are the file's options, each shown once, in the rebuilt problem text
         assert sorted(it.extras["choices"].values()) == sorted(raw[it.id]["choices"].values())
         options = "\n".join(f"{letter}) {text}" for letter, text in it.extras["choices"].items())
-        assert it.problem == raw[it.id]["question"] + "\n\n" + options
+        assert it.problem == raw[it.id]["question"] + "\n\n" + options + "\n\n" + GPQA_INSTRUCTION
         assert f"\n{it.answer}) {correct}" in it.problem
+
+
+def test_gpqa_problem_asks_for_the_boxed_letter_and_the_checker_reads_one() -> None:
+    """The checker (``choice_letter``) accepts only a letter, so the problem text must ask for one."""
+    for it in load_benchmark(str(BENCH / "gpqa_diamond.jsonl"), seed=4, limit=20):
+        assert it.problem.endswith("\n\nAnswer with the letter of the correct option (A, B, C or D) inside \\boxed{}.")
+        body = it.problem[: -len(GPQA_INSTRUCTION)]
+        shown = dict(line.split(") ", 1) for line in body.strip().splitlines()[-4:])
+        assert shown == it.extras["choices"]  # the four options, in the order of extras["choices"]
+        assert list(shown) == ["A", "B", "C", "D"]
+        assert choice_letter(f"<answer>So \\boxed{{{it.answer}}}</answer>") == it.answer
+        assert check_answer(f"\\boxed{{{it.answer}}}", "choice", it.answer)
 
 
 def test_gpqa_shuffle_depends_on_id_not_on_file_order_or_limit() -> None:
@@ -110,6 +130,52 @@ def test_ints_are_stringified_and_unknown_names_default_to_math(tmp_path: Path) 
     assert benchmark_name(str(path)) == "mine"
     assert benchmark_name("HuggingFaceH4/MATH-500") == "math500"
     assert benchmark_name("Idavidrein/gpqa:gpqa_diamond") == "gpqa_diamond"
+
+
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [
+        ("idavidrein/gpqa", "gpqa_diamond"),  # the repository's default config
+        ("idavidrein/gpqa:gpqa_diamond", "gpqa_diamond"),
+        ("idavidrein/gpqa:gpqa_main", "gpqa_main"),  # another config is another benchmark
+        ("idavidrein/gpqa:gpqa_extended", "gpqa_extended"),
+        ("someone/maths:Algebra", "maths_algebra"),
+        ("someone/no-such-set", "no-such-set"),
+        ("math-ai/aime25", "aime25"),
+        ("/x/math500/", "math500"),  # a folder, trailing slash
+        ("/x/math500", "math500"),
+        ("/x/math500.jsonl", "math500"),
+        ("data/gpqa_diamond.parquet", "gpqa_diamond"),
+    ],
+)
+def test_benchmark_names_by_repository_and_config_and_by_path(source: str, name: str) -> None:
+    assert benchmark_name(source) == name
+
+
+def test_a_folder_with_a_trailing_slash_is_named_and_typed_by_its_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "gpqa_diamond"
+    folder.mkdir()
+    row = {"Record ID": "r", "Question": "Q?", "Correct Answer": "a",
+           "Incorrect Answer 1": "b", "Incorrect Answer 2": "c", "Incorrect Answer 3": "d"}  # fmt: skip
+    _write(folder / "test.jsonl", [row])
+    assert benchmark_name(f"{folder}/") == "gpqa_diamond"
+    assert [it.kind for it in load_benchmark(f"{folder}/")] == ["choice"]
+
+
+@pytest.mark.parametrize(
+    ("source", "split", "expected"),
+    [
+        ("idavidrein/gpqa", "test", ("idavidrein/gpqa", "gpqa_diamond", "train")),  # default -> the only split
+        ("idavidrein/gpqa:gpqa_main", "test", ("idavidrein/gpqa", "gpqa_main", "train")),
+        ("idavidrein/gpqa", "validation", ("idavidrein/gpqa", "gpqa_diamond", "validation")),  # named: kept
+        ("HuggingFaceH4/aime_2024", "test", ("HuggingFaceH4/aime_2024", None, "train")),
+        ("HuggingFaceH4/aime_2024", "dev", ("HuggingFaceH4/aime_2024", None, "dev")),
+        ("HuggingFaceH4/MATH-500", "test", ("HuggingFaceH4/MATH-500", None, "test")),
+        ("someone/set:Cfg", "train", ("someone/set", "Cfg", "train")),  # config case kept for the hub
+    ],
+)
+def test_hub_split_is_replaced_only_when_left_at_the_default(source: str, split: str, expected: tuple) -> None:
+    assert hub_load_args(source, split) == expected
 
 
 def test_a_folder_source_reads_the_split_file(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ from longshort.cli import app
 from longshort.config import ConfigError, DataConfig, DemoTaskConfig, GenerationConfig, ModelConfig
 from longshort.io import DataError, OutputError
 from tasks.demo import count_problems, generate_splits
-from tasks.synthesize import load_problems, synthesize_with_teacher, trace_answer, write_splits
+from models.protocol import ProtocolError, parse_response
+from tasks.synthesize import load_problems, normalize_response, synthesize_with_teacher, trace_answer, write_splits
 
 RESPONSE = "<think>\n1+1=2\n</think>\n<answer>\\boxed{2}</answer>"
 GOOD = {"problem": "What is 1+1?", "answer": "2", "response": RESPONSE}
@@ -167,6 +168,47 @@ def test_max_examples_counts_the_kept_traces(tmp_path):
     path = _jsonl(tmp_path, wrong, {**GOOD, "id": "a"}, wrong, {**GOOD, "id": "b"}, {**GOOD, "id": "c"})
     rows = load_problems(DataConfig(source="traces", path=str(path), max_examples=2), need_response=True)
     assert [r["id"] for r in rows] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<think>\nreason\n</think>\n<answer>The answer is \\boxed{5}",  # end of sequence before </answer>
+        "<think>\nreason\n</think>\n\nThe answer is \\boxed{5}.</answer>",  # stop string kept, no <answer>
+        "<think>\nreason\n</think>\n<answer> The answer is \\boxed{5}. </answer>\n",  # both, spaced
+        "reason\n</think>\n<answer>The answer is \\boxed{5}",  # no <think>, as R1 chat templates leave it
+    ],
+)
+def test_a_final_part_with_its_own_answer_tags_is_not_wrapped_twice(text):
+    response = normalize_response(text, "5")
+    thinking, final = parse_response(response)
+    assert thinking == "reason"
+    assert final.kind == "final" and final.answer == "5"
+    assert response.count("<answer>") == 1 and response.count("</answer>") == 1
+
+
+def test_a_final_part_that_hands_back_stays_unparseable():
+    """``</rethink>`` has no place in a one-model response: it is not stripped, so the trace is rejected."""
+    with pytest.raises(ProtocolError):
+        parse_response(normalize_response("<think>\nreason\n</think>\n<answer>more \\boxed{5}</rethink>", "5"))
+
+
+def test_teacher_and_traces_keep_a_trace_whose_answer_tags_were_cut(tmp_path):
+    cut = "<think>\n1+1=2\n</think>\n<answer>\\boxed{2}"  # the teacher's EOS came before </answer>
+    kept = _traces(_jsonl(tmp_path, {**GOOD, "response": cut}))
+    assert [r["response"] for r in kept] == [RESPONSE]
+
+    class Teacher:
+        def chat_prompt(self, system: str, problem: str) -> str:
+            return problem
+
+        def generate(self, prompts, **sampling) -> list:
+            return [[SimpleNamespace(text="<think>\n1+1=2\n</think>\n\\boxed{2}.</answer>")] for _ in prompts]
+
+    cfg = DataConfig(source="teacher", path="problems.jsonl", teacher="t")
+    rows = [{"id": "0", "problem": "1+1", "answer": "2"}]
+    kept = synthesize_with_teacher(rows, cfg, GenerationConfig(), ModelConfig(), 0, backend=Teacher())
+    assert [r["response"] for r in kept] == ["<think>\n1+1=2\n</think>\n<answer>\\boxed{2}.</answer>"]
 
 
 def test_teacher_keeps_only_traces_whose_own_answer_is_right():
