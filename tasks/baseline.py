@@ -11,17 +11,18 @@ problems and seeds (``tasks.report.evaluate_systems``).
 This is plain single-model GRPO, so TRL's ``GRPOTrainer`` runs it (vLLM colocated
 with training on GPU profiles, ``model.generate`` on CPU); only the reward and the
 easy-prompt filter are ours. Checkpoints go to ``out_dir/checkpoints`` and a
-rerun after an interruption resumes from the last complete one.
+rerun after an interruption resumes from the last complete one; a rerun after the
+model and ``baseline_result.json`` were written returns the stored result.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,24 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 
 from longshort.config import BaselineConfig, ConfigError
+from longshort.io import atomic_write_text
 from models.generation import GenerationBackend, vllm_available
 from models.protocol import SYSTEM_PROMPTS
 from tasks.answers import check_answer
 from tasks.evaluate import response_answer, single_model_records
 from tasks.rewards import truncation_reward
-from tasks.sft import deepspeed_scope, last_complete_checkpoint, save_trained
+from tasks.sft import (
+    deepspeed_scope,
+    inputs_digest,
+    last_complete_checkpoint,
+    retire_checkpoints,
+    save_trained,
+    stored_result,
+)
 
 log = logging.getLogger(__name__)
+
+RESULT_FILE = "baseline_result.json"
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,21 @@ def _prompt(problem: Mapping[str, Any]) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPTS["base"]}, {"role": "user", "content": problem["problem"]}]
 
 
+def _reuse_baseline(out_dir: Path, inputs: str) -> BaselineResult | None:
+    """The result of a finished ``train_truncation_baseline`` in ``out_dir`` from the same ``inputs``, or None
+    (see ``tasks.sft.inputs_digest`` for why the inputs are compared although the pipeline's folders are
+    named by them)."""
+    stored = stored_result(out_dir / RESULT_FILE, inputs)
+    if stored is None:
+        return None
+    try:
+        result = BaselineResult(**{f.name: stored[f.name] for f in fields(BaselineResult)})
+    except KeyError as exc:
+        log.warning("%s has no field %s; training again", out_dir / RESULT_FILE, exc)
+        return None
+    return replace(result, model_dir=str(out_dir / "model"))  # where the folder is now, if it was moved
+
+
 def train_truncation_baseline(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -130,7 +156,13 @@ def train_truncation_baseline(
     use_vllm: bool = False,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> BaselineResult:
-    """GRPO of one model on ``problems`` (already filtered) with the truncation reward; saves ``out_dir/model``."""
+    """GRPO of one model on ``problems`` (already filtered) with the truncation reward; saves ``out_dir/model``.
+
+    A rerun in a folder where a run from the same inputs finished (``baseline_result.json``, written after
+    the whole model and before the checkpoints were removed) returns that run's result without training: a
+    process killed after this returned and before the stage's record was saved must not train again from
+    step 0.
+    """
     from trl import GRPOConfig, GRPOTrainer  # noqa: PLC0415 - heavy import, only this stage needs it
 
     if len(problems) < cfg.prompts_per_step:
@@ -141,6 +173,14 @@ def train_truncation_baseline(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
+    inputs = inputs_digest(problems, model, tokenizer, baseline=cfg.model_dump(mode="json"), use_vllm=use_vllm)
+    done = _reuse_baseline(out_dir, inputs)
+    if done is not None:
+        log.info("reusing the finished baseline run in %s (%d steps): not training again", out_dir, done.steps)
+        retire_checkpoints(ckpt_dir)  # a kill between the result file and their removal left them
+        return done
+    # A result that cannot stand for this run goes first (see train_sft): never an old result beside a new model.
+    (out_dir / RESULT_FILE).unlink(missing_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     use_cuda = torch.cuda.is_available()
     if use_vllm and not vllm_available():
@@ -211,14 +251,13 @@ def train_truncation_baseline(
             callbacks=[history],
         )
         trainer.remove_callback(PrinterCallback)  # each step is logged once, by ``on_step``
-        last = last_complete_checkpoint(ckpt_dir)
+        last = last_complete_checkpoint(ckpt_dir, optimizer_state=not args.save_only_model, deepspeed=deepspeed)
         if last:
             log.info("resuming the truncation baseline from %s", last)
         result = trainer.train(resume_from_checkpoint=last)
         model_dir = out_dir / "model"
         save_trained(trainer, tokenizer, model_dir)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        return BaselineResult(
+        out = BaselineResult(
             model_dir=str(model_dir),
             steps=int(result.global_step),
             n_problems=len(problems),
@@ -226,3 +265,8 @@ def train_truncation_baseline(
             runtime_s=round(time.perf_counter() - start, 2),
             resumed_from=last,
         )
+        # The order is what a rerun relies on: the whole model (one rename), then the result file
+        # (``_reuse_baseline`` takes it as the mark of a finished run), and only then the checkpoints go.
+        atomic_write_text(out_dir / RESULT_FILE, json.dumps({**asdict(out), "inputs": inputs}, indent=2))
+        retire_checkpoints(ckpt_dir)
+        return out

@@ -3,20 +3,22 @@
 Examples are ``{"prompt": <chat prompt string>, "completion": <assistant text>}``
 so the same code trains the long-CoT base model, the long-thought model and
 the short-thought model. Checkpoints go to ``out_dir/checkpoints`` and a rerun
-after an interruption resumes from the last one; the final model is saved as
-safetensors with its tokenizer in ``out_dir/model``.
+after an interruption resumes from the last complete one; the final model is saved as
+safetensors with its tokenizer in ``out_dir/model``, then ``sft_result.json``, and a
+rerun that finds both returns the stored result without training.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +31,7 @@ from trl import SFTTrainer
 
 from longshort.config import LoraConfig as LoraSettings
 from longshort.config import SFTConfig, repo_file
-from longshort.io import atomic_write_text
+from longshort.io import atomic_write_text, json_digest
 
 log = logging.getLogger(__name__)
 
@@ -207,26 +209,119 @@ def peft_lora(lora: LoraSettings | None):
     )
 
 
-def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest checkpoint that was written to the end (``trainer_state.json`` is written last).
+def last_complete_checkpoint(
+    ckpt_dir: Path, *, optimizer_state: bool = True, deepspeed: str | Mapping[str, Any] | None = None
+) -> str | None:
+    """The newest checkpoint that holds everything a resume loads from it.
 
-    A process killed while saving leaves a folder with weights but no trainer state, or a
-    trainer state cut short (transformers writes it with a plain ``open``);
-    transformers' ``get_last_checkpoint`` would pick it and every rerun would fail, so
-    incomplete folders are skipped (and removed, so that the next save can use the name).
+    A process killed while saving leaves a folder with weights but no trainer state, or a trainer state
+    cut short (transformers writes it with a plain ``open``, last); a kill while deleting a folder
+    (``retire_checkpoints``, ``rotate_checkpoints``) can leave the trainer state with some other files
+    gone. transformers resumes from such a folder without an error where the optimizer, scheduler or RNG
+    file is missing (it skips them, and only logs a missing RNG file): a silently different run. So a
+    folder is complete when ``checkpoint_problem`` finds nothing missing; the others are skipped with a
+    warning naming what is missing and removed (so that the next save can use the name), and the newest
+    complete one is picked. ``optimizer_state`` is False for checkpoints saved with ``save_only_model``;
+    ``deepspeed`` is the DeepSpeed config the Trainer runs with (its path or dict), None without one.
     """
     complete = []
     for folder in Path(ckpt_dir).glob("checkpoint-*"):
         step = folder.name.rsplit("-", 1)[-1]
-        if not step.isdigit():
+        if not step.isdigit() or not folder.is_dir():
             continue
-        problem = _trainer_state_problem(folder / "trainer_state.json")
+        problem = checkpoint_problem(folder, optimizer_state=optimizer_state, deepspeed=deepspeed)
         if problem is None:
             complete.append((int(step), folder))
         else:
-            log.warning("removing incomplete checkpoint %s (%s)", folder, problem)
-            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("skipping and removing incomplete checkpoint %s (%s)", folder, problem)
+            _remove_renamed(folder)
     return str(max(complete)[1]) if complete else None
+
+
+def checkpoint_problem(
+    folder: Path, *, optimizer_state: bool = True, deepspeed: str | Mapping[str, Any] | None = None
+) -> str | None:
+    """What a Trainer checkpoint folder lacks for a faithful resume, or None when it is whole.
+
+    What transformers 5 (``Trainer._save_checkpoint``) writes, and reads back on resume:
+    - always ``trainer_state.json`` (written last) and, unless DeepSpeed saved the run, the weights:
+      ``model.safetensors``, ``adapter_model.safetensors`` (LoRA) or a ``*.index.json`` with its shards;
+    - with optimizer state (``save_only_model`` False): ``optimizer.pt`` and ``scheduler.pt``, and
+      ``rng_state.pth`` (one process) or ``rng_state_{rank}.pth`` (one per process);
+    - under DeepSpeed, instead of the weights and ``optimizer.pt``, the engine's ``save_checkpoint``: a
+      ``latest`` file naming a ``global_stepN/`` folder of ``*model_states.pt`` and, with ZeRO (stage >= 1),
+      one ``*optim_states.pt`` per data-parallel rank. ``scheduler.pt`` is still written unless the
+      DeepSpeed config has its own ``scheduler`` (then it lives in the engine's states).
+    """
+    problem = _trainer_state_problem(folder / "trainer_state.json")
+    if problem is not None:
+        return problem
+    ds = _deepspeed_settings(deepspeed)
+    # The processes that saved it: one wrote rng_state.pth, several one rng_state_{rank}.pth each.
+    ranks = sorted(int(r) for p in folder.glob("rng_state_*.pth") if (r := p.stem.rsplit("_", 1)[1]).isdigit())
+    world = 1 if (folder / "rng_state.pth").is_file() else len(ranks) if ranks == list(range(len(ranks))) else None
+    missing: list[str] = []
+    if ds is not None and optimizer_state:
+        missing += _deepspeed_missing(folder, zero_stage=ds[0], world=world)
+    else:
+        missing += weights_missing(folder)
+    if optimizer_state:
+        if ds is None and not (folder / "optimizer.pt").is_file():
+            missing.append("optimizer.pt")
+        if (ds is None or not ds[1]) and not (folder / "scheduler.pt").is_file():
+            missing.append("scheduler.pt")
+        if not world:
+            gaps = sorted(set(range(ranks[-1] + 1)) - set(ranks)) if ranks else []
+            missing.append(f"rng_state_<rank>.pth of ranks {gaps}" if ranks else "rng_state.pth")
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+def weights_missing(folder: Path) -> list[str]:
+    """What is missing of a saved model's weights in ``folder``: nothing (``[]``) when it holds a whole
+    ``model.safetensors`` / ``adapter_model.safetensors`` / ``pytorch_model.bin`` / ``adapter_model.bin``, or
+    an index (``*.index.json``) whose every shard is there."""
+    singles = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+    if any((folder / name).is_file() for name in singles):
+        return []
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        path = folder / index
+        if not path.is_file():
+            continue
+        try:
+            shards = set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return [f"a readable {index} ({type(exc).__name__})"]
+        return sorted(s for s in shards if not (folder / s).is_file())
+    return ["model weights (model.safetensors, adapter_model.safetensors or a sharded index)"]
+
+
+def _deepspeed_settings(deepspeed: str | Mapping[str, Any] | None) -> tuple[int, bool] | None:
+    """(ZeRO stage, whether DeepSpeed runs the LR scheduler) of a DeepSpeed config path or dict."""
+    if deepspeed is None:
+        return None
+    cfg = deepspeed if isinstance(deepspeed, Mapping) else json.loads(Path(deepspeed).read_text(encoding="utf-8"))
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    return (int(stage) if str(stage).isdigit() else 0), "scheduler" in cfg
+
+
+def _deepspeed_missing(folder: Path, zero_stage: int, world: int | None) -> list[str]:
+    """What a DeepSpeed engine checkpoint in ``folder`` lacks (``DeepSpeedEngine.save_checkpoint``), for
+    ``world`` processes (from the RNG files; None when they are incomplete): with ZeRO, one
+    ``zero_pp_rank_{rank}_..._optim_states.pt`` per process (and under ZeRO-3 one ``..._model_states.pt``)."""
+    latest = folder / "latest"
+    if not latest.is_file():
+        return ["DeepSpeed 'latest' file"]
+    tag = latest.read_text(encoding="utf-8").strip()
+    states = folder / tag
+    if not tag or not states.is_dir():
+        return [f"DeepSpeed state folder '{tag}/' named by 'latest'"]
+    missing = [] if any(states.glob("*model_states.pt")) else [f"{tag}/*model_states.pt"]
+    for kind in ("optim", "model") if zero_stage == 3 else ("optim",) if zero_stage >= 1 else ():
+        ranks = sorted({int(p.name.split("zero_pp_rank_", 1)[1].split("_", 1)[0])
+                        for p in states.glob(f"*zero_pp_rank_*_{kind}_states.pt")})  # fmt: skip
+        if not ranks or ranks != list(range(world or len(ranks))):
+            missing.append(f"{tag}/*zero_pp_rank_<rank>_{kind}_states.pt (found ranks {ranks} of {world or '?'})")
+    return missing
 
 
 def _trainer_state_problem(path: Path) -> str | None:
@@ -238,6 +333,105 @@ def _trainer_state_problem(path: Path) -> str | None:
     except (OSError, ValueError) as exc:  # cut short: not JSON, or not UTF-8
         return f"trainer_state.json unreadable: {str(exc).splitlines()[0]}"
     return None if isinstance(state, dict) and "global_step" in state else "trainer_state.json has no global_step"
+
+
+def _remove_renamed(folder: Path) -> None:
+    """Delete ``folder``, renamed first to a dot name: a kill during the rmtree must not leave a folder under
+    its own name that has its trainer_state.json but lost other files, or a half-deleted model."""
+    retired = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, retired)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def retire_checkpoints(ckpt_dir: Path) -> None:
+    """Delete a finished run's checkpoint folder (renamed away first, see ``_remove_renamed``)."""
+    _remove_renamed(Path(ckpt_dir))
+
+
+def model_problem(model_dir: Path) -> str | None:
+    """Why ``model_dir`` is not a whole saved model (``config.json`` and its weights), or None."""
+    if not (model_dir / "config.json").is_file():
+        return f"no {model_dir / 'config.json'}"
+    missing = weights_missing(model_dir)
+    return f"{model_dir} is missing {', '.join(missing)}" if missing else None
+
+
+def stored_result(path: Path, inputs: str | None = None) -> dict[str, Any] | None:
+    """The fields of a finished run's result file, or None (with a warning saying why) when it cannot stand
+    for the run: absent, unreadable, written from other ``inputs`` (when given), or its model incomplete.
+
+    The result file is written (atomically) after ``save_trained`` has put the whole model in place with
+    one rename, so a readable result file means the model was complete; ``model_problem`` checks it again
+    in case files were removed since.
+    """
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s); training again", path, str(exc).splitlines()[0])
+        return None
+    if not isinstance(stored, dict):
+        log.warning("%s does not hold a JSON object; training again", path)
+        return None
+    if inputs is not None and stored.get("inputs") != inputs:
+        log.warning("%s was written from other inputs (%s, now %s); training again", path,
+                    str(stored.get("inputs"))[:16], inputs[:16])  # fmt: skip
+        return None
+    problem = model_problem(path.parent / "model")
+    if problem is not None:
+        log.warning("%s: its model is incomplete (%s); training again", path, problem)
+        return None
+    return stored
+
+
+def inputs_digest(
+    rows: Iterable[Mapping[str, Any]], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, **settings: Any
+) -> str:
+    """A digest of what a training run is made from: its data ``rows``, its ``settings`` (config sections,
+    seed, ...), the model's config (architecture and where it was loaded from) and the tokenizer's vocabulary.
+
+    Within the pipeline a rerun in one folder has the same inputs: ``_run_stage`` (flows/stages.py) runs
+    a stage in ``artifacts/<stage>/<key>``, named by the digest of all its inputs and code
+    (``flows.caching.stage_dir``), and removes a folder whose record holds another key. Not so elsewhere:
+    ``longshort stage sft_base`` (``flows.dvc_stages``) trains in a fixed ``DIR/sft_base`` and the benches take
+    a ``--workdir``; a run killed there before its record, rerun after a settings change, must not take the
+    other settings' result. The starting weights are not hashed (gigabytes): two models of one config from
+    one path count as the same start.
+    """
+    rows_digest = hashlib.sha256()  # one row at a time: a real SFT set is gigabytes of JSON
+    for row in rows:
+        rows_digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
+    return json_digest({
+        "rows": rows_digest.hexdigest(),
+        "settings": settings,
+        "model": model.config.to_dict(),
+        "tokenizer": [len(tokenizer), json_digest(tokenizer.get_vocab())],
+    })  # fmt: skip
+
+
+def _stamped_inputs(stamp: Path) -> str | None:
+    """The inputs digest a checkpoint folder's ``inputs.json`` holds (None when unreadable)."""
+    try:
+        held = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return held.get("inputs") if isinstance(held, dict) else None
+
+
+def _reuse_sft(out_dir: Path, inputs: str) -> SFTResult | None:
+    """The result of a finished ``train_sft`` in ``out_dir`` from the same ``inputs``, or None."""
+    stored = stored_result(out_dir / "sft_result.json", inputs)
+    if stored is None:
+        return None
+    try:
+        result = SFTResult(**{f.name: stored[f.name] for f in fields(SFTResult)})
+    except KeyError as exc:
+        log.warning("%s has no field %s; training again", out_dir / "sft_result.json", exc)
+        return None
+    return replace(result, model_dir=str(out_dir / "model"))  # where the folder is now, if it was moved
 
 
 def train_sft(
@@ -256,10 +450,29 @@ def train_sft(
     ``fused`` is the default: ``plain`` is 1.2x faster on CPU and equal to float rounding over 60
     steps, but over the demo's 1125-step base SFT the rounding compounded into another model
     (18% held-out accuracy instead of 98.7%: the demo model's copying skill emerges abruptly).
+
+    A rerun in a folder where a run from the same inputs (``inputs_digest``) finished, i.e. wrote
+    ``sft_result.json`` after the whole model, returns that run's result without training: a process
+    killed after this returned and before the stage's record was saved must not train again from step 0
+    (its checkpoints are gone by then). Checkpoints of other inputs are removed, not resumed from.
     """
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
+    inputs = inputs_digest(examples, model, tokenizer, sft=cfg.model_dump(mode="json"), seed=seed, loss=loss)
+    done = _reuse_sft(out_dir, inputs)
+    if done is not None:
+        log.info("reusing the finished SFT run in %s (%d steps): not training again", out_dir, done.steps)
+        retire_checkpoints(ckpt_dir)  # a kill between sft_result.json and their removal left them
+        return done
+    # A result that cannot stand for this run goes first: a kill later, after the new model replaced the old
+    # one and before the new result was written, must not leave the old result beside the new model.
+    (out_dir / "sft_result.json").unlink(missing_ok=True)
+    stamp = ckpt_dir / "inputs.json"
+    if stamp.is_file() and _stamped_inputs(stamp) != inputs:
+        log.warning("removing the checkpoints in %s: they were written from other inputs", ckpt_dir)
+        retire_checkpoints(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, json.dumps({"inputs": inputs}))
     use_cuda = torch.cuda.is_available()
     with deepspeed_scope(cfg.deepspeed) as deepspeed:
         args = TRLSFTConfig(
@@ -299,7 +512,7 @@ def train_sft(
             peft_config=peft_lora(cfg.lora),
             callbacks=[history],
         )
-        last = last_complete_checkpoint(ckpt_dir)
+        last = last_complete_checkpoint(ckpt_dir, optimizer_state=not args.save_only_model, deepspeed=deepspeed)
         if last:
             log.info("resuming SFT from %s", last)
         result = trainer.train(resume_from_checkpoint=last)
@@ -315,13 +528,10 @@ def train_sft(
             train_runtime_s=float(result.metrics.get("train_runtime", 0.0)),
             resumed_from=last,
         )
+        # The order is what a rerun relies on: the whole model (one rename), its loss history, then the
+        # result file (``_reuse_sft`` takes it as the mark of a finished run), and only then the checkpoints go.
         atomic_write_text(out_dir / "loss_history.json", json.dumps(history.history))
-        atomic_write_text(out_dir / "sft_result.json", json.dumps(asdict(out), indent=2))
-        # Renamed away before deleting: a kill during the rmtree must not leave a checkpoint that has its
-        # trainer_state.json but lost its weights, which a rerun would take as complete and fail to resume.
-        retired = out_dir / ".checkpoints.old"
-        shutil.rmtree(retired, ignore_errors=True)
-        os.replace(ckpt_dir, retired)
-        shutil.rmtree(retired, ignore_errors=True)
+        atomic_write_text(out_dir / "sft_result.json", json.dumps({**asdict(out), "inputs": inputs}, indent=2))
+        retire_checkpoints(ckpt_dir)
         return out
 

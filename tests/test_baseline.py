@@ -125,6 +125,39 @@ def test_grpo_run_saves_a_model_and_logs_each_step(base_format_tiny, demo_rows_s
     json.dumps(result.history)  # JSON-able, as history.jsonl stores it
 
 
+def test_a_rerun_after_the_baseline_finished_returns_its_result_without_training(
+    base_format_tiny, demo_rows_small, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A kill after ``train_truncation_baseline`` returned and before the stage saved its record leaves the model
+    and ``baseline_result.json`` but no checkpoints: the rerun returns the first run's result, trains no step."""
+    train, _ = demo_rows_small
+    problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in train[:4]]
+    cfg = BaselineConfig(steps=2, prompts_per_step=2, group_size=4, learning_rate=1e-3, length_target=64,
+                         temperature=0.7, checkpoint_every=1)  # fmt: skip
+    model, tok = load_model(ModelConfig(), path=base_format_tiny)
+    first = train_truncation_baseline(model, tok, problems, cfg, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["baseline_result.json", "model"]
+    weights = Path(first.model_dir) / "model.safetensors"
+    saved = (weights.stat().st_mtime_ns, weights.read_bytes())
+
+    model, tok = load_model(ModelConfig(), path=base_format_tiny)
+    steps: list[dict] = []
+    with caplog.at_level("INFO", logger="tasks.baseline"):
+        again = train_truncation_baseline(model, tok, problems, cfg, tmp_path, on_step=steps.append)
+
+    assert again == first and again.steps == 2 and len(again.history) == 2
+    assert steps == []  # no GRPO step ran
+    assert (weights.stat().st_mtime_ns, weights.read_bytes()) == saved  # the model was not saved again
+    assert not (tmp_path / "checkpoints").exists()
+    assert "reusing the finished baseline run" in caplog.text
+
+    # Other settings in the same folder (a bench's --workdir): trained, not the stored result.
+    model, tok = load_model(ModelConfig(), path=base_format_tiny)
+    other = train_truncation_baseline(model, tok, problems, cfg.model_copy(update={"steps": 1}), tmp_path)
+    assert other.steps == 1 and len(other.history) == 1
+    assert "was written from other inputs" in caplog.text
+
+
 def test_no_problem_left_is_a_clear_error(trained_tiny, tmp_path: Path):
     model, tok = load_model(ModelConfig(), path=trained_tiny)
     with pytest.raises(ConfigError, match=r"baseline.prompts_per_step: 0 training problems left, fewer than 8"):

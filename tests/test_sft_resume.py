@@ -14,10 +14,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tasks.sft import SFTResult
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_STEPS = 8
@@ -29,8 +33,10 @@ AFTER_SAVE_4 = "after-save-4"
 INSIDE_SAVE_6 = "inside-save-6"
 
 
-def _train(out_dir: Path, pause: str | None) -> None:
-    """Child body: build tokenizer, tiny model and examples from fixed seeds, then run ``train_sft``."""
+def _train(out_dir: Path, pause: str | None, **sft: object) -> SFTResult:
+    """Child body: build tokenizer, tiny model and examples from fixed seeds, then run ``train_sft``.
+
+    Also called in the test process, where ``sft`` overrides settings of the SFT config."""
     import torch
 
     from longshort.config import DemoTaskConfig, SFTConfig, TinyModelConfig
@@ -49,9 +55,9 @@ def _train(out_dir: Path, pause: str | None) -> None:
     model = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=2, num_key_value_heads=2,
                                              max_position_embeddings=512), tokenizer, seed=0)  # fmt: skip
-    cfg = SFTConfig(max_steps=MAX_STEPS, save_steps=SAVE_STEPS, batch_size=4, learning_rate=3e-3,
-                    logging_steps=1, epochs=1)  # fmt: skip
-    train_sft(base_sft_examples(tokenizer, train), model, tokenizer, cfg, out_dir, seed=0)
+    cfg = SFTConfig(**{**dict(max_steps=MAX_STEPS, save_steps=SAVE_STEPS, batch_size=4, learning_rate=3e-3,
+                              logging_steps=1, epochs=1), **sft})  # fmt: skip
+    return train_sft(base_sft_examples(tokenizer, train), model, tokenizer, cfg, out_dir, seed=0)
 
 
 def _pause_at(out_dir: Path, pause: str) -> None:
@@ -213,22 +219,136 @@ def test_sft_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_on
     _assert_resumed_equals_straight(runs, out_dir, "checkpoint-4", resumed)
 
 
+def _files(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``folder`` with its modification time and bytes."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_rerun_after_the_run_finished_trains_nothing_and_returns_the_same_result(
+    runs: Runs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A kill after ``train_sft`` returned and before the stage saved its record leaves the model, the result
+    and the loss history but no checkpoints (they were removed): the rerun must not train from step 0."""
+    from tasks.sft import SFTResult
+
+    out_dir = tmp_path / "finished"
+    shutil.copytree(runs.straight, out_dir)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["loss_history.json", "model", "sft_result.json"]
+    before = _files(out_dir)
+
+    with caplog.at_level("INFO", logger="tasks.sft"):
+        again = _train(out_dir, None)
+
+    expected = {**runs.straight_result, "model_dir": str(out_dir / "model")}  # the copy's own model folder
+    assert again == SFTResult(**{k: v for k, v in expected.items() if k != "inputs"})
+    assert _files(out_dir) == before  # nothing rewritten: no model saved, no loss logged, no checkpoint made
+    assert "reusing the finished SFT run" in caplog.text
+
+    # The same folder with other settings (a manual `longshort stage sft_base` after a settings change, in
+    # its fixed folder): the stored result is not taken for theirs.
+    other = _train(out_dir, None, learning_rate=1e-3)
+    assert other.steps == MAX_STEPS and other.resumed_from is None
+    assert other.train_loss != pytest.approx(runs.straight_result["train_loss"])
+    assert "was written from other inputs" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_checkpoint_that_lost_its_optimizer_state_is_skipped_for_the_earlier_complete_one(
+    runs: Runs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """transformers would resume from checkpoint-4 without its optimizer.pt, silently with a fresh optimizer;
+    it is skipped with a warning, the run resumes from checkpoint-2 and ends bit for bit where the
+    uninterrupted run ended."""
+    out_dir = tmp_path / "half-deleted"
+    shutil.copytree(runs.killed_between, out_dir)
+    (out_dir / "checkpoints" / "checkpoint-4" / "optimizer.pt").unlink()  # what a kill mid-rmtree can leave
+
+    with caplog.at_level("WARNING", logger="tasks.sft"):
+        resumed = _train(out_dir, None)
+
+    assert "checkpoint-4 (missing optimizer.pt)" in caplog.text
+    _assert_resumed_equals_straight(runs, out_dir, "checkpoint-2", asdict(resumed))
+
+
 if __name__ == "__main__":
     _train(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
 
 
-def test_only_whole_checkpoints_are_resumed_from(tmp_path: Path):
-    """A folder without a trainer state, or with one cut short, is removed; the newest whole one is picked."""
+RESUME_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+
+def _checkpoint(folder: Path, files: tuple[str, ...] = RESUME_FILES, state: str | None = '{"global_step": 1}') -> Path:
+    """A checkpoint folder laid out as transformers writes it (the files' contents are not read)."""
+    folder.mkdir(parents=True)
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    if state is not None:
+        (folder / "trainer_state.json").write_text(state)
+    return folder
+
+
+def test_only_whole_checkpoints_are_resumed_from(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A folder without a trainer state, with one cut short, or without a file the resume loads is skipped with
+    a warning and removed; the newest whole one is picked."""
     from tasks.sft import last_complete_checkpoint
 
     for step, state in ((100, '{"global_step": 100}'), (200, '{"global_step": 2'), (300, None), (150, "[]")):
-        folder = tmp_path / f"checkpoint-{step}"
-        folder.mkdir()
-        (folder / "model.safetensors").write_bytes(b"weights")
-        if state is not None:
-            (folder / "trainer_state.json").write_text(state)
-    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-100")
+        _checkpoint(tmp_path / f"checkpoint-{step}", state=state)
+    _checkpoint(tmp_path / "checkpoint-400", ("model.safetensors", "scheduler.pt", "rng_state.pth"))
+    _checkpoint(tmp_path / "checkpoint-500", ("optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_2.pth"))
+    with caplog.at_level("WARNING", logger="tasks.sft"):
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-100")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100"]
+    assert "checkpoint-400 (missing optimizer.pt)" in caplog.text
+    assert "checkpoint-500 (missing model weights" in caplog.text and "rng_state_<rank>.pth of ranks [1]" in caplog.text
+    # none complete: start from scratch
+    _checkpoint(tmp_path / "x" / "checkpoint-7", ("model.safetensors", "optimizer.pt", "rng_state.pth"))
+    assert last_complete_checkpoint(tmp_path / "x") is None
+
+
+def test_what_a_checkpoint_needs_depends_on_how_it_was_saved(tmp_path: Path):
+    """LoRA adapters, sharded weights, model-only saves and DeepSpeed engine states, as transformers and
+    DeepSpeed lay them out; a DeepSpeed checkpoint has no optimizer.pt and must not be rejected for it."""
+    from tasks.sft import checkpoint_problem
+
+    lora = _checkpoint(tmp_path / "lora", ("adapter_model.safetensors", *RESUME_FILES[1:]))
+    assert checkpoint_problem(lora) is None
+    shards = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    sharded = _checkpoint(tmp_path / "sharded", (shards[0], *RESUME_FILES[1:]))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}}))
+    assert checkpoint_problem(sharded) == f"missing {shards[1]}"
+    (sharded / shards[1]).write_bytes(b"x")
+    assert checkpoint_problem(sharded) is None
+    model_only = _checkpoint(tmp_path / "model-only", ("model.safetensors",))
+    assert checkpoint_problem(model_only, optimizer_state=False) is None
+    assert checkpoint_problem(model_only) == "missing optimizer.pt, scheduler.pt, rng_state.pth"
+
+    # ZeRO-3 over two processes (DeepSpeedEngine.save_checkpoint): 'latest' names global_step4/, one model and
+    # one optimizer state file per data-parallel rank; weights gathered to model.safetensors are not needed.
+    ds_files = ("latest", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth",
+                *(f"global_step4/{p}zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt"
+                  for r in (0, 1) for p, kind in (("", "model"), ("bf16_", "optim"))))  # fmt: skip
+    ds = _checkpoint(tmp_path / "ds", ds_files)
+    (ds / "latest").write_text("global_step4")
+    zero3 = {"zero_optimization": {"stage": 3}}
+    assert checkpoint_problem(ds, deepspeed=zero3) is None
+    assert checkpoint_problem(ds).startswith("missing model weights")  # not a checkpoint a plain Trainer resumes
+    (ds / "global_step4" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    lost_rank = "missing global_step4/*zero_pp_rank_<rank>_optim_states.pt (found ranks [0] of 2)"
+    assert checkpoint_problem(ds, deepspeed=zero3) == lost_rank
+    (ds / "scheduler.pt").unlink()
+    (ds / "latest").unlink()
+    assert checkpoint_problem(ds, deepspeed=zero3) == "missing DeepSpeed 'latest' file, scheduler.pt"
+    # a DeepSpeed config with its own scheduler keeps it in the engine's states: no scheduler.pt then
+    ds_file = tmp_path / "zero2.json"
+    ds_file.write_text(json.dumps({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}))
+    (ds / "latest").write_text("global_step4\n")
+    assert checkpoint_problem(ds, deepspeed=str(ds_file)) == lost_rank
 
 
 def test_the_run_loss_weights_each_logged_window_by_the_steps_it_covers():
