@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from tasks.answers import check_answer, choice_letter, is_correct, is_correct_choice
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MATH_CASES = [
     # fractions, decimals and fraction styles
@@ -129,6 +135,124 @@ def test_huge_answers_are_wrong_without_hanging_a_worker_thread(predicted: str) 
     assert results == [False, False]
 
 
+UNBOUNDED_ANSWERS = [
+    "\\prod_{k=1}^{10^9} k",  # sympy multiplies 10^9 factors
+    "\\sum_{k=1}^{10^9} k!",
+    "\\sum_{k=1}^{1000} k!",  # evalf switches to Euler-Maclaurin past ~106 terms: derivatives of k! never end
+    "\\sum_{k=1}^{n} k^{300}",  # a symbolic limit: Faulhaber's formula of degree 301 (5 s)
+    "\\sum_{k=1}^{\\infty} k!",
+    "\\sum_{i=1}^{100}\\sum_{j=1}^{10^9} i j",
+    "\\int_0^{10^9} x!\\,dx",  # 18 s before the guard
+    "\\lim_{x\\to\\infty} x!",
+    "\\operatorname{zeros}(3000, 3000)",  # built by the LaTeX parser itself
+    "\\binom{1000000}{500000}",  # computed by the LaTeX parser itself
+]
+
+
+def _check_in_worker_thread(predicted: str) -> tuple[bool, list[bool]]:
+    """(still running after 30 s, results) of checking ``predicted`` both ways in a worker thread."""
+    results: list[bool] = []
+
+    def check() -> None:
+        results.extend([is_correct(f"The answer is \\boxed{{{predicted}}}", "1"), is_correct("1", predicted)])
+
+    t = threading.Thread(target=check, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    return t.is_alive(), results
+
+
+@pytest.mark.parametrize("predicted", UNBOUNDED_ANSWERS)
+def test_unbounded_sums_products_and_parser_hazards_are_wrong_in_a_worker_thread(predicted: str) -> None:
+    # Prefect runs tasks in worker threads, where math-verify has no timeout: each of these
+    # ran for seconds to forever inside parse() or verify() before the guard
+    alive, results = _check_in_worker_thread(predicted)
+    assert not alive
+    assert results == [False, False]
+
+
+# These hang inside one big-integer operation in C, which holds the GIL, so a hung worker
+# thread would block join() too: they run in worker threads of a child process the test can kill.
+GIL_HOLDING_ANSWERS = ["\\sum_{k=1}^{50} (10^{k})!", "\\gcd(10^{10^{10}}, 4)", "10^{10^{10}}", "(2^{40})!"]
+
+
+def test_answers_that_hang_holding_the_gil_are_wrong_in_a_worker_thread_of_a_child() -> None:
+    script = (
+        "import json, sys\n"
+        "from tests.test_answers import _check_in_worker_thread\n"
+        "for predicted in sys.argv[1:]:\n"
+        "    print(json.dumps([predicted, *_check_in_worker_thread(predicted)]), flush=True)\n"
+    )
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", script, *GIL_HOLDING_ANSWERS], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired as hung:
+        done = hung.stdout.decode() if isinstance(hung.stdout, bytes) else hung.stdout
+        pytest.fail(f"checking hung after these lines: {done!r}")
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert [json.loads(line) for line in child.stdout.splitlines()] == [[p, False, [False, False]] for p in GIL_HOLDING_ANSWERS]
+
+
+@pytest.mark.parametrize(
+    ("predicted", "reference", "expected"),
+    [
+        ("\\sum_{k=1}^{10} k", "55", True),
+        ("\\sum_{k=1}^{10} k", "56", False),
+        ("\\sum_{k=1}^{10} k^2", "385", True),
+        ("\\prod_{k=1}^{100} k", "100!", True),
+        ("\\sum_{i=1}^{3}\\sum_{j=1}^{i} j", "10", True),  # an inner limit bounded by the outer variable
+        ("\\sum_{k=1}^{100} k!", "1", False),
+    ],
+)
+def test_small_sums_and_products_are_still_evaluated(predicted: str, reference: str, expected: bool) -> None:
+    results: list[bool] = []
+    t = threading.Thread(target=lambda: results.append(is_correct(predicted, reference)), daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert results == [expected]
+
+
+@pytest.mark.parametrize(
+    ("predicted", "reference", "expected"),
+    [
+        (".0000673", ".0000672", False),  # math-verify's default rounds both to 0.000067
+        ("0.0000001", "0.0000002", False),
+        ("0", "0.0000004", False),
+        ("0.0000672", ".0000672", True),
+        ("6.72\\times10^{-5}", ".0000672", True),
+        ("6.7\\times10^{-5}", ".0000672", False),
+        ("0.7500001", "0.75", False),  # a decimal the answer writes must agree
+        ("0.333333", "\\frac13", True),  # six decimals of a repeating fraction, as MATH answers write them
+        ("0.3333333", "\\frac13", True),
+        ("0.6666667", "\\frac23", True),  # rounded, not truncated
+        ("0.0333333", "\\frac{1}{30}", True),  # six significant digits
+        ("0.33", "\\frac13", False),
+        ("3.141593", "\\pi", True),
+        ("3.14", "\\pi", False),
+    ],
+)
+def test_decimals_are_compared_to_the_digits_they_show(predicted: str, reference: str, expected: bool) -> None:
+    assert is_correct(predicted, reference) is expected
+
+
+@pytest.mark.parametrize(
+    ("predicted", "reference", "expected"),
+    [
+        ("2220_4", "2220_{3}", False),
+        ("52_9", "52_8", False),
+        ("52_{10}", "52_8", False),
+        ("2220_3", "2220_{3}", True),
+        ("52_{(8)}", "52_8", True),
+        ("52", "52_8", True),  # the problem names the base
+        ("42_8", "52_8", False),
+    ],
+)
+def test_numbers_in_a_base_must_name_the_same_base(predicted: str, reference: str, expected: bool) -> None:
+    assert is_correct(predicted, reference) is expected
+
+
 @pytest.mark.parametrize(
     ("predicted", "reference"),
     [
@@ -162,6 +286,7 @@ def test_checker_runs_in_a_worker_thread() -> None:
 @pytest.mark.parametrize(
     "predicted",
     ["C", "(C)", "C)", "[C]", "\\text{C}", "\\text{(C)}", "\\textbf{C}", "C. 10^-4 eV", "C) 10^-4 eV", "C: benzene",
+     "C. A decrease in entropy", "C) B-cells",
      "Answer: C", "The answer is (C)", "Option C", "c", "(c)", "$C$", "**C**", "\\boxed{B} then \\boxed{C}"],
 )  # fmt: skip
 def test_choice_letter_forms_are_accepted(predicted: str) -> None:
@@ -171,7 +296,11 @@ def test_choice_letter_forms_are_accepted(predicted: str) -> None:
     assert check_answer(predicted, "choice", "C")
 
 
-@pytest.mark.parametrize("predicted", ["", None, "E", "CD", "Cat", "a cat", "C and D", "C or D", "(B) or (C)", "C/D", "C, D", "ABCD", "10^-4 eV"])
+@pytest.mark.parametrize(
+    "predicted",
+    ["", None, "E", "CD", "Cat", "a cat", "C and D", "C or D", "(B) or (C)", "C/D", "C, D", "ABCD", "10^-4 eV",
+     "C;D", "C; D", "C D", "(C) (D)", "C = benzoquinone, B = dimethyl fumarate", "(C) = 5 eV"],
+)  # fmt: skip
 def test_choice_non_answers_name_no_letter(predicted: str | None) -> None:
     assert choice_letter(predicted) is None
     assert not is_correct_choice(predicted, "C")
