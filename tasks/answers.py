@@ -7,7 +7,17 @@ Math: an exact match after light normalisation is accepted at once (it also
 covers answers math-verify only parses as raw strings), otherwise both sides are
 parsed as ``\\boxed{…}`` and compared with ``math_verify.verify(gold, pred)``,
 which handles fractions vs decimals, ``\\dfrac``, units in ``\\text{}``, degrees,
-thousands separators, leading zeros, sets, tuples and intervals.
+thousands separators, leading zeros, sets, tuples and intervals. A decimal must agree
+to every digit it shows and to 6 significant figures; a base subscript (``52_8``)
+must match the key's.
+
+Bounded work: pipeline stages check answers in worker threads, where math-verify's
+timeouts are off, so an answer that could take unbounded time is never evaluated and
+counts only on an exact match: sums and products with infinite, symbolic or long
+(over 100 values) limits, integrals, limits, derivatives of order over 100, huge
+powers and factorials, and answers whose parsing alone computes big numbers
+(``\\gcd``/``\\lcm``, matrix builders, binomials of 7-digit integers). So
+``\\sum_{k=1}^{\\infty} 1/k^2`` is not matched with ``\\pi^2/6``.
 """
 
 from __future__ import annotations
