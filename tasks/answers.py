@@ -26,7 +26,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 from math_verify import parse, verify
@@ -147,6 +147,19 @@ def _limit_bounds(expr: ExprWithLimits, bounds: Bounds) -> tuple[Bounds, int] | 
     return inner, span_total
 
 
+def _summand(
+    expr: Sum | Product, bounds: Bounds | None, measure: Callable[[object, Bounds], float]
+) -> tuple[float, int] | None:
+    """(``measure`` of a sum's or product's summand, its variables bounded by the limits; the number of
+    terms), or None when a limit is unbounded (``_limit_bounds``): ``_bits``, ``_terms`` and ``_loops``
+    each combine the two their own way."""
+    limited = _limit_bounds(expr, bounds or {})
+    if limited is None:
+        return None
+    inner, span = limited
+    return measure(expr.function, inner), span
+
+
 def _value_bound(expr: object, bounds: Bounds | None = None) -> float:
     """An upper bound on ``|expr|`` once evaluated: exact for rationals, else ``2**_bits``."""
     if isinstance(expr, Basic) and expr.is_Rational:
@@ -183,11 +196,10 @@ def _bits(expr: object, bounds: Bounds | None = None) -> float:
     if isinstance(expr, (Integral, Limit)):
         return math.inf
     if isinstance(expr, ExprWithLimits):
-        limited = _limit_bounds(expr, bounds or {}) if isinstance(expr, (Sum, Product)) else None
-        if limited is None:
+        summand = _summand(expr, bounds, _bits) if isinstance(expr, (Sum, Product)) else None
+        if summand is None:
             return math.inf
-        inner, span = limited
-        body = _bits(expr.function, inner)
+        body, span = summand
         return body + math.log2(max(span, 1)) if isinstance(expr, Sum) else body * span
     if isinstance(expr, Derivative):
         counts = [count for _, count in expr.variable_count]
@@ -215,11 +227,9 @@ def _terms(expr: object, bounds: Bounds | None = None) -> float:
     if not isinstance(expr, Basic) or not expr.args:
         return 1.0
     if isinstance(expr, (Sum, Product)):
-        limited = _limit_bounds(expr, bounds or {})
-        if limited is None:
+        if (summand := _summand(expr, bounds, _terms)) is None:
             return math.inf
-        inner, span = limited
-        t = _terms(expr.function, inner)
+        t, span = summand
         return t * span if isinstance(expr, Sum) else t**span
     if isinstance(expr, Add):
         return sum(_terms(a, bounds) for a in expr.args)
@@ -243,11 +253,10 @@ def _loops(expr: object, bounds: Bounds | None = None) -> float:
     if not isinstance(expr, Basic) or not expr.args:
         return 1.0
     if isinstance(expr, (Sum, Product)):
-        limited = _limit_bounds(expr, bounds or {})
-        if limited is None:
+        if (summand := _summand(expr, bounds, _loops)) is None:
             return math.inf
-        inner, span = limited
-        return span * _loops(expr.function, inner)
+        loops, span = summand
+        return span * loops
     return max(_loops(a, bounds) for a in expr.args)
 
 

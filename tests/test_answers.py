@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -120,18 +121,23 @@ HUGE_ANSWERS = [
 ]
 
 
+def _in_worker_thread(check: Callable[[], list[bool]], timeout_s: float) -> tuple[bool, list[bool]]:
+    """(still running after ``timeout_s``, results) of ``check`` run in a worker thread, as Prefect runs
+    a task: math-verify's signal-based timeouts are off there."""
+    results: list[bool] = []
+    t = threading.Thread(target=lambda: results.extend(check()), daemon=True)
+    t.start()
+    t.join(timeout=timeout_s)
+    return t.is_alive(), results
+
+
 @pytest.mark.parametrize("predicted", HUGE_ANSWERS)
 def test_huge_answers_are_wrong_without_hanging_a_worker_thread(predicted: str) -> None:
     # sympy would evaluate these for minutes holding the GIL, and worker threads have no timeout
-    results: list[bool] = []
-
-    def check() -> None:
-        results.extend([is_correct(f"\\boxed{{{predicted}}}", "1"), is_correct("1", predicted)])
-
-    t = threading.Thread(target=check, daemon=True)
-    t.start()
-    t.join(timeout=5)
-    assert not t.is_alive()
+    alive, results = _in_worker_thread(
+        lambda: [is_correct(f"\\boxed{{{predicted}}}", "1"), is_correct("1", predicted)], timeout_s=5
+    )
+    assert not alive
     assert results == [False, False]
 
 
@@ -151,15 +157,9 @@ UNBOUNDED_ANSWERS = [
 
 def _check_in_worker_thread(predicted: str) -> tuple[bool, list[bool]]:
     """(still running after 30 s, results) of checking ``predicted`` both ways in a worker thread."""
-    results: list[bool] = []
-
-    def check() -> None:
-        results.extend([is_correct(f"The answer is \\boxed{{{predicted}}}", "1"), is_correct("1", predicted)])
-
-    t = threading.Thread(target=check, daemon=True)
-    t.start()
-    t.join(timeout=30)
-    return t.is_alive(), results
+    return _in_worker_thread(
+        lambda: [is_correct(f"The answer is \\boxed{{{predicted}}}", "1"), is_correct("1", predicted)], timeout_s=30
+    )
 
 
 @pytest.mark.parametrize("predicted", UNBOUNDED_ANSWERS)
@@ -206,11 +206,8 @@ def test_answers_that_hang_holding_the_gil_are_wrong_in_a_worker_thread_of_a_chi
     ],
 )
 def test_small_sums_and_products_are_still_evaluated(predicted: str, reference: str, expected: bool) -> None:
-    results: list[bool] = []
-    t = threading.Thread(target=lambda: results.append(is_correct(predicted, reference)), daemon=True)
-    t.start()
-    t.join(timeout=30)
-    assert not t.is_alive()
+    alive, results = _in_worker_thread(lambda: [is_correct(predicted, reference)], timeout_s=30)
+    assert not alive
     assert results == [expected]
 
 
