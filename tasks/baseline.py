@@ -22,7 +22,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,11 @@ from tasks.evaluate import response_answer, single_model_records
 from tasks.rewards import truncation_reward
 from tasks.sft import (
     deepspeed_scope,
+    finished_run,
     inputs_digest,
     last_complete_checkpoint,
     retire_checkpoints,
     save_trained,
-    stored_result,
 )
 
 log = logging.getLogger(__name__)
@@ -131,21 +131,6 @@ def _prompt(problem: Mapping[str, Any]) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPTS["base"]}, {"role": "user", "content": problem["problem"]}]
 
 
-def _reuse_baseline(out_dir: Path, inputs: str) -> BaselineResult | None:
-    """The result of a finished ``train_truncation_baseline`` in ``out_dir`` from the same ``inputs``, or None
-    (see ``tasks.sft.inputs_digest`` for why the inputs are compared although the pipeline's folders are
-    named by them)."""
-    stored = stored_result(out_dir / RESULT_FILE, inputs)
-    if stored is None:
-        return None
-    try:
-        result = BaselineResult(**{f.name: stored[f.name] for f in fields(BaselineResult)})
-    except KeyError as exc:
-        log.warning("%s has no field %s; training again", out_dir / RESULT_FILE, exc)
-        return None
-    return replace(result, model_dir=str(out_dir / "model"))  # where the folder is now, if it was moved
-
-
 def train_truncation_baseline(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -174,13 +159,9 @@ def train_truncation_baseline(
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     inputs = inputs_digest(problems, model, tokenizer, baseline=cfg.model_dump(mode="json"), use_vllm=use_vllm)
-    done = _reuse_baseline(out_dir, inputs)
-    if done is not None:
-        log.info("reusing the finished baseline run in %s (%d steps): not training again", out_dir, done.steps)
-        retire_checkpoints(ckpt_dir)  # a kill between the result file and their removal left them
+    # the pipeline's folders are named by their inputs, but not `longshort stage`'s or a bench's (inputs_digest)
+    if (done := finished_run(out_dir / RESULT_FILE, inputs, BaselineResult, "baseline")) is not None:
         return done
-    # A result that cannot stand for this run goes first (see train_sft): never an old result beside a new model.
-    (out_dir / RESULT_FILE).unlink(missing_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     use_cuda = torch.cuda.is_available()
     if use_vllm and not vllm_available():
@@ -266,7 +247,7 @@ def train_truncation_baseline(
             resumed_from=last,
         )
         # The order is what a rerun relies on: the whole model (one rename), then the result file
-        # (``_reuse_baseline`` takes it as the mark of a finished run), and only then the checkpoints go.
+        # (``finished_run`` takes it as the mark of a finished run), and only then the checkpoints go.
         atomic_write_text(out_dir / RESULT_FILE, json.dumps({**asdict(out), "inputs": inputs}, indent=2))
         retire_checkpoints(ckpt_dir)
         return out

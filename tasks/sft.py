@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -358,7 +358,7 @@ def model_problem(model_dir: Path) -> str | None:
     return f"{model_dir} is missing {', '.join(missing)}" if missing else None
 
 
-def stored_result(path: Path, inputs: str | None = None) -> dict[str, Any] | None:
+def _stored_result(path: Path, inputs: str | None = None) -> dict[str, Any] | None:
     """The fields of a finished run's result file, or None (with a warning saying why) when it cannot stand
     for the run: absent, unreadable, written from other ``inputs`` (when given), or its model incomplete.
 
@@ -421,17 +421,32 @@ def _stamped_inputs(stamp: Path) -> str | None:
     return held.get("inputs") if isinstance(held, dict) else None
 
 
-def _reuse_sft(out_dir: Path, inputs: str) -> SFTResult | None:
-    """The result of a finished ``train_sft`` in ``out_dir`` from the same ``inputs``, or None."""
-    stored = stored_result(out_dir / "sft_result.json", inputs)
-    if stored is None:
+R = TypeVar("R")
+
+
+def finished_run(result_file: Path, inputs: str, result_type: type[R], what: str) -> R | None:
+    """The result a finished run from the same ``inputs`` left in ``result_file``, or None.
+
+    ``result_type`` is the run's result dataclass (``SFTResult``, ``tasks.baseline.BaselineResult``); its
+    ``model_dir`` is pointed at the folder's ``model``, where it is now if the folder was moved. On reuse, the
+    checkpoints a kill between the result file and their removal left are removed. A result file that cannot
+    stand for this run (``_stored_result`` logs why) is removed first: a kill later, after the new model
+    replaced the old one and before the new result was written, must not leave the old result beside it.
+    """
+    out_dir = result_file.parent
+    stored = _stored_result(result_file, inputs)
+    result = None
+    if stored is not None:
+        try:
+            result = result_type(**{f.name: stored[f.name] for f in fields(result_type)})  # type: ignore[arg-type]
+        except KeyError as exc:
+            log.warning("%s has no field %s; training again", result_file, exc)
+    if result is None:
+        result_file.unlink(missing_ok=True)
         return None
-    try:
-        result = SFTResult(**{f.name: stored[f.name] for f in fields(SFTResult)})
-    except KeyError as exc:
-        log.warning("%s has no field %s; training again", out_dir / "sft_result.json", exc)
-        return None
-    return replace(result, model_dir=str(out_dir / "model"))  # where the folder is now, if it was moved
+    log.info("reusing the finished %s run in %s (%d steps): not training again", what, out_dir, stored["steps"])
+    retire_checkpoints(out_dir / "checkpoints")
+    return replace(result, model_dir=str(out_dir / "model"))  # type: ignore[type-var]
 
 
 def train_sft(
@@ -459,14 +474,8 @@ def train_sft(
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     inputs = inputs_digest(examples, model, tokenizer, sft=cfg.model_dump(mode="json"), seed=seed, loss=loss)
-    done = _reuse_sft(out_dir, inputs)
-    if done is not None:
-        log.info("reusing the finished SFT run in %s (%d steps): not training again", out_dir, done.steps)
-        retire_checkpoints(ckpt_dir)  # a kill between sft_result.json and their removal left them
+    if (done := finished_run(out_dir / "sft_result.json", inputs, SFTResult, "SFT")) is not None:
         return done
-    # A result that cannot stand for this run goes first: a kill later, after the new model replaced the old
-    # one and before the new result was written, must not leave the old result beside the new model.
-    (out_dir / "sft_result.json").unlink(missing_ok=True)
     stamp = ckpt_dir / "inputs.json"
     if stamp.is_file() and _stamped_inputs(stamp) != inputs:
         log.warning("removing the checkpoints in %s: they were written from other inputs", ckpt_dir)
@@ -529,7 +538,7 @@ def train_sft(
             resumed_from=last,
         )
         # The order is what a rerun relies on: the whole model (one rename), its loss history, then the
-        # result file (``_reuse_sft`` takes it as the mark of a finished run), and only then the checkpoints go.
+        # result file (``finished_run`` takes it as the mark of a finished run), and only then the checkpoints go.
         atomic_write_text(out_dir / "loss_history.json", json.dumps(history.history))
         atomic_write_text(out_dir / "sft_result.json", json.dumps({**asdict(out), "inputs": inputs}, indent=2))
         retire_checkpoints(ckpt_dir)

@@ -142,7 +142,7 @@ def test_a_rerun_after_the_baseline_finished_returns_its_result_without_training
 
     model, tok = load_model(ModelConfig(), path=base_format_tiny)
     steps: list[dict] = []
-    with caplog.at_level("INFO", logger="tasks.baseline"):
+    with caplog.at_level("INFO", logger="tasks.sft"):  # tasks.sft.finished_run says it
         again = train_truncation_baseline(model, tok, problems, cfg, tmp_path, on_step=steps.append)
 
     assert again == first and again.steps == 2 and len(again.history) == 2
