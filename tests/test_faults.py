@@ -408,7 +408,8 @@ def test_a_stage_folder_has_one_writer_and_the_other_reuses_its_record(tmp_path:
     handler.emit = emit  # type: ignore[method-assign]
     logger = logging.getLogger("longshort.stages")  # the stage logger outside a Prefect run
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # not `logger.level = ...`: that keeps isEnabledFor's cached answers
     try:
         with ThreadPoolExecutor(2) as pool:  # flock also excludes another open file description in one process
             first = pool.submit(_run_stage, "demo", "key", str(out), body)
