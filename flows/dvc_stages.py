@@ -10,7 +10,6 @@ byte-identical datasets. The synthesize stage is ``longshort synthesize`` (it re
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from flows import stages as st
@@ -62,13 +61,9 @@ def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
             llm=st.chunk_llm(cfg, _record(data, "sft_base").outputs["model"]) if cfg.chunk.method == "llm" else None,
         )  # fmt: skip
     if name == "score":
-        stale = StageRecord.load(data / "score")
-        if stale is not None and stale.key != key:
-            # the shards live inside the merge's folder: clear it first, or the merge would find the old
-            # record after the shards were recomputed and remove them with it
-            log.warning("score: %s holds results of other inputs (key %s, now %s); recomputing",
-                        data / "score", stale.key[:16], key[:16])  # fmt: skip
-            shutil.rmtree(data / "score")
+        # the shards live inside the merge's folder: a folder of other inputs goes first, or the merge would
+        # find its old record after the shards were recomputed and remove them with it
+        st.finished_record("merge_scores", key, data / "score", log)
         shards, shared = st.score_shards(cfg, _record(data, "chunk"), _record(data, "sft_base"))
         scored: dict[str, list[str]] = {}
         for i, (split, rows) in enumerate(shards):

@@ -65,20 +65,20 @@ def _run_stage(stage: str, key: str, out_dir: str, body: Callable[[Path], dict[s
     """
     logger = _logger()
     folder = Path(out_dir)
-    done = _finished(stage, key, folder, logger)
+    done = finished_record(stage, key, folder, logger)
     if done is None:
         def waiting() -> None:
             logger.info("%s: another run is writing %s; waiting for it", stage, out_dir)
 
         with file_lock(stage_lock_path(folder), on_wait=waiting):
-            done = _finished(stage, key, folder, logger)  # the run we waited for may have finished it
+            done = finished_record(stage, key, folder, logger)  # the run we waited for may have finished it
             if done is None:
                 return _run_body(stage, key, folder, body, logger)
     logger.info("%s: reusing finished artifacts in %s", stage, out_dir)
     return done
 
 
-def _finished(stage: str, key: str, folder: Path, logger: logging.Logger | logging.LoggerAdapter) -> StageRecord | None:
+def finished_record(stage: str, key: str, folder: Path, logger: logging.Logger | logging.LoggerAdapter) -> StageRecord | None:
     """The folder's record when it was made from these inputs (``key``). A record of other inputs (a folder
     that `longshort stage` fills again after a settings change) is stale: the folder is removed, checkpoints
     included, since they belong to the other inputs."""
