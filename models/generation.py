@@ -53,7 +53,7 @@ class GenerationBackend(Protocol):
         self,
         prompts: Sequence[str],
         *,
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         stop: Sequence[str] = (),
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -62,6 +62,9 @@ class GenerationBackend(Protocol):
         prefix: PrefixMode = "shared",
     ) -> list[list[Completion]]:
         """``n`` completions for each prompt, in prompt order.
+
+        ``max_new_tokens`` caps every prompt's completions, or each prompt's own with one cap per
+        prompt (an RL episode's remaining token budget, :func:`models.protocol.run_episodes`).
 
         ``prefix`` says how the ``n`` samples of one prompt treat the prompt:
         ``shared`` encodes it once and every sample reuses its KV cache (the
@@ -88,6 +91,16 @@ def prompt_token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     would put a second BOS in front.
     """
     return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def per_prompt_caps(max_new_tokens: int | Sequence[int], n_prompts: int) -> list[int]:
+    """``generate``'s ``max_new_tokens`` as one cap per prompt, each at least 1."""
+    caps = [max_new_tokens] * n_prompts if isinstance(max_new_tokens, int) else [int(c) for c in max_new_tokens]
+    if len(caps) != n_prompts:
+        raise ValueError(f"generate: {len(caps)} max_new_tokens values for {n_prompts} prompts")
+    if any(c < 1 for c in caps):
+        raise ValueError(f"generate: max_new_tokens must be at least 1, got {min(caps)}")
+    return caps
 
 
 def close_backend(backend: object) -> None:
@@ -172,7 +185,7 @@ class TransformersBackend:
         self,
         prompts: Sequence[str],
         *,
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         stop: Sequence[str] = (),
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -198,11 +211,17 @@ class TransformersBackend:
                 for j in range(n)
             ]
             return [[one[i][0] for one in passes] for i in range(len(prompts))]
+        caps = per_prompt_caps(max_new_tokens, len(prompts))
         share = prefix == "shared" and n > 1
         tok = self.tokenizer
-        # Stops that are one token become extra EOS ids (cheap); others use stop_strings.
+        # Stops that are one token become extra EOS ids (cheap); others use stop_strings. The model's own
+        # end ids (a generation_config may list several: Qwen2.5-Instruct's <|im_end|> and <|endoftext|>)
+        # end a turn as they do on vLLM.
         stop_ids = {s: self._single_token_id(s) for s in stop}
-        eos_ids = [tok.eos_token_id] + [i for i in stop_ids.values() if i is not None]
+        model_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        model_eos = [] if model_eos is None else [model_eos] if isinstance(model_eos, int) else list(model_eos)
+        eos_ids = list(dict.fromkeys([tok.eos_token_id, *model_eos, *(i for i in stop_ids.values() if i is not None)]))
+        eos_set, silent = set(eos_ids), {tok.eos_token_id, *model_eos}  # silent: counted, but no text (as on vLLM)
         string_stops = [s for s, i in stop_ids.items() if i is None]
         encoded = prompt_token_ids(tok, prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -216,7 +235,7 @@ class TransformersBackend:
                 idx = order[start : start + per_batch]
                 batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(self.device)
                 kwargs = dict(
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=max(caps[i] for i in idx),  # each row is cut at its own cap below
                     eos_token_id=eos_ids,
                     pad_token_id=tok.pad_token_id,
                     do_sample=temperature > 0,
@@ -237,7 +256,8 @@ class TransformersBackend:
                     )
                 new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
                 for row, ids in enumerate(new_tokens):
-                    results[idx[row // n]].append(self._completion(ids, set(eos_ids), string_stops, max_new_tokens))
+                    cap = caps[idx[row // n]]
+                    results[idx[row // n]].append(self._completion(ids[:cap], eos_set, string_stops, cap, silent))
         return results
 
     def _generate_from_shared_prefix(
@@ -272,20 +292,29 @@ class TransformersBackend:
             **kwargs,
         )
 
-    def _completion(self, ids: list[int], eos_ids: set[int], string_stops: list[str], cap: int) -> Completion:
+    def _completion(
+        self, ids: list[int], eos_ids: set[int], string_stops: list[str], cap: int, silent: set[int] | None = None
+    ) -> Completion:
+        """One row's completion: ``ids`` up to the first of ``eos_ids`` (counted; its text dropped when it is
+        one of ``silent``, the end-of-text ids, by default the tokenizer's EOS) or the first stop string."""
         tok = self.tokenizer
+        silent = {tok.eos_token_id} if silent is None else silent
         end = next((k for k, t in enumerate(ids) if t in eos_ids), None)
         if end is not None and ids[end] == tok.pad_token_id and string_stops:
-            # pad == eos (a tokenizer without a pad token): a row that stopped on a stop string is padded with
-            # "eos" while the batch goes on, so a stop string before it is where the model stopped
+            # the pad id is an end id (a tokenizer without a pad token pads with EOS; Qwen2.5's pad <|endoftext|>
+            # is one of its model's end ids): a row that stopped on a stop string is padded with it while the
+            # batch goes on, so a stop string before it is where the model stopped
             stopped = self._string_stop(ids[:end], string_stops)
             if stopped is not None:
                 return stopped
         if end is not None:
-            keep = ids[: end + 1] if ids[end] != tok.eos_token_id else ids[:end]
+            keep = ids[:end] if ids[end] in silent else ids[: end + 1]
             text = tok.decode(keep, skip_special_tokens=False)
             return Completion(text, end + 1, "stop", tuple(ids[: end + 1]))
-        ids = [t for t in ids if t != tok.pad_token_id]
+        # a row that stopped on a stop string is padded while the batch goes on: only that trailing padding goes
+        # (a pad id the model sampled mid-turn, Qwen2.5's <|endoftext|> say, is part of what it wrote)
+        while ids and ids[-1] == tok.pad_token_id:
+            ids = ids[:-1]
         stopped = self._string_stop(ids, string_stops)
         if stopped is not None:
             return stopped
@@ -327,7 +356,7 @@ def vllm_request_seeds(seed: int, n_prompts: int) -> list[int]:
 def vllm_sampling_kwargs(
     n_prompts: int,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     stop: Sequence[str],
     temperature: float,
     top_p: float,
@@ -343,12 +372,12 @@ def vllm_sampling_kwargs(
         n=n if temperature > 0 else 1,
         temperature=temperature,
         top_p=top_p,
-        max_tokens=max_new_tokens,
         stop=list(stop),
         include_stop_str_in_output=True,
         **({"logprobs": 0} if logprobs else {}),
     )
-    return [{**common, "seed": s} for s in vllm_request_seeds(seed, n_prompts)]
+    caps = per_prompt_caps(max_new_tokens, n_prompts)
+    return [{**common, "max_tokens": c, "seed": s} for c, s in zip(caps, vllm_request_seeds(seed, n_prompts), strict=True)]
 
 
 def repeat_to_n(completions: list[Completion], n: int) -> list[Completion]:
@@ -495,7 +524,7 @@ class VLLMBackend:
         self,
         prompts: Sequence[str],
         *,
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         stop: Sequence[str] = (),
         temperature: float = 0.0,
         top_p: float = 1.0,

@@ -183,7 +183,7 @@ class Episode:
     problem: str
     turns: list[Turn] = field(default_factory=list)
     answer: str | None = None
-    stop_reason: Literal["answer", "turn_cap", "malformed", "running"] = "running"
+    stop_reason: Literal["answer", "turn_cap", "token_cap", "malformed", "running"] = "running"
     error: str | None = None
 
     @property
@@ -215,16 +215,21 @@ def run_episodes(
     max_turns: int = 6,
     max_new_tokens_long: int = 512,
     max_new_tokens_short: int = 128,
+    max_episode_tokens: int | None = None,
     temperature: float = 0.0,
     seed: int = 0,
 ) -> list[Episode]:
     """Run Long⊗Short episodes for a batch of problems, turn by turn.
 
     The long model opens; turns alternate until a short turn ends with
-    ``</answer>``, a turn breaks the protocol, or ``max_turns`` is reached (an
-    episode without ``</answer>`` is wrong). Each round is one batched
-    generation call over the episodes still running.
+    ``</answer>``, a turn breaks the protocol, ``max_turns`` is reached, or the
+    episode has used ``max_episode_tokens`` (long + short; each turn is capped at
+    what is left, so an episode never generates more: RL's rollout cap L_R). An
+    episode without ``</answer>`` is wrong. Each round is one batched generation
+    call over the episodes still running.
     """
+    if max_episode_tokens is not None and max_episode_tokens < 1:
+        raise ValueError(f"run_episodes: max_episode_tokens must be at least 1, got {max_episode_tokens}")
     episodes = [Episode(p) for p in problems]
     for turn_idx in range(max_turns):
         role: Literal["long", "short"] = "long" if turn_idx % 2 == 0 else "short"
@@ -235,9 +240,13 @@ def run_episodes(
         prompts = [
             backend.chat_prompt(SYSTEM_PROMPTS[role], e.problem) + history_suffix(e.turns) for e in active
         ]
+        turn_cap = max_new_tokens_long if role == "long" else max_new_tokens_short
+        caps: int | list[int] = (
+            turn_cap if max_episode_tokens is None else [min(turn_cap, max_episode_tokens - e.tokens()) for e in active]
+        )
         outs = backend.generate(
             prompts,
-            max_new_tokens=max_new_tokens_long if role == "long" else max_new_tokens_short,
+            max_new_tokens=caps,
             stop=STOP_STRINGS[role],
             temperature=temperature,
             seed=seed + turn_idx,
@@ -249,13 +258,18 @@ def run_episodes(
         for episode, out in zip(active, outs, strict=True):
             completion = out[0]
             episode.turns.append(Turn(role, completion.text, completion.n_tokens))
+            spent = max_episode_tokens is not None and episode.tokens() >= max_episode_tokens
             try:
                 parsed = parse_turn(role, completion.text)
             except ProtocolError as exc:
-                episode.stop_reason, episode.error = "malformed", str(exc)
+                # a turn cut off by the episode's budget is the budget's doing, not a protocol error
+                cut = spent and completion.finish_reason == "length"
+                episode.stop_reason, episode.error = ("token_cap", None) if cut else ("malformed", str(exc))
                 continue
             if parsed.kind == "final":
                 episode.stop_reason, episode.answer = "answer", parsed.answer
+            elif spent:
+                episode.stop_reason = "token_cap"
     for episode in episodes:
         if not episode.done:
             episode.stop_reason = "turn_cap"

@@ -208,6 +208,7 @@ def _episode_kwargs(cfg: RLConfig, protocol: ProtocolConfig) -> dict[str, Any]:
         max_turns=protocol.max_turns,
         max_new_tokens_long=min(protocol.max_new_tokens_long, cap or protocol.max_new_tokens_long),
         max_new_tokens_short=min(protocol.max_new_tokens_short, cap or protocol.max_new_tokens_short),
+        max_episode_tokens=cap,  # L_R = L_T: generation stops there, the episode's turns together
         temperature=cfg.temperature,
     )
 
@@ -512,7 +513,8 @@ _TURN_MARGIN = 32  # tokens per turn for the separators and re-tokenization the 
 def rollout_context_tokens(
     problems: Sequence[Mapping[str, Any]], tokenizer: Any, cfg: RLConfig, protocol: ProtocolConfig
 ) -> int:
-    """The longest context an RL episode can reach: the longest chat prompt plus every turn at its cap."""
+    """The longest context an RL episode can reach: the longest chat prompt plus every turn at its cap, or
+    plus L_T when the rollout is capped there (plus a margin per turn either way)."""
     kw = _episode_kwargs(cfg, protocol)
     prompts = [
         tokenizer.apply_chat_template(
@@ -523,8 +525,11 @@ def rollout_context_tokens(
         for role in ROLES
     ]  # fmt: skip
     longest = max(len(ids) for ids in prompt_token_ids(tokenizer, prompts))
-    turn = max(kw["max_new_tokens_long"], kw["max_new_tokens_short"]) + _TURN_MARGIN
-    return longest + kw["max_turns"] * turn
+    turn = max(kw["max_new_tokens_long"], kw["max_new_tokens_short"])
+    generated = kw["max_turns"] * turn
+    if kw["max_episode_tokens"] is not None:
+        generated = min(generated, kw["max_episode_tokens"])
+    return longest + generated + kw["max_turns"] * _TURN_MARGIN
 
 
 def _start_engines(
@@ -580,7 +585,8 @@ def score_episodes(
         length_target=cfg.length_target,
         alpha=cfg.alpha,
     )
-    # L_R = L_T: an episode over the cap counts as cut off there, so neither correct nor well formed
+    # L_R = L_T: rollouts stop at the cap (run_episodes); a longer episode from elsewhere counts as cut off there,
+    # so neither correct nor well formed
     parts["format"] = [0.0 if cut else f for f, cut in zip(parts["format"], over_cap, strict=True)]
     weights = {"correctness": cfg.correctness_weight, "format": cfg.format_weight, "efficiency": cfg.efficiency_weight}
     return parts, weighted_total(parts, weights)
@@ -699,8 +705,8 @@ def train_pair_rl(
     are such episodes), ``turns``, ``loss``, ``kl`` (when β > 0), ``entropy``,
     ``trained_tokens``, ``grad_norm``. Final models: ``out_dir/long``, ``out_dir/short``.
 
-    With ``cap_rollout_at_length_target`` each turn is capped at L_T tokens and an episode
-    longer than L_T in total counts as wrong (``run_episodes`` has per-turn caps only).
+    With ``cap_rollout_at_length_target`` an episode stops generating at L_T tokens, its turns
+    together (``run_episodes``' ``max_episode_tokens``); one cut off there has no answer and is wrong.
 
     With ``probe_problems`` (best kept out of ``problems``), ``probe`` measures the pair on them
     before the first step, every ``cfg.probe_every`` steps and after the last: ``RLResult.probes``.

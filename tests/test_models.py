@@ -111,6 +111,47 @@ def test_trained_model_stops_on_one_token_and_multi_token_stops(trained_tiny):
     assert cut.n_tokens <= k + 3
 
 
+def test_each_prompt_can_have_its_own_cap_and_gets_its_uncapped_turn_cut_there(tiny_model, demo_tokenizer):
+    """One cap per prompt (an RL episode's remaining budget): each row is what the uncapped call would
+    have written, cut at its own cap, greedy or sampled, with one or n samples per prompt."""
+    backend = TransformersBackend(tiny_model, demo_tokenizer, batch_size=8, device="cpu")
+    prompts = [backend.chat_prompt("s", f"Start with {i}. Then (1) add {i + 1}.") for i in range(3)]
+    caps = [3, 12, 7]
+    for sampling in ({}, {"temperature": 1.0, "n": 2, "seed": 5}):
+        free = backend.generate(prompts, max_new_tokens=12, **sampling)
+        capped = backend.generate(prompts, max_new_tokens=caps, **sampling)
+        for f_row, c_row, cap in zip(free, capped, caps, strict=True):
+            for f, c in zip(f_row, c_row, strict=True):
+                assert c.token_ids == f.token_ids[:cap] and c.n_tokens == min(cap, f.n_tokens)
+                assert c.finish_reason == ("length" if f.n_tokens >= cap else f.finish_reason)
+    with pytest.raises(ValueError, match="2 max_new_tokens values for 3 prompts"):
+        backend.generate(prompts, max_new_tokens=[3, 4])
+    with pytest.raises(ValueError, match="at least 1"):
+        backend.generate(prompts, max_new_tokens=[3, 0, 4])
+
+
+def test_the_models_own_end_ids_end_a_turn_and_a_sampled_pad_id_is_kept(tiny_model, demo_tokenizer):
+    """A hub model's generation_config may list several end ids (Qwen2.5-Instruct: <|im_end|> and
+    <|endoftext|>); vLLM stops on each of them, so the transformers backend does too, counting the id and
+    leaving its text out. Only trailing padding is dropped from a row: a pad id the model wrote is its own."""
+    backend = TransformersBackend(tiny_model, demo_tokenizer, device="cpu")
+    tok = demo_tokenizer
+    prompt = backend.chat_prompt("s", "Start with 4. Then (1) add 3.")
+    sampled = dict(max_new_tokens=20, temperature=1.0, seed=3)  # seeded: the rerun draws the same ids up to its end
+    (free,) = backend.generate([prompt], **sampled)[0]
+    ids = list(free.token_ids)
+    k = next(i for i in range(1, 20) if ids[i] not in ids[:i] and ids[i] != tok.eos_token_id)
+    tiny_model.generation_config.eos_token_id = [tok.eos_token_id, ids[k]]
+    (ended,) = backend.generate([prompt], **sampled)[0]
+    assert ended.token_ids == tuple(ids[: k + 1]) and ended.n_tokens == k + 1 and ended.finish_reason == "stop"
+    assert ended.text == tok.decode(ids[:k], skip_special_tokens=False)
+    pad = tok.pad_token_id
+    assert pad != tok.eos_token_id
+    written = ids[:3] + [pad] + ids[3:6]
+    c = backend._completion(written + [pad, pad], {tok.eos_token_id}, [], cap=50)
+    assert c.token_ids == tuple(written) and c.n_tokens == len(written)
+
+
 def test_sampling_is_seeded_and_gives_n_samples(tiny_model, demo_tokenizer):
     backend = TransformersBackend(tiny_model, demo_tokenizer, batch_size=8, device="cpu")
     prompt = backend.chat_prompt("s", "Start with 9.")

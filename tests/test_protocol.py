@@ -126,6 +126,48 @@ def test_turn_cap_ends_an_episode_as_wrong():
     assert ep.stop_reason == "turn_cap" and ep.answer is None and len(ep.turns) == 4
 
 
+class BudgetedBackend(ScriptedBackend):
+    """Writes each scripted turn, cut at the cap it is given (one token per word), and records the caps."""
+
+    def __init__(self, turns):
+        super().__init__(turns)
+        self.caps = []
+
+    def generate(self, prompts, *, max_new_tokens, stop=(), temperature=0.0, top_p=1.0, n=1, seed=0):
+        caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        self.caps.append(caps)
+        out = []
+        for _, cap in zip(prompts, caps, strict=True):
+            words = self.turns.pop(0).split(" ")
+            text, cut = " ".join(words[:cap]), len(words) > cap
+            out.append([Completion(text, min(cap, len(words)), "length" if cut else "stop")])
+        return out
+
+
+def test_an_episode_budget_caps_each_turn_at_what_is_left_and_ends_the_episode_there():
+    """RL's rollout cap L_R: the turns together never pass max_episode_tokens; an episode cut off there
+    stops as "token_cap" with no answer, while one that answers inside the budget is untouched."""
+    long = BudgetedBackend(["<think>\na b c d e\n</think>", "<think>\nf g\n</think>", "<think>\nh i j k l m n\n</think>"])
+    short = BudgetedBackend(["<answer>go on</rethink>", "<answer>\\boxed{2}</answer>"])
+    # the first episode spends 5 + 2 tokens, then its second long turn (7 words) is cut at 12 - 7 = 5
+    eps = run_episodes(["p", "q"], long, short, max_turns=6, max_episode_tokens=12)
+    assert long.caps[0] == [12, 12] and short.caps[0] == [7, 10]
+    first, second = eps
+    assert first.stop_reason == "token_cap" and first.answer is None and first.error is None
+    assert first.tokens() == 12 and [t.n_tokens for t in first.turns] == [5, 2, 5]
+    assert second.stop_reason == "answer" and second.answer == "2" and second.tokens() == 2 + 1
+    assert long.caps[1] == [5]  # only the first episode was still running
+
+
+def test_an_episode_that_reaches_its_budget_on_a_handback_ends_there():
+    long = BudgetedBackend(["<think>\na b\n</think>"])
+    short = BudgetedBackend(["<answer>go on</rethink>"])
+    (ep,) = run_episodes(["p"], long, short, max_turns=6, max_episode_tokens=4)
+    assert ep.stop_reason == "token_cap" and ep.tokens() == 4 and len(ep.turns) == 2
+    with pytest.raises(ValueError, match="max_episode_tokens must be at least 1"):
+        run_episodes(["p"], long, short, max_episode_tokens=0)
+
+
 def test_malformed_turn_stops_the_episode():
     long = ScriptedBackend(["<think>\nno close"])
     short = ScriptedBackend([])

@@ -284,6 +284,34 @@ def test_probe_measures_a_fixed_batch_without_changing_training(protocol_pair, p
     assert result.probes[1] != result.probes[0]
 
 
+def test_capped_rollouts_stop_generating_at_the_length_target(solving_pair, demo_rows_small):
+    """L_R = L_T bounds what an episode generates, its turns together, not each turn: the pass-rate, training
+    and probe rollouts all go through _episode_kwargs."""
+    from longshort.config import ModelConfig
+    from models.factory import load_model
+    from models.generation import TransformersBackend
+    from models.protocol import run_episodes
+    from tasks.rl import _episode_kwargs, score_episodes
+
+    model, tokenizer = load_model(ModelConfig(), path=solving_pair)
+    backend = TransformersBackend(model, tokenizer, device="cpu")
+    train, _ = demo_rows_small
+    prompts = [r["problem"] for r in train[:2] for _ in range(8)]
+    protocol = ProtocolConfig(max_turns=4, max_new_tokens_long=64, max_new_tokens_short=64)
+    free_cfg = CFG.model_copy(update={"length_target": 12, "cap_rollout_at_length_target": False})
+    free = run_episodes(prompts, backend, backend, **_episode_kwargs(free_cfg, protocol), seed=1)
+    capped_cfg = free_cfg.model_copy(update={"cap_rollout_at_length_target": True})
+    capped = run_episodes(prompts, backend, backend, **_episode_kwargs(capped_cfg, protocol), seed=1)
+    assert all(e.stop_reason == "answer" for e in free) and min(e.tokens() for e in free) > 12
+    assert max(e.tokens() for e in capped) == 12  # the long turn (9 tokens) fits, the short one is cut at 3
+    for c, f in zip(capped, free, strict=True):
+        assert c.stop_reason == "token_cap" and c.answer is None and c.error is None
+        # same seeds: the budget only cuts what the episode would have written
+        assert c.turns[0].text == f.turns[0].text and f.turns[1].text.startswith(c.turns[1].text)
+    parts, _ = score_episodes(capped, [r["answer"] for r in train[:2] for _ in range(8)], capped_cfg, role=None)
+    assert parts["correctness"] == [0.0] * 16 and parts["format"] == [0.0] * 16
+
+
 def test_an_episode_over_the_rollout_cap_earns_neither_correctness_nor_format():
     """L_R = L_T: an episode longer than the cap is scored as if cut off there (wrong and not well formed)."""
     from longshort.config import RLConfig

@@ -144,8 +144,10 @@ def test_rollout_context_is_the_longest_prompt_plus_every_turn_at_its_cap(demo_t
     ]
     longest = max(len(ids) for ids in prompt_token_ids(demo_tokenizer, prompts))
     assert rollout_context_tokens(problems, demo_tokenizer, RLConfig(), protocol) == longest + 4 * (100 + _TURN_MARGIN)
-    capped = RLConfig(length_target=50, cap_rollout_at_length_target=True)  # L_R = L_T caps each turn too
-    assert rollout_context_tokens(problems, demo_tokenizer, capped, protocol) == longest + 4 * (50 + _TURN_MARGIN)
+    capped = RLConfig(length_target=50, cap_rollout_at_length_target=True)  # L_R = L_T: the turns together
+    assert rollout_context_tokens(problems, demo_tokenizer, capped, protocol) == longest + 50 + 4 * _TURN_MARGIN
+    loose = RLConfig(length_target=1000, cap_rollout_at_length_target=True)  # the turn caps bind first
+    assert rollout_context_tokens(problems, demo_tokenizer, loose, protocol) == longest + 4 * (100 + _TURN_MARGIN)
 
 
 @pytest.mark.skipif(vllm_available(), reason="checks the error on a machine without CUDA or vLLM")

@@ -71,6 +71,11 @@ def test_sampling_kwargs_are_one_per_prompt_and_keep_the_stop_string():
         assert k["n"] == 2 and k["max_tokens"] == 32 and k["temperature"] == 0.7 and k["top_p"] == 0.9
         assert k["stop"] == ["</answer>"] and k["include_stop_str_in_output"] is True
     assert vllm_sampling_kwargs(0, max_new_tokens=1, stop=(), temperature=0, top_p=1, n=1, seed=0) == []
+    # one cap per prompt (an RL episode's remaining budget) goes to that prompt's request
+    capped = vllm_sampling_kwargs(3, max_new_tokens=[5, 32, 9], stop=(), temperature=0.7, top_p=1.0, n=2, seed=5)
+    assert [k["max_tokens"] for k in capped] == [5, 32, 9] and [k["seed"] for k in capped] == vllm_request_seeds(5, 3)
+    with pytest.raises(ValueError, match="2 max_new_tokens values for 3 prompts"):
+        vllm_sampling_kwargs(3, max_new_tokens=[5, 9], stop=(), temperature=0.7, top_p=1.0, n=1, seed=0)
 
 
 def test_greedy_requests_ask_the_engine_for_one_sample_and_repeat_it():
