@@ -740,8 +740,8 @@ def train_pair_rl(
         context = None if generation.max_model_len else rollout_context_tokens(  # the profile's own limit wins
             [*problems, *probe_problems], pair.tokenizers["long"], cfg, protocol
         )
-        _start_engines(pair, paths, generation, cfg, model_cfg, context, out_dir / ".engine-weights")
-        try:
+        try:  # inside: an engine that started is shut down when the next one fails to
+            _start_engines(pair, paths, generation, cfg, model_cfg, context, out_dir / ".engine-weights")
             if ckpt and pair.adapters:  # the engines hold the starting weights; the checkpoint's adapters change them
                 for role in ROLES:
                     pair.sync_engine(role)

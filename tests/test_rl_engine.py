@@ -236,6 +236,29 @@ def test_engines_that_follow_training_sample_exactly_what_the_models_would(
     assert not list((tmp_path / "engines" / ".engine-weights").iterdir())  # each file removed once loaded
 
 
+def test_an_engine_that_started_is_shut_down_when_the_next_one_fails_to(protocol_pair, demo_rows_small, tmp_path,
+                                                                       monkeypatch):
+    """A pipeline worker lives on after a failed stage: the long model's engine must not keep its GPU memory
+    when the short model's engine cannot start (out of memory, a bad path)."""
+    train, _ = demo_rows_small
+    problems = [{"problem": r["problem"], "answer": r["answer"]} for r in train[:8]]
+    made = copy_engines(monkeypatch)
+
+    class NoRoom(_CopyEngine):
+        def __init__(self, *args, **kwargs):
+            if made:  # the second engine
+                raise RuntimeError("No available memory for the cache blocks")
+            super().__init__(*args, **kwargs)
+
+    import models.generation
+
+    monkeypatch.setattr(models.generation, "VLLMBackend", NoRoom)
+    with pytest.raises(RuntimeError, match="cache blocks"):
+        train_pair_rl(protocol_pair, protocol_pair, problems, ENGINE_CFG, tmp_path, protocol=ENGINE_PROTOCOL,
+                      generation=GenerationConfig(backend="vllm"))  # fmt: skip
+    assert len(made) == 1 and made[0].closed
+
+
 def test_a_resumed_lora_run_gives_the_engines_the_checkpoints_adapters_first(
     protocol_pair, demo_rows_small, tmp_path, monkeypatch
 ):
