@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,10 @@ from longshort.config import GenerationConfig, ModelConfig
 log = logging.getLogger(__name__)
 
 PrefixMode = Literal["shared", "copied", "separate"]
+# transformers samples from torch's global generator, which the backend seeds per batch: two threads sampling at
+# once (a thread task runner's score shards, a served pair's concurrent requests) would interleave their draws,
+# so sampled calls in one process take turns (greedy ones need no generator)
+_GLOBAL_SAMPLER = threading.RLock()
 _SAMPLE_SEED_STRIDE = 1_000_003  # seed offset between the passes of prefix="separate"
 
 
@@ -152,7 +157,8 @@ class TransformersBackend:
     the vLLM backend does. Sampling seeds torch once per batch (``seed`` plus the
     batch's offset): the rows of a batch, identical prompts included, draw from
     one stream, so every sample differs and a call is reproducible for a given
-    ``seed``, batch size and prompt list.
+    ``seed``, batch size and prompt list, also with other threads sampling at the same
+    time (sampled calls take turns: torch's generator is one per process).
     """
 
     name = "transformers"
@@ -230,7 +236,8 @@ class TransformersBackend:
         # only what is asked for here shapes the samples (RL scores them as log_softmax(logits / T)): a hub
         # model's saved generation_config (e.g. repetition_penalty 1.05) would make rollouts off-policy, and
         # transformers merges it into any generation_config passed in, so it is swapped out for the call
-        with _plain_generation_config(self.model):
+        sampler = _GLOBAL_SAMPLER if temperature > 0 else contextlib.nullcontext()
+        with sampler, _plain_generation_config(self.model):
             for start in range(0, len(order), per_batch):
                 idx = order[start : start + per_batch]
                 batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(self.device)

@@ -161,6 +161,26 @@ def test_sampling_is_seeded_and_gives_n_samples(tiny_model, demo_tokenizer):
     assert len({c.text for c in a[0]}) > 1
 
 
+def test_sampling_from_two_threads_at_once_gives_what_each_gets_alone(tiny_model, demo_tokenizer):
+    """A thread task runner scores shards in threads; each call seeds torch's one global generator."""
+    import threading
+
+    backend = TransformersBackend(tiny_model, demo_tokenizer, batch_size=2, device="cpu")
+    prompts = {s: [backend.chat_prompt("s", f"Start with {i}.") for i in range(4)] for s in (1, 2)}
+    alone = {s: backend.generate(p, max_new_tokens=10, temperature=1.0, seed=s) for s, p in prompts.items()}
+    for _ in range(3):
+        got: dict[int, list] = {}
+        threads = [
+            threading.Thread(target=lambda s=s, p=p: got.__setitem__(s, backend.generate(p, max_new_tokens=10, temperature=1.0, seed=s)))
+            for s, p in prompts.items()
+        ]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == alone
+
+
 def test_a_stop_string_wins_over_the_padding_when_pad_is_eos(demo_tokenizer, tiny_model):
     """A tokenizer without a pad token gets pad = eos (Llama-3.1): a row that stopped on a multi-token stop
     string is then padded with "eos" while the batch goes on; that padding is not the model's token."""
