@@ -8,11 +8,14 @@ Defaults live here, not in the code that reads the config.
 from __future__ import annotations
 
 import json
+import types
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from models.protocol import extract_boxed
 
@@ -50,8 +53,44 @@ class ConfigError(ValueError):
     """A profile that cannot be used, with the file and the field that are wrong."""
 
 
+@cache
+def _scalar_kind(annotation: Any) -> tuple[str | None, bool]:
+    """``("bool" | "int" | "float" | None, is_list)`` for a field's annotation (``int | None``, ``list[int]`` count)."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        kinds = {_scalar_kind(a) for a in get_args(annotation) if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else (None, False)
+    if origin is list:
+        (item,) = get_args(annotation) or (Any,)
+        kind, nested = _scalar_kind(item)
+        return (kind, True) if not nested else (None, False)
+    if annotation in (bool, int, float):
+        return annotation.__name__, False
+    return None, False
+
+
+def _check_bool_number(kind: str | None, value: Any) -> None:
+    if kind in ("int", "float") and isinstance(value, bool):
+        what = "an integer" if kind == "int" else "a number"
+        raise PydanticCustomError(f"{kind}_from_bool", f"Input should be {what}, not true/false")
+    if kind == "bool" and isinstance(value, int | float) and not isinstance(value, bool):
+        raise PydanticCustomError("bool_from_number", "Input should be true or false, not a number")
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `rounds: true` as 1 and `bf16: 1` as true; YAML gives numbers and booleans
+        # their own types, so either one where the other belongs is a mistake. Text ("1e-5": PyYAML reads it as
+        # a string) still converts to a float, as strict mode would not allow.
+        kind, is_list = _scalar_kind(cls.model_fields[info.field_name].annotation)
+        if kind is not None:
+            for item in value if is_list and isinstance(value, list) else [] if is_list else [value]:
+                _check_bool_number(kind, item)
+        return value
 
 
 class RunConfig(Section):
@@ -168,7 +207,7 @@ class LoraConfig(Section):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)  # [] would adapt nothing
 
 
 class SFTConfig(Section):
@@ -219,6 +258,7 @@ class GenerationConfig(Section):
     backend: Literal["auto", "transformers", "vllm"] = "auto"
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(512, ge=1)
+    # `longshort solve` and the served pair (a profile's default: evaluate.temperature); stages sample at their own
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)  # vLLM's share of the GPU (a pair splits it)
@@ -230,7 +270,7 @@ class GenerationConfig(Section):
 class ProtocolConfig(Section):
     """The Long⊗Short turn protocol (DESIGN §2)."""
 
-    max_turns: int = Field(6, ge=1)
+    max_turns: int = Field(6, ge=2)  # the long model opens and only a short turn answers: 1 could never answer
     max_new_tokens_long: int = Field(512, ge=1)
     max_new_tokens_short: int = Field(128, ge=1)
 
@@ -379,7 +419,7 @@ class RLConfig(Section):
     format_weight: float = Field(0.1, ge=0)
     efficiency_weight: float = Field(1.0, ge=0)
     easy_filter: bool = False  # keep problems whose pass rate under the starting pair is > 0.5
-    cap_rollout_at_length_target: bool = False  # L_R = L_T: a longer episode counts as wrong
+    cap_rollout_at_length_target: bool = False  # L_R = L_T: an episode stops generating there (cut off: wrong)
     temperature: float = Field(1.0, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(16, ge=1)  # sequences per forward pass
@@ -395,6 +435,17 @@ class RLConfig(Section):
     # al. 2025), correcting for the engine's kernels sampling from a slightly different distribution; None: off
     vllm_importance_sampling_cap: float | None = Field(2.0, ge=1)
     seed: int = 0
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _adapters_without_dropout(cls, value: Any) -> Any:
+        # the loss scores the sampled tokens in train mode: adapter dropout would score them under another policy
+        # than the one that sampled them, so RL's adapters default to no dropout (a dropout written down stays)
+        if isinstance(value, dict) and "dropout" not in value:
+            return {**value, "dropout": 0.0}
+        if isinstance(value, LoraConfig) and "dropout" not in value.model_fields_set:
+            return value.model_copy(update={"dropout": 0.0})
+        return value
 
 
 class BaselineConfig(Section):
@@ -447,7 +498,7 @@ def check_tracking_uri(uri: str) -> str:
 class TrackingConfig(Section):
     tracking_uri: str | None = None  # default: sqlite:///<workspace>/mlflow.db
     artifact_location: str | None = None  # default: <workspace>/mlartifacts
-    experiment: str = "longshort"
+    experiment: str = Field("longshort", min_length=1)  # MLflow refuses an empty name, at the end of a run
     register_models: bool = True
     base_model_name: str = "longshort-base"
 
@@ -474,6 +525,24 @@ class Profile(Section):
     rl: RLConfig = RLConfig()
     baseline: BaselineConfig = BaselineConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _decode_as_evaluated(cls, data: Any) -> Any:
+        # `longshort solve` and the served pair decode at generation.temperature; unless a profile sets it, that is
+        # evaluate.temperature, the setting the promotion gate's accuracy was measured at (greedy decoding of an
+        # R1-style model is also where it repeats itself)
+        if not isinstance(data, dict) or not isinstance(data.get("evaluate"), dict | EvaluateConfig):
+            return data
+        gen, ev = data.get("generation") or {}, data["evaluate"]
+        temperature = ev.get("temperature") if isinstance(ev, dict) else ev.temperature
+        if temperature is None or (gen.get("temperature") if isinstance(gen, dict) else None) is not None:
+            return data
+        if isinstance(gen, GenerationConfig):
+            if "temperature" in gen.model_fields_set:
+                return data
+            return {**data, "generation": gen.model_copy(update={"temperature": temperature})}
+        return {**data, "generation": {**gen, "temperature": temperature}} if isinstance(gen, dict) else data
 
     @model_validator(mode="after")
     def _rl_updates_survive(self) -> Profile:
@@ -520,6 +589,51 @@ def _split_override(item: str) -> tuple[str, str]:
     return key.strip(), raw
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a mapping that names a key twice is an error: PyYAML would keep the
+    last value silently, so a second ``evaluate:`` section appended to a profile would replace the first."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_duplicate_keys(node, (), set())
+        return super().construct_document(node)
+
+    def _refuse_duplicate_keys(self, node: yaml.Node, where: tuple[str, ...], seen: set[int]) -> None:
+        # on the composed nodes, before construction flattens `<<` merges (whose keys a mapping may override)
+        if id(node) in seen:  # an alias to a node already checked (or to one of its ancestors)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._refuse_duplicate_keys(item, (*where, str(i)), seen)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    self._refuse_duplicate_keys(value_node, where, seen)
+                    continue
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = self.construct_object(key_node)
+                    if key in first:  # `yes` and `true`, `1` and `0x1` are the same key too
+                        raise yaml.constructor.ConstructorError(
+                            None, None,
+                            f"duplicate key '{'.'.join((*where, name))}' (first at line {first[key].start_mark.line + 1}): "
+                            "a key may appear once per mapping",
+                            key_node.start_mark,
+                        )  # fmt: skip
+                    first[key] = key_node
+                self._refuse_duplicate_keys(value_node, (*where, str(name)), seen)
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` read as YAML by :class:`UniqueKeyLoader`: yaml.safe_load, refusing a key given twice."""
+    loader = UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(overrides: list[str] | None, as_text: frozenset[str] = frozenset()) -> dict[str, Any]:
     """``["sft_base.epochs=1", "run.seed=3"]`` -> nested dict (values parsed as YAML; keys in ``as_text`` kept
     as the text written)."""
@@ -527,7 +641,7 @@ def parse_overrides(overrides: list[str] | None, as_text: frozenset[str] = froze
     for item in overrides or []:
         key, raw = _split_override(item)
         try:
-            value = raw if key in as_text else yaml.safe_load(raw)
+            value = raw if key in as_text else load_yaml(raw)
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
             raise ConfigError(f"override '{item}': not valid YAML: {problem}") from None
@@ -553,28 +667,74 @@ def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
     return f"{where}: not valid YAML: {problem}"
 
 
+def _field(section: str, e: Any) -> str:
+    return ".".join(str(p) for p in (*(section.split(".") if section else ()), *e["loc"]))
+
+
 def format_validation_error(
-    path: Path, err: ValidationError, section: str = "", overrides: dict[str, str] | None = None
+    path: Path, err: ValidationError, section: str = "", origins: list[str] | None = None
 ) -> str:
-    """One line per error: ``FILE: field 'SECTION.FIELD': reason (got VALUE)``; a field that an override
-    (``{dotted key: "key=value"}``) set, or lies under, is blamed on ``--set key=value`` instead of the file."""
-    prefix = tuple(section.split(".")) if section else ()
+    """One line per error: ``FILE: field 'SECTION.FIELD': reason (got VALUE)``; ``origins`` (one per error, as
+    :func:`load_profile` works them out) replaces ``FILE`` where an error is not the file's doing."""
     lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in (*prefix, *e["loc"])) or "(profile)"
+    for i, e in enumerate(err.errors()):
+        field = _field(section, e) or "(profile)"
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         else:
             msg = e["msg"]
             if "input" in e and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
-        origin = next(
-            (f"--set {item}" for key, item in (overrides or {}).items()
-             if f"{field}.".startswith(f"{key}.") or f"{key}.".startswith(f"{field}.")),
-            path,
-        )  # fmt: skip
-        lines.append(f"{origin}: field '{field}': {msg}")
+        lines.append(f"{origins[i] if origins else path}: field '{field}': {msg}")
     return "\n".join(lines)
+
+
+def _same_error(e: Any) -> tuple[Any, ...]:
+    """What makes two validation errors the same one: where, what, and the value unless it is a section's."""
+    value = e.get("input")
+    return tuple(e["loc"]), e["type"], e["msg"], None if isinstance(value, dict) else repr(value)
+
+
+def _validate(data: dict[str, Any], overrides: list[str] | None, as_text: frozenset[str]) -> Profile:
+    return Profile.model_validate(_merge(data, parse_overrides(overrides, as_text)))
+
+
+def _blame(
+    path: Path, data: dict[str, Any], items: dict[str, str], as_text: frozenset[str], err: ValidationError
+) -> list[str]:
+    """Who each error of the profile ``data`` with the overrides ``items`` ({dotted key: "key=value"}) is due to,
+    first match wins: the override that set the field itself; the file, when the file alone has that error; an
+    override that wrote the field's section; the overrides that each alone bring it about (a cross-field rule,
+    such as base_model.dtype against rl.lora); the overrides under the field; all of them."""
+    if not items:
+        return [str(path)] * len(err.errors())
+
+    def errors_with(overrides: list[str]) -> set[tuple[Any, ...]]:
+        try:
+            _validate(data, overrides, as_text & {_split_override(o)[0] for o in overrides})
+        except ValidationError as exc:
+            return {_same_error(e) for e in exc.errors()}
+        return set()
+
+    def named(keys: list[str]) -> str:
+        return ", ".join(f"--set {items[k]}" for k in keys)
+
+    file_errors = errors_with([])
+    origins = []
+    for e in err.errors():
+        field = _field("", e)
+        if field in items:
+            origins.append(named([field]))
+        elif _same_error(e) in file_errors:
+            origins.append(str(path))
+        elif above := [k for k in items if f"{field}.".startswith(f"{k}.")]:  # the override wrote its section
+            origins.append(named(above))
+        elif alone := [k for k in items if _same_error(e) in errors_with([items[k]])]:
+            origins.append(named(alone))
+        else:
+            under = [k for k in items if not field or f"{k}.".startswith(f"{field}.")]
+            origins.append(named(under or list(items)))
+    return origins
 
 
 def load_profile(name_or_path: str | Path, overrides: list[str] | None = None) -> Profile:
@@ -584,7 +744,7 @@ def load_profile(name_or_path: str | Path, overrides: list[str] | None = None) -
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"profile '{name_or_path}' not found ({path}); known profiles: {known}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
@@ -592,8 +752,9 @@ def load_profile(name_or_path: str | Path, overrides: list[str] | None = None) -
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a profile must be a mapping of sections")
     items = {_split_override(item)[0]: item for item in overrides or []}
+    as_text: frozenset[str] = frozenset()
     try:
-        return Profile.model_validate(_merge(data, parse_overrides(overrides)))
+        return _validate(data, overrides, as_text)
     except ValidationError as exc:
         # YAML reads `run.name=2024` or `revision=0123` as numbers: a text field takes the text as written
         as_text = frozenset(
@@ -603,7 +764,7 @@ def load_profile(name_or_path: str | Path, overrides: list[str] | None = None) -
         error = exc
     if as_text:
         try:
-            return Profile.model_validate(_merge(data, parse_overrides(overrides, as_text)))
+            return _validate(data, overrides, as_text)
         except ValidationError as exc:
             error = exc
-    raise ConfigError(format_validation_error(path, error, overrides=items)) from None
+    raise ConfigError(format_validation_error(path, error, origins=_blame(path, data, items, as_text, error))) from None

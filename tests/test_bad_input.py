@@ -149,6 +149,8 @@ def _one_line_error(result, *fragments: str) -> str:
         ("cold_start.theta=1.5", "field 'cold_start.theta'"),
         ("rl.efficiencyy=kimi", "field 'rl.efficiencyy': unknown key"),
         ("evaluate.k=0", "field 'evaluate.k'"),
+        ("rl.rounds=true", "field 'rl.rounds': Input should be an integer, not true/false (got True)"),
+        ("base_model.dtype=bfloat16", "field '(profile)': Value error, rl.lora: base_model.dtype is bfloat16"),  # cross-field
     ],
 )
 def test_cli_run_refuses_a_bad_override_naming_the_field(in_tmp_repo, override, fragment):
@@ -173,6 +175,15 @@ def test_cli_run_refuses_what_would_fail_minutes_later(in_tmp_repo, override, me
     result = runner.invoke(app, ["run", "-p", "smoke", "-s", override, "-s", "run.workspace=ws"])
     assert _one_line_error(result) == f"error: {message}"
     assert not (in_tmp_repo / "ws").exists()
+
+
+def test_cli_run_refuses_a_profile_with_a_section_given_twice(tmp_path):
+    path = tmp_path / "twice.yaml"
+    smoke = (REPO / "configs" / "smoke.yaml").read_text().replace("workspace:", f"workspace: {tmp_path / 'ws'} #")
+    path.write_text(smoke + "evaluate:\n  k: 8\n  temperature: 0.6\n")
+    result = runner.invoke(app, ["run", "-p", str(path)])
+    _one_line_error(result, f"{path}:{len(smoke.splitlines()) + 1}:1: not valid YAML: duplicate key 'evaluate' (first at line")
+    assert not (tmp_path / "ws").exists()
 
 
 def _profile(tmp_path: Path, **sections) -> Path:
@@ -213,6 +224,9 @@ def test_cli_stage_names_the_bad_line_and_leaves_no_stage_folder(in_tmp_repo):
     data.mkdir()
     (data / "train.jsonl").write_bytes(_line() + b"{oops}\n")
     (data / "heldout.jsonl").write_bytes(_line())
+    # `longshort stage` runs only the profile whose data.demo is params.yaml's `demo` (as test_pipeline's dvc repro)
+    smoke_demo = load_profile("smoke").data.demo.model_dump(mode="json")
+    (in_tmp_repo / "params.yaml").write_text(yaml.safe_dump({"profile": "smoke", "demo": smoke_demo}))
     result = runner.invoke(app, ["stage", "chunk", "-p", "smoke", "--data", str(data)])
     _one_line_error(result, f"{data / 'train.jsonl'}:2: not valid JSON")
     assert not (data / "chunk").exists()
@@ -257,11 +271,11 @@ def test_solve_refuses_pickle_weights_unless_the_profile_allows_them(saved_tiny)
     weights.unlink()
     before = sorted(p.name for p in saved_tiny.iterdir())
     args = ["solve", "Start with 3.", "--long", str(saved_tiny), "--short", str(saved_tiny), "-p", "smoke"]
-    result = runner.invoke(app, args + ["-s", "protocol.max_turns=1"])
+    result = runner.invoke(app, args + ["-s", "protocol.max_turns=2"])
     _one_line_error(result, str(saved_tiny), "pickle files (pytorch_model.bin)", "base_model.allow_pickle")
     assert sorted(p.name for p in saved_tiny.iterdir()) == before
-    allowed = runner.invoke(app, args + ["-s", "protocol.max_turns=1", "-s", "base_model.allow_pickle=true",
-                                         "-s", "protocol.max_new_tokens_long=2"])  # fmt: skip
+    allowed = runner.invoke(app, args + ["-s", "protocol.max_turns=2", "-s", "base_model.allow_pickle=true",
+                                         "-s", "protocol.max_new_tokens_long=2", "-s", "protocol.max_new_tokens_short=2"])  # fmt: skip
     assert allowed.exit_code == 0, allowed.output
 
 
@@ -278,7 +292,7 @@ def test_solve_samples_with_the_profiles_temperature_and_seed(saved_tiny):
 
     def first_turn(*overrides: str) -> str:
         args = ["solve", "Start with 3.", "--long", str(saved_tiny), "--short", str(saved_tiny), "-p", "smoke",
-                "-s", "protocol.max_turns=1", "-s", "protocol.max_new_tokens_long=12", *(a for o in overrides for a in ("-s", o))]  # fmt: skip
+                "-s", "protocol.max_turns=2", "-s", "protocol.max_new_tokens_long=12", "-s", "protocol.max_new_tokens_short=2", *(a for o in overrides for a in ("-s", o))]  # fmt: skip
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         return result.stdout

@@ -1,12 +1,13 @@
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from longshort.config import CONFIG_DIR, ConfigError, DemoTaskConfig, load_profile
+from longshort.config import CONFIG_DIR, ConfigError, DemoTaskConfig, load_profile, load_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,7 +99,7 @@ def test_overrides_are_typed_and_validated():
 
 
 def test_dvc_params_match_demo_profile():
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = load_yaml((REPO / "params.yaml").read_text())  # also: no key given twice
     assert DemoTaskConfig.model_validate(params["demo"]) == load_profile("demo").data.demo
 
 
@@ -119,6 +120,23 @@ PROFILE = CONFIG_DIR / "smoke.yaml"
          "--set rl.correctness_weight=-1: field 'rl.correctness_weight': Input should be greater than or equal to 0 (got -1)"),
         ("sft_base.max_steps=0", "--set sft_base.max_steps=0: field 'sft_base.max_steps': Value error, "
                                  "must be -1 (train for `epochs`) or a positive number of steps (got 0)"),
+        # pydantic's lax mode would read these as 1, 1.0 and True: a boolean is no number, nor a number a boolean
+        ("rl.rounds=true", "--set rl.rounds=true: field 'rl.rounds': Input should be an integer, not true/false (got True)"),
+        ("rl.learning_rate=false",
+         "--set rl.learning_rate=false: field 'rl.learning_rate': Input should be a number, not true/false (got False)"),
+        ("sft_base.bf16=1", "--set sft_base.bf16=1: field 'sft_base.bf16': Input should be true or false, not a number (got 1)"),
+        ("baseline.micro_batch_size=yes",
+         "--set baseline.micro_batch_size=yes: field 'baseline.micro_batch_size': Input should be an integer, not true/false (got True)"),
+        ("evaluate.budgets=[64, true]",
+         "--set evaluate.budgets=[64, true]: field 'evaluate.budgets': Input should be an integer, not true/false (got [64, True])"),
+        # accepted once, and failed at the end of a run (MLflow) or never answered (one turn is the long model's)
+        ("tracking.experiment=", "--set tracking.experiment=: field 'tracking.experiment': String should have at least 1 character (got '')"),
+        ("rl.lora={target_modules: []}", "--set rl.lora={target_modules: []}: field 'rl.lora.target_modules': "
+                                         "List should have at least 1 item after validation, not 0 (got [])"),
+        ("protocol.max_turns=1",
+         "--set protocol.max_turns=1: field 'protocol.max_turns': Input should be greater than or equal to 2 (got 1)"),
+        ("rl.lora={r: 4, r: 8}", "override 'rl.lora={r: 4, r: 8}': not valid YAML: duplicate key 'r' (first at line 1): "
+                                 "a key may appear once per mapping"),
     ],
 )  # fmt: skip
 def test_a_bad_override_is_named_in_one_line(override, message):
@@ -149,6 +167,76 @@ def test_an_error_in_the_file_still_names_the_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_profile(path, ["rl.alpha=0.3"])
     assert str(err.value) == f"{path}: field 'rl.group_size': Input should be greater than or equal to 2 (got 1)"
+
+
+def test_numbers_and_booleans_still_parse_as_yaml_writes_them(tmp_path):
+    cfg = load_profile("smoke", ["rl.rounds=3", "rl.learning_rate=1e-5", "sft_base.learning_rate=2.0e-4",
+                                 "sft_base.bf16=true", "baseline.bf16=no", "sft_base.epochs=2", "evaluate.budgets=[64]"])  # fmt: skip
+    assert (cfg.rl.rounds, cfg.rl.learning_rate, cfg.sft_base.learning_rate) == (3, 1e-5, 2e-4)
+    assert (cfg.sft_base.bf16, cfg.baseline.bf16, cfg.sft_base.epochs, cfg.evaluate.budgets) == (True, False, 2.0, [64])
+    assert load_profile(write(tmp_path, {"rl": {"learning_rate": "1e-5"}})).rl.learning_rate == 1e-5  # PyYAML's text
+    path = write(tmp_path, {"sft_base": {"bf16": 1}, "rl": {"rounds": True}})
+    with pytest.raises(ConfigError) as err:
+        load_profile(path)
+    assert str(err.value).splitlines() == [
+        f"{path}: field 'sft_base.bf16': Input should be true or false, not a number (got 1)",
+        f"{path}: field 'rl.rounds': Input should be an integer, not true/false (got True)",
+    ]
+
+
+def test_a_cross_field_error_is_blamed_on_the_file_or_override_that_causes_it(tmp_path):
+    # the file is fine alone: the override that brings the error about is named, not the file nor the others
+    with pytest.raises(ConfigError) as err:
+        load_profile("smoke", ["run.seed=3", "base_model.dtype=bfloat16", "rl.rounds=2"])
+    assert str(err.value).startswith("--set base_model.dtype=bfloat16: field '(profile)': Value error, rl.lora: base_model")
+    with pytest.raises(ConfigError) as err:
+        load_profile(write(tmp_path, {"evaluate": {"k": 4, "temperature": 0.6}}), ["evaluate.n_problems=5", "evaluate.temperature=0"])
+    assert str(err.value) == "--set evaluate.temperature=0: field 'evaluate': Value error, k > 1 samples need temperature > 0"
+    # the file fails alone: it is to blame, not an override that touches the same section
+    path = write(tmp_path, {"evaluate": {"k": 4}})
+    with pytest.raises(ConfigError) as err:
+        load_profile(path, ["evaluate.n_problems=5"])
+    assert str(err.value) == f"{path}: field 'evaluate': Value error, k > 1 samples need temperature > 0"
+    path = write(tmp_path, {"base_model": {"dtype": "bfloat16"}})
+    with pytest.raises(ConfigError) as err:
+        load_profile(path, ["base_model.revision=abc"])
+    assert str(err.value).startswith(f"{path}: field '(profile)': Value error, rl.lora: base_model.dtype is bfloat16")
+    # each error on its own line, with its own origin
+    path = write(tmp_path, {"rl": {"group_size": 1}})
+    with pytest.raises(ConfigError) as err:
+        load_profile(path, ["rl.alpha=-1", "evaluate.k=4"])
+    assert str(err.value).splitlines() == [
+        "--set evaluate.k=4: field 'evaluate': Value error, k > 1 samples need temperature > 0",
+        f"{path}: field 'rl.group_size': Input should be greater than or equal to 2 (got 1)",
+        "--set rl.alpha=-1: field 'rl.alpha': Input should be greater than or equal to 0 (got -1)",
+    ]
+
+
+def test_a_key_given_twice_is_an_error_naming_the_file_line_and_key(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `evaluate:` appended to a profile would replace the first."""
+    path = tmp_path / "twice.yaml"
+    smoke = (CONFIG_DIR / "smoke.yaml").read_text()
+    first = 1 + smoke.splitlines().index("evaluate:")
+    path.write_text(smoke + "\nevaluate:\n  k: 8\n  temperature: 0.6\n")
+    with pytest.raises(ConfigError) as err:
+        load_profile(path)
+    line = len(smoke.splitlines()) + 2
+    assert str(err.value) == (f"{path}:{line}:1: not valid YAML: duplicate key 'evaluate' (first at line {first}): "
+                              "a key may appear once per mapping")  # fmt: skip
+    cases = {
+        "rl:\n  lora:\n    r: 4\n    alpha: 8\n    r: 8\n": ":5:5: not valid YAML: duplicate key 'rl.lora.r' (first at line 3)",
+        "evaluate:\n  benchmarks:\n    - {source: a/b, name: x, name: y}\n": "duplicate key 'evaluate.benchmarks.0.name'",
+        "run: {seed: 1}\nrun: {seed: 1}\n": "duplicate key 'run' (first at line 1)",  # even with the same value
+        "sft_base:\n  bf16: yes\n  bf16: true\n": "duplicate key 'sft_base.bf16'",  # one key, spelled two ways
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_profile(path)
+    # a merge (`<<`) is not a duplicate, and a key written after it overrides the merged one, as YAML says
+    path.write_text("sft_base: &sft\n  epochs: 2\n  bf16: true\nsft_long:\n  <<: *sft\n  epochs: 1\n")
+    cfg = load_profile(path)
+    assert (cfg.sft_base.epochs, cfg.sft_long.epochs, cfg.sft_long.bf16) == (2.0, 1.0, True)
 
 
 def test_deepspeed_configs_are_found_from_anywhere_and_a_missing_one_is_named(tmp_path, monkeypatch):
@@ -260,3 +348,14 @@ def test_scoring_shards_never_start_two_vllm_engines_on_one_gpu():
     assert shard_parallelism_problem(RunConfig(task_runner="ray"), "vllm").startswith(
         "run.task_runner is 'ray' without run.cluster_address"
     )
+
+
+def test_rl_adapters_default_to_no_dropout_and_sft_adapters_keep_theirs():
+    """RL scores its samples in train mode: dropout in the adapters would make the loss off-policy."""
+    from longshort.config import LoraConfig, RLConfig, SFTConfig
+
+    assert load_profile("demo", ["rl.lora={r: 8}"]).rl.lora.dropout == 0.0
+    assert load_profile("demo", ["rl.lora={r: 8, dropout: 0.1}"]).rl.lora.dropout == 0.1  # written down: kept
+    assert RLConfig(lora=LoraConfig(r=8)).lora.dropout == 0.0
+    assert RLConfig(lora=LoraConfig(r=8, dropout=0.2)).lora.dropout == 0.2
+    assert SFTConfig(lora=LoraConfig(r=8)).lora.dropout == LoraConfig().dropout == 0.05

@@ -64,7 +64,7 @@ def _solve_error(long: Path, short: Path) -> str:
 
     (Loading the other, good model may have drawn transformers' progress bar on stderr before it.)"""
     result = runner.invoke(app, ["solve", "Start with 3.", "--long", str(long), "--short", str(short), "-p", "smoke",
-                                 "-s", "protocol.max_turns=1"])  # fmt: skip
+                                 "-s", "protocol.max_turns=2"])  # fmt: skip
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()
