@@ -5,6 +5,10 @@ the very function the Prefect task runs (the task's ``.fn``, no Prefect engine),
 with the same inputs, into ``DIR/<stage>/``; so ``dvc repro`` and the flow write
 byte-identical datasets. The synthesize stage is ``longshort synthesize`` (it reads
 ``params.yaml``'s ``demo`` section, which a test keeps equal to the demo profile).
+
+These stages read only the splits that synthesize wrote, so ``longshort stage`` refuses a profile whose
+``data`` section describes other data (``require_dvc_data``): another source, or demo settings other
+than ``params.yaml``'s. Such a profile runs with ``longshort run``.
 """
 
 from __future__ import annotations
@@ -14,11 +18,19 @@ from pathlib import Path
 
 from flows import stages as st
 from flows.caching import stage_key
-from longshort.config import Profile
+from longshort.config import ConfigError, Profile
 from longshort.io import file_digest
 from longshort.records import StageRecord
 
 DATA_STAGES = ("sft_base", "chunk", "score", "cold_start")
+# Each dvc.yaml stage's code stages (flows/caching.py STAGE_MODULES keys): dvc.yaml lists the files of their
+# modules as the stage's deps, with this module, flows/stages.py, what they import and longshort/cli.py, so an
+# edit of any of them reruns the stage (tests/test_dvc_stages.py checks the lists). The first one names the
+# code in the stage folder's key.
+CODE_STAGES: dict[str, tuple[str, ...]] = {
+    "synthesize": ("synthesize",), "sft_base": ("sft_base",), "chunk": ("chunk",),
+    "score": ("score_shard", "merge_scores"), "cold_start": ("cold_start",),
+}  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +48,29 @@ def _inputs_key(name: str, cfg: Profile, data: Path) -> str:
     outputs first anyway; a manual ``longshort stage`` after a settings change does not)."""
     upstream = {s: r.key for s in DATA_STAGES[: DATA_STAGES.index(name)] if (r := StageRecord.load(data / s))}
     splits = {n: file_digest(data / n) for n in ("train.jsonl", "heldout.jsonl") if (data / n).is_file()}
-    code = {"score": "score_shard"}.get(name, name)
+    code = CODE_STAGES[name][0]
     return stage_key(code, {"profile": cfg.model_dump(mode="json"), "splits": splits, "upstream": upstream})
+
+
+def require_dvc_data(cfg: Profile, params_file: Path, profile: str) -> None:
+    """Raise ConfigError, in one line with what to do instead, when the splits that ``dvc repro`` synthesizes
+    from ``params_file`` are not the data profile ``cfg`` describes (``tasks.versioning.demo_params_mismatch``).
+
+    The data stages read ``DIR/train.jsonl`` whatever the profile says: a profile of other data would train,
+    chunk and score the demo's arithmetic traces (a 7B model's included) and ``dvc.lock`` would record them.
+    """
+    from tasks.versioning import demo_params_mismatch  # noqa: PLC0415
+
+    reason = demo_params_mismatch(cfg.data, params_file)
+    if reason is None:
+        return
+    instead = f"run `longshort run -p {profile}` instead"
+    if cfg.data.source == "demo":
+        instead += f", or set {params_file}'s 'demo' section to the profile's data.demo"
+    raise ConfigError(
+        f"profile '{profile}': {reason}; `longshort stage` (dvc repro) reads only the splits that dvc.yaml's "
+        f"synthesize stage writes from {params_file}'s 'demo' section: {instead}"
+    )
 
 
 def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:

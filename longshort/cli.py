@@ -157,7 +157,8 @@ def solve(
 ) -> None:
     """Solve one problem with a long-thought and a short-thought model, printing each turn.
 
-    Decoding follows the profile's ``generation.temperature`` (greedy at 0) and ``run.seed``, as the served pair does.
+    Decoding follows the profile's ``generation.temperature`` (by default its ``evaluate.temperature``; greedy at 0),
+    ``generation.top_p`` and ``run.seed``, as the served pair does.
     """
     from longshort.config import ConfigError, load_profile  # noqa: PLC0415
     from models.generation import close_backend, make_pair_backends  # noqa: PLC0415
@@ -195,6 +196,7 @@ def solve(
             max_new_tokens_long=cfg.protocol.max_new_tokens_long,
             max_new_tokens_short=cfg.protocol.max_new_tokens_short,
             temperature=cfg.generation.temperature,
+            top_p=cfg.generation.top_p,
             seed=seed,
         )
     close_backend(long_backend)
@@ -220,11 +222,11 @@ def synthesize(
     """Write the demo task's train/held-out splits (the DVC 'synthesize' stage)."""
     from pydantic import ValidationError  # noqa: PLC0415
 
-    from longshort.config import DemoTaskConfig, format_validation_error, yaml_error  # noqa: PLC0415
+    from longshort.config import DemoTaskConfig, format_validation_error, load_yaml, yaml_error  # noqa: PLC0415
     from tasks.synthesize import synthesize_demo  # noqa: PLC0415
 
     try:
-        data = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
+        data = load_yaml(params.read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict) or not isinstance(data.get("demo", {}), dict):
             raise ValueError(f"{params}: expected a mapping with a 'demo' section")
         cfg = DemoTaskConfig.model_validate(data.get("demo", {}))
@@ -250,14 +252,20 @@ def stage(
     data: Annotated[Path, typer.Option(help="the DVC data folder (train.jsonl, heldout.jsonl, stage folders)")] = Path(
         "data/demo"
     ),
+    params: Annotated[Path, typer.Option(help="params.yaml whose 'demo' section synthesized --data")] = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """Run one data stage outside Prefect, as `dvc repro` does (the same code as the flow's task)."""
-    from flows.dvc_stages import run_data_stage  # noqa: PLC0415
+    """Run one data stage outside Prefect, as `dvc repro` does (the same code as the flow's task).
+
+    Only for a profile whose data are the demo splits that dvc.yaml's synthesize stage writes (data.source demo,
+    data.demo equal to params.yaml's 'demo' section); any other profile runs with `longshort run`.
+    """
+    from flows.dvc_stages import require_dvc_data, run_data_stage  # noqa: PLC0415
     from longshort.config import load_profile  # noqa: PLC0415
 
     try:
         cfg = load_profile(profile, set_)
+        require_dvc_data(cfg, params, profile)
         record = run_data_stage(name, cfg, data)
     except (ValueError, OSError) as exc:  # ConfigError, DataError, ModelLoadError; OutputError, a missing file
         _fail(exc)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,8 @@ class PairSettings(BaseModel):
 
     @classmethod
     def from_profile(cls, profile: Any) -> PairSettings:
-        """The settings a profile evaluated the pair with, so the served pair answers the same way."""
+        """The settings a profile evaluated the pair with, so the served pair answers the same way (its
+        ``generation.temperature`` is ``evaluate.temperature`` unless the profile sets it)."""
         return cls(
             model=profile.base_model, generation=profile.generation, protocol=profile.protocol, seed=profile.run.seed
         )
@@ -152,6 +154,10 @@ class LongShortPair(mlflow.pyfunc.PythonModel):
             Path(short_dir)
         )
         self.long, self.short = make_pair_backends(long_dir, short_dir, s.model, s.generation, s.seed, same=same)
+        # MLflow's scoring server runs each request in a thread of its own: one vLLM engine is not safe to call
+        # from two threads, and the transformers backend seeds torch's global generator per call, so requests
+        # take turns (a request's problems are one batched generation per turn anyway)
+        self._solving = threading.Lock()
         return self
 
     def close(self) -> None:
@@ -163,13 +169,14 @@ class LongShortPair(mlflow.pyfunc.PythonModel):
             close_backend(backend)
 
     def solve(self, problems: Sequence[str]) -> list[Episode]:
-        p = self.settings.protocol
-        return run_episodes(
-            list(problems), self.long, self.short,
-            max_turns=p.max_turns, max_new_tokens_long=p.max_new_tokens_long,
-            max_new_tokens_short=p.max_new_tokens_short, temperature=self.settings.generation.temperature,
-            seed=self.settings.seed,
-        )  # fmt: skip
+        p, g = self.settings.protocol, self.settings.generation
+        with self._solving:
+            return run_episodes(
+                list(problems), self.long, self.short,
+                max_turns=p.max_turns, max_new_tokens_long=p.max_new_tokens_long,
+                max_new_tokens_short=p.max_new_tokens_short, temperature=g.temperature, top_p=g.top_p,
+                seed=self.settings.seed,
+            )  # fmt: skip
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
         """Run one episode per problem in ``model_input``; returns :func:`episode_rows`.

@@ -217,6 +217,7 @@ def run_episodes(
     max_new_tokens_short: int = 128,
     max_episode_tokens: int | None = None,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     seed: int = 0,
 ) -> list[Episode]:
     """Run Long⊗Short episodes for a batch of problems, turn by turn.
@@ -249,6 +250,7 @@ def run_episodes(
             max_new_tokens=caps,
             stop=STOP_STRINGS[role],
             temperature=temperature,
+            top_p=top_p,
             seed=seed + turn_idx,
         )
         if len(outs) != len(prompts):

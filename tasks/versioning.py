@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from longshort.config import DataConfig, DemoTaskConfig
+from longshort.config import DataConfig, DemoTaskConfig, load_yaml
 from longshort.endpoints import require_reachable
 from longshort.io import file_digest
 
@@ -146,6 +146,24 @@ def require_remote(remote: Remote) -> None:
         require_reachable(remote.endpoint_url, f"S3 endpoint of DVC remote {remote.url}")
 
 
+def demo_params_mismatch(data: DataConfig, params_file: Path) -> str | None:
+    """Why the splits dvc.yaml's ``synthesize`` stage writes (``params_file``'s ``demo`` section, as
+    ``longshort synthesize`` reads it) are not the data ``data`` describes, naming the fields; None when they are."""
+    if data.source != "demo":
+        return f"data.source is '{data.source}', not 'demo'"
+    params_file = Path(params_file)
+    try:
+        params = load_yaml(params_file.read_text(encoding="utf-8")) or {}
+        synthesized = DemoTaskConfig.model_validate((params.get("demo") or {}) if isinstance(params, dict) else params)
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError, ValidationError are ValueErrors
+        return f"{params_file} has no valid 'demo' section ({str(exc).splitlines()[0]})"
+    if synthesized != data.demo:
+        theirs = synthesized.model_dump()
+        changed = sorted(f"data.demo.{k}" for k, v in data.demo.model_dump().items() if theirs[k] != v)
+        return f"{', '.join(changed)} differ from {params_file}'s 'demo' section"
+    return None
+
+
 def unversioned_reason(data: Mapping, repo: Path | None = None) -> str | None:
     """Why dvc.yaml's ``synthesize`` stage would not write the data a run with this ``data`` section uses,
     or None when it would.
@@ -156,16 +174,7 @@ def unversioned_reason(data: Mapping, repo: Path | None = None) -> str | None:
     cfg = DataConfig.model_validate(data)
     if cfg.source != "demo":
         return f"data.source is '{cfg.source}': dvc.yaml versions only the demo task's splits"
-    params_file = project_root(repo) / "params.yaml"
-    try:
-        params = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
-        versioned = DemoTaskConfig.model_validate(params.get("demo") or {})
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        return f"{params_file} has no valid 'demo' section ({str(exc).splitlines()[0]})"
-    if versioned != cfg.demo:
-        changed = sorted(k for k, v in cfg.demo.model_dump().items() if versioned.model_dump()[k] != v)
-        return f"data.demo differs from {params_file}'s 'demo' section in {', '.join(changed)}"
-    return None
+    return demo_params_mismatch(cfg, project_root(repo) / "params.yaml")
 
 
 def version_stages(

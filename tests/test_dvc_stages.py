@@ -1,8 +1,12 @@
-"""`longshort stage score` (the DVC path) run again after a score.* settings change."""
+"""The DVC path: `longshort stage` (a rerun after a settings change, which data it runs on) and dvc.yaml's deps."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
+import yaml
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,3 +32,131 @@ def test_score_after_a_settings_change_recomputes_its_shards_and_merges(tmp_path
     assert shard_keys == {1}  # every shard folder now holds the new inputs' record
     rows = [r for _, r in iter_jsonl(second.outputs["train"])]
     assert len(rows) == 2 and all(len(r["acc"]) == len(r["thoughts"]) + 1 for r in rows)
+
+
+# dvc.yaml's deps: the code that decides each stage's outputs, so that `dvc repro` reruns a stage after an edit
+
+REPO = Path(__file__).resolve().parents[1]
+OURS = ("flows", "tasks", "models", "longshort")
+
+
+def _file(module: str) -> str:
+    path = f"{module.replace('.', '/')}.py"
+    assert (REPO / path).is_file(), module
+    return path
+
+
+def _top_level_imports(path: str) -> set[str]:
+    """Our modules that ``path`` imports at module level (``from flows import stages`` counts flows.stages)."""
+    found: set[str] = set()
+    for node in ast.parse((REPO / path).read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] in OURS and (REPO / f"{m.replace('.', '/')}.py").is_file()}
+
+
+def _code_deps(stage: str) -> set[str]:
+    """What dvc.yaml must list for ``stage``: the files of STAGE_MODULES of its code stages, the CLI that runs it
+    and longshort/config.py (DVC sees the profile's YAML, not the defaults it resolves to); for the stages that
+    run through `longshort stage`, flows/dvc_stages.py, flows/stages.py and our modules those two import."""
+    from flows.caching import STAGE_MODULES
+    from flows.dvc_stages import CODE_STAGES, DATA_STAGES
+
+    files = {_file(m) for code in CODE_STAGES[stage] for m in STAGE_MODULES[code]}
+    files |= {"longshort/cli.py", "longshort/config.py"}
+    if stage in DATA_STAGES:
+        runner = {"flows/dvc_stages.py", "flows/stages.py"}
+        files |= runner | {_file(m) for path in runner for m in _top_level_imports(path)}
+    return files
+
+
+def test_dvc_yaml_lists_the_code_of_every_stage_as_its_deps():
+    """Before: score missed tasks/answers.py and models/protocol.py, no stage had flows/stages.py or
+    longshort/io.py, so `dvc repro` called an edited pipeline up to date and kept the old outputs."""
+    from flows.dvc_stages import CODE_STAGES, DATA_STAGES
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages.keys() == CODE_STAGES.keys() == {"synthesize", *DATA_STAGES}
+    for name, stage in stages.items():
+        listed = {d for d in stage["deps"] if d.endswith(".py")}
+        assert listed == _code_deps(name), (name, sorted(_code_deps(name) - listed), sorted(listed - _code_deps(name)))
+        if name in DATA_STAGES:
+            assert stage["cmd"].startswith(f"longshort stage {name} ")
+    assert {"tasks/answers.py", "models/protocol.py", "tasks/importance.py", "flows/stages.py"} <= _code_deps("score")
+    assert {"tasks/chunking.py", "models/protocol.py", "longshort/io.py"} <= _code_deps("cold_start")
+
+
+# `longshort stage` runs only on the splits dvc.yaml's synthesize stage wrote from params.yaml's `demo` section
+
+
+def _cli_stage(*args: str):
+    from typer.testing import CliRunner
+
+    from longshort.cli import app
+
+    return CliRunner().invoke(app, ["stage", *args])
+
+
+def _refused(result, *fragments: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture()
+def demo_split(in_tmp_repo):
+    """A synthesized split in the scratch repository (whose params.yaml is the project's, the demo profile's)."""
+    from longshort.config import DemoTaskConfig
+    from tasks.synthesize import synthesize_demo
+
+    data = in_tmp_repo / "data"
+    synthesize_demo(DemoTaskConfig(n_train=8, n_heldout=4, seed=3), data)
+    return data
+
+
+def test_the_demo_profile_is_what_params_yaml_synthesizes():
+    from tasks.versioning import demo_params_mismatch
+    from longshort.config import load_profile
+
+    assert demo_params_mismatch(load_profile("demo").data, REPO / "params.yaml") is None
+
+
+@pytest.mark.parametrize("profile", ["qwen2.5-7b", "llama3.1-8b"])
+def test_stage_refuses_a_profile_of_other_data(demo_split, profile):
+    """Before: `longshort stage chunk -p qwen2.5-7b` chunked the demo's arithmetic traces (and `dvc repro` with
+    `profile: qwen2.5-7b` would have trained the 7B model on them)."""
+    line = _refused(_cli_stage("chunk", "-p", profile, "--data", str(demo_split)),
+                    f"profile '{profile}': data.source is 'teacher', not 'demo'", f"`longshort run -p {profile}`")  # fmt: skip
+    assert "params.yaml's 'demo' section to" not in line  # no params.yaml makes a teacher's data
+    assert sorted(p.name for p in demo_split.iterdir()) == ["heldout.jsonl", "train.jsonl"]  # nothing written
+
+
+def test_stage_refuses_demo_settings_other_than_params_yaml(demo_split):
+    """The smoke profile's data.demo is not the project's params.yaml `demo`: its splits are not these."""
+    result = _cli_stage("chunk", "-p", "smoke", "--data", str(demo_split))
+    _refused(result, "profile 'smoke': data.demo.max_operand, data.demo.max_ops, data.demo.max_value, "
+             "data.demo.min_ops, data.demo.n_heldout, data.demo.n_train, data.demo.seed differ from "
+             "params.yaml's 'demo' section", "`longshort run -p smoke`",
+             "or set params.yaml's 'demo' section to the profile's data.demo")  # fmt: skip
+    _refused(_cli_stage("chunk", "--set", "data.demo.seed=1", "--data", str(demo_split)),
+             "profile 'demo': data.demo.seed differ")  # fmt: skip
+    missing = demo_split / "none.yaml"
+    _refused(_cli_stage("chunk", "--params", str(missing), "--data", str(demo_split)),
+             f"{missing} has no valid 'demo' section")  # fmt: skip
+    assert sorted(p.name for p in demo_split.iterdir()) == ["heldout.jsonl", "train.jsonl"]
+
+
+def test_stage_runs_the_profile_whose_demo_params_yaml_holds(demo_split, in_tmp_repo):
+    """As tests/test_pipeline.py's `dvc repro` of the smoke profile does: params.yaml holds smoke's data.demo."""
+    from longshort.config import load_profile
+
+    demo = load_profile("smoke").data.demo.model_dump(mode="json")
+    (in_tmp_repo / "params.yaml").write_text(yaml.safe_dump({"profile": "smoke", "demo": demo}))
+    result = _cli_stage("chunk", "-p", "smoke", "--data", str(demo_split))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (demo_split / "chunk" / "record.json").is_file()

@@ -31,7 +31,7 @@ def served_pair(tmp_path_factory, demo_tokenizer):
     demo_tokenizer.save_pretrained(folder)
     settings = PairSettings(
         generation=GenerationConfig(backend="transformers", batch_size=4),
-        protocol=ProtocolConfig(max_turns=1, max_new_tokens_long=3, max_new_tokens_short=3),
+        protocol=ProtocolConfig(max_turns=2, max_new_tokens_long=3, max_new_tokens_short=3),
     )
     config = root / "pair_config.json"
     config.write_text(json.dumps(settings.model_dump(mode="json")))
@@ -124,3 +124,44 @@ def test_problems_of_direct_forms_and_errors():
         problems_of([1, ["a"]])
     with pytest.raises(ValueError, match="holds no problems"):
         problems_of([])
+
+
+def test_concurrent_requests_get_the_answers_they_get_one_at_a_time(tmp_path, demo_tokenizer):
+    """MLflow's scoring server runs each request in its own thread: sampled requests served at once must not
+    share the sampler's state (torch's global generator here, one engine on vLLM)."""
+    import threading
+
+    from longshort.config import GenerationConfig, ProtocolConfig, TinyModelConfig
+    from models.factory import build_tiny_model
+    from models.pair import LongShortPair, PairSettings
+
+    folder = tmp_path / "model"
+    build_tiny_model(TinyModelConfig(), demo_tokenizer, seed=0).save_pretrained(folder)
+    demo_tokenizer.save_pretrained(folder)
+    settings = PairSettings(generation=GenerationConfig(backend="transformers", temperature=1.0, batch_size=8),
+                            protocol=ProtocolConfig(max_turns=2, max_new_tokens_long=40))  # fmt: skip
+    (tmp_path / "pair.json").write_text(json.dumps(settings.model_dump(mode="json")))
+    pair = LongShortPair().load(folder, folder, tmp_path / "pair.json")
+    requests = {"a": [PROBLEMS[0]] * 4, "b": [PROBLEMS[1]] * 4}
+    alone = {k: [e.transcript for e in pair.solve(v)] for k, v in requests.items()}
+    assert len(set(alone["a"])) > 1  # sampled: the four answers differ, so a shared generator would show
+    for _ in range(3):
+        got: dict[str, list[str]] = {}
+        threads = [threading.Thread(target=lambda k=k, v=v: got.__setitem__(k, [e.transcript for e in pair.solve(v)]))
+                   for k, v in requests.items()]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == alone
+
+
+def test_the_served_pair_decodes_at_the_temperature_its_gate_measured():
+    from longshort.config import load_profile
+    from models.pair import PairSettings
+
+    real = load_profile("qwen2.5-7b")
+    assert PairSettings.from_profile(real).generation.temperature == real.evaluate.temperature == 0.6
+    pinned = load_profile("qwen2.5-7b", ["generation.temperature=0.2"])
+    assert PairSettings.from_profile(pinned).generation.temperature == 0.2  # a profile that sets it keeps it
+    assert PairSettings.from_profile(load_profile("demo")).generation.temperature == 0.0  # greedy demo evaluation

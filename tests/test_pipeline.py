@@ -133,8 +133,9 @@ def test_dvc_repro_writes_the_same_bytes_as_the_flow(smoke_runs, tmp_path):
     from longshort.io import tree_digest
 
     work, first, _, _, _ = smoke_runs
-    for rel in ("dvc.yaml", "configs/smoke.yaml", *(str(p.relative_to(REPO)) for p in REPO.glob("tasks/*.py")),
-                *(str(p.relative_to(REPO)) for p in REPO.glob("models/*.py"))):  # fmt: skip
+    # dvc.yaml's deps: the code of every stage (tasks, models, flows, longshort), not only the data
+    for rel in ("dvc.yaml", "configs/smoke.yaml",
+                *(str(p.relative_to(REPO)) for d in ("tasks", "models", "flows", "longshort") for p in REPO.glob(f"{d}/*.py"))):  # fmt: skip
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, tmp_path / rel)
     demo = load_profile("smoke").data.demo.model_dump(mode="json")

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from longshort.cli import app
@@ -91,8 +92,10 @@ def test_cli_synthesize_into_a_file_is_one_line(tmp_path, in_tmp_repo):
 
 
 def _data_folder(root: Path) -> Path:
+    """SMALL's splits, and a params.yaml whose `demo` is the smoke profile's, which `longshort stage` requires."""
     data = root / "data"
     synthesize_demo(SMALL, data)
+    (root / "params.yaml").write_text(yaml.safe_dump({"profile": "smoke", "demo": load_profile("smoke").data.demo.model_dump(mode="json")}))
     return data
 
 

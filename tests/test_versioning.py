@@ -23,8 +23,8 @@ def test_the_demo_profile_is_what_dvc_versions():
 def test_other_data_are_not_versioned_and_the_reason_names_what_differs():
     smoke = load_profile("smoke").section_dump("data")
     assert unversioned_reason(smoke, REPO) == (
-        f"data.demo differs from {REPO / 'params.yaml'}'s 'demo' section in "
-        "max_operand, max_ops, max_value, min_ops, n_heldout, n_train, seed"
+        "data.demo.max_operand, data.demo.max_ops, data.demo.max_value, data.demo.min_ops, data.demo.n_heldout, "
+        f"data.demo.n_train, data.demo.seed differ from {REPO / 'params.yaml'}'s 'demo' section"
     )
     traces = {"source": "traces", "path": "traces.jsonl"}
     assert unversioned_reason(traces, REPO) == "data.source is 'traces': dvc.yaml versions only the demo task's splits"
