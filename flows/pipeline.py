@@ -131,11 +131,15 @@ def score_flow(cfg: Profile, ws: Path, chunks: StageRecord, model: StageRecord) 
     """Monte Carlo scoring fanned out over shards of traces with Prefect task mapping (a subflow, so
     that its task runner — threads, Dask or Ray — comes from the profile)."""
     shards, shared = score_shards(cfg, chunks, model)
-    keys = [stage_key("score_shard", {"rows": rows, **shared, "model": model.digests["model"]}) for _, rows in shards]
+    keys = [
+        stage_key("score_shard", {"rows": rows, **shared, "model": model.digests["model"], "shard_no": i})
+        for i, (_, rows) in enumerate(shards)
+    ]
     futures = score_shard_task.with_options(result_storage=ws / "prefect-results").map(
         key=keys,
         out_dir=[str(stage_dir(ws, "score_shard", k)) for k in keys],
         rows=[rows for _, rows in shards],
+        shard_no=list(range(len(shards))),
         **{name: unmapped(value) for name, value in shared.items()},
     )
     done = [f.result() for f in futures]

@@ -311,9 +311,11 @@ def score_shards(cfg: Profile, chunks: StageRecord, model: StageRecord) -> tuple
 
 @task(name="score_shard", cache_policy=STAGE_CACHE, persist_result=True, retries=1)
 def score_shard_task(
-    key: str, out_dir: str, rows: list[dict], model_dir: str, base_model: dict, generation: dict, score: dict
+    key: str, out_dir: str, rows: list[dict], model_dir: str, base_model: dict, generation: dict, score: dict,
+    shard_no: int = 0,
 ) -> StageRecord:
-    """Monte Carlo importance for one shard of traces (mapped; a failed shard is retried alone)."""
+    """Monte Carlo importance for shard ``shard_no`` of the traces (mapped; a failed shard is retried alone;
+    the index seeds its rollouts, ``tasks.importance.score_traces``)."""
     from models.generation import close_backend, make_backend  # noqa: PLC0415
     from tasks.importance import score_rows  # noqa: PLC0415
 
@@ -323,7 +325,7 @@ def score_shard_task(
             model_dir, ModelConfig.model_validate(base_model), GenerationConfig.model_validate(generation), cfg.seed
         )
         try:
-            scored = score_rows(backend, rows, cfg)
+            scored = score_rows(backend, rows, cfg, first_shard=shard_no)
         finally:
             close_backend(backend)
         write_jsonl(folder / "scored.jsonl", scored)

@@ -103,17 +103,24 @@ def rollout_correct(text: str, reference: str) -> bool:
     return turn.kind == "final" and is_correct(turn.answer, reference)
 
 
+_CUT_OFF_WARN = 0.1  # share of a shard's rollouts cut off by score.max_new_tokens above which the run warns
+
+
 def score_traces(
     backend: GenerationBackend,
     traces: Sequence[Mapping[str, Any]],
     cfg: ScoreConfig,
     *,
     prefix: PrefixMode = "shared",
+    first_shard: int = 0,
 ) -> list[ScoredTrace]:
     """Score every thought of every trace; one ``generate`` call per shard of ``cfg.shard_size`` traces.
 
-    ``prefix`` is passed to the backend only when it is not the default (the
-    benchmark's naive baseline uses ``"separate"``).
+    Shard ``k`` samples with seed ``cfg.seed + first_shard + k``: a pipeline that scores its shards one
+    call at a time passes each one's index as ``first_shard``, so that shards draw independent rollouts
+    (with one seed, the i-th prompt of every shard would share its random draws) and get the numbers
+    one call over all the traces would. ``prefix`` is passed to the backend only when it is not the
+    default (the benchmark's naive baseline uses ``"separate"``).
     """
     log.info(
         "score: %d traces, N=%d rollouts, L_delta=%g, temperature=%g, top_p=%g",
@@ -122,7 +129,7 @@ def score_traces(
     checked = [_checked_trace(t, f"trace {i}") for i, t in enumerate(traces)]
     extra = {} if prefix == "shared" else {"prefix": prefix}
     scored: list[ScoredTrace] = []
-    for shard_no, first in enumerate(range(0, len(checked), cfg.shard_size)):
+    for shard_no, first in enumerate(range(0, len(checked), cfg.shard_size), start=first_shard):
         shard = checked[first : first + cfg.shard_size]
         prompts, owners = [], []
         thinkings_of = []
@@ -139,9 +146,17 @@ def score_traces(
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             n=cfg.n_rollouts,
-            seed=cfg.seed + shard_no,
+            seed=cfg.seed + shard_no,  # shard_no counts from first_shard
             **extra,
         )
+        cut = sum(c.finish_reason == "length" for rs in outs for c in rs)
+        if cut > _CUT_OFF_WARN * cfg.n_rollouts * len(prompts):
+            # a rollout cut off before its \\boxed{} counts as wrong: acc_k is then the cap's doing, not the prefix's
+            log.warning(
+                "score: %d of %d rollouts of shard %d hit score.max_new_tokens=%d before the answer ended and count "
+                "as wrong; raise it, or start the answer at the box with score.answer_probe",
+                cut, cfg.n_rollouts * len(prompts), shard_no, cfg.max_new_tokens,
+            )  # fmt: skip
         at = 0
         for (trace_id, _, reference, _), thinkings in zip(shard, thinkings_of, strict=True):
             rollouts = outs[at : at + len(thinkings)]
@@ -196,9 +211,12 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def score_rows(backend: GenerationBackend, rows: Sequence[Mapping[str, Any]], cfg: ScoreConfig) -> list[dict[str, Any]]:
-    """Chunked rows ``{id, problem, answer, thoughts, ...}`` with their scores added, jsonl-ready."""
-    scored = score_traces(backend, rows, cfg)
+def score_rows(
+    backend: GenerationBackend, rows: Sequence[Mapping[str, Any]], cfg: ScoreConfig, *, first_shard: int = 0
+) -> list[dict[str, Any]]:
+    """Chunked rows ``{id, problem, answer, thoughts, ...}`` with their scores added, jsonl-ready
+    (``first_shard``: see :func:`score_traces`)."""
+    scored = score_traces(backend, rows, cfg, first_shard=first_shard)
     return [
         {
             **{k: row[k] for k in ("id", "problem", "answer", "thoughts")},

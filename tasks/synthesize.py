@@ -332,18 +332,22 @@ def synthesize_with_teacher(
         prompts, max_new_tokens=cfg.teacher_max_new_tokens, stop=STOP_STRINGS["base"], seed=seed,
         temperature=cfg.teacher_temperature, top_p=cfg.teacher_top_p,
     )  # fmt: skip
-    kept = []
+    kept, unthought = [], 0
     for row, out in zip(rows, outs, strict=True):
         text = out[0].text
         if not is_correct(trace_answer(text), row["answer"]):  # its own answer: a cut-off trace has none
             continue
         response = normalize_response(text, row["answer"])
         try:
-            parse_response(response)
+            thinking, _ = parse_response(response)
         except ProtocolError:
             continue
+        if not thinking.strip():  # R1 models sometimes close </think> at once: no thought to score or keep
+            unthought += 1
+            continue
         kept.append({**row, "response": response})
-    log.info("teacher kept %d of %d traces (correct final answer)", len(kept), len(rows))
+    log.info("teacher kept %d of %d traces (correct final answer, non-empty thinking; %d had no thinking)",
+             len(kept), len(rows), unthought)  # fmt: skip
     return kept
 
 

@@ -217,6 +217,7 @@ def test_teacher_keeps_only_traces_whose_own_answer_is_right():
         "<think>\n1+1=3\n</think>\n<answer>\\boxed{3}</answer>",  # wrong
         "<think>\n1+1 is",  # cut off at max_new_tokens: its answer would be grafted on
         "<think>\n1+1=2 <answer>\n</think>\n<answer>\\boxed{2}</answer>",  # right, but breaks the protocol
+        "<think>\n\n</think>\n<answer>\\boxed{2}</answer>",  # right, but closed </think> at once: no thought to score
     ]
 
     class Teacher:  # stands in for an R1-distilled model, which cannot run here

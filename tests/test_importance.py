@@ -143,6 +143,30 @@ def test_score_traces_on_demo_rows(trained_tiny, demo_rows_small):
     assert score_traces(backend, traces, cfg) == scored
     # trace 1 is alone in shard 1 (seed + 1): scored alone with that seed, it gets the same rollouts
     assert score_trace(backend, traces[1], cfg.model_copy(update={"seed": cfg.seed + 1})) == scored[1]
+    # as the pipeline scores it: shard 1 on its own, told its index
+    assert score_traces(backend, traces[1:], cfg, first_shard=1) == scored[1:]
+    assert score_traces(backend, traces[1:], cfg) != scored[1:]  # shard 0's seed: other rollouts
+
+
+def test_a_shard_whose_rollouts_are_cut_off_says_so(caplog):
+    """A rollout cut off before its box counts as wrong: when many are, acc_k measures the cap, not the prefix."""
+    from models.generation import Completion
+
+    class Rambling:
+        def chat_prompt(self, system, user):
+            return user
+
+        def count_tokens(self, text):
+            return len(text.split())
+
+        def generate(self, prompts, *, n=1, **kwargs):
+            return [[Completion("Let me write it all out again", 8, "length")] * n for _ in prompts]
+
+    trace = {"id": "t", "problem": "p", "answer": "1", "thoughts": ["a", "b"]}
+    with caplog.at_level("WARNING", logger="tasks.importance"):
+        (scored,) = score_traces(Rambling(), [trace], ScoreConfig(n_rollouts=2, max_new_tokens=8))
+    assert scored.acc == [0.0, 0.0, 0.0]
+    assert "6 of 6 rollouts of shard 0 hit score.max_new_tokens=8" in caplog.text and "score.answer_probe" in caplog.text
 
 
 @pytest.mark.slow
