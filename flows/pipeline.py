@@ -187,6 +187,7 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
         scored_path=scored.outputs["train"], train_path=data.outputs["train"], model_dir=base.outputs["model"],
         base_model=base_model, generation=cfg.section_dump("generation"),
         cold_start=cfg.section_dump("cold_start"), seed=seed, max_turns=cfg.protocol.max_turns,
+        max_turn_tokens=[cfg.protocol.max_new_tokens_long, cfg.protocol.max_new_tokens_short],
     )  # fmt: skip
     pair = {
         role: _stage(

@@ -356,7 +356,10 @@ def merge_scores_task(key: str, out_dir: str, shards: dict[str, list[str]]) -> S
 def cold_start_task(
     key: str, out_dir: str, scored_path: str, train_path: str, model_dir: str, base_model: dict,
     generation: dict, cold_start: dict, seed: int, max_turns: int | None = None,
+    max_turn_tokens: list[int] | None = None,
 ) -> StageRecord:  # fmt: skip
+    """D_long and D_short from the scored traces (``max_turns``, ``max_turn_tokens``: the protocol's caps,
+    ``tasks.cold_start.build_cold_start``)."""
     from models.generation import close_backend, make_backend  # noqa: PLC0415
     from tasks.cold_start import build_cold_start, make_compressor, write_cold_start  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
@@ -370,7 +373,8 @@ def cold_start_task(
         try:
             compressor = make_compressor(cfg, rows=teacher_rows, backend=backend, seed=seed)
             d_long, d_short, stats = build_cold_start(
-                read_split(scored_path), cfg, compressor, backend.count_tokens, max_turns=max_turns
+                read_split(scored_path), cfg, compressor, backend.count_tokens, max_turns=max_turns,
+                max_turn_tokens=tuple(max_turn_tokens) if max_turn_tokens else None,
             )
         finally:
             close_backend(backend)

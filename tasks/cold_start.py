@@ -90,7 +90,9 @@ class ColdStartStats:
     trace_tokens: int | None = None  # as trace_chars, in tokens, when a token counter is given
     episode_tokens: int | None = None
     token_reduction: float | None = None
-    n_over_max_turns: int = 0  # episodes left out: more turns than inference allows (protocol.max_turns)
+    n_over_max_turns: int = 0  # episodes left out: more turns than inference allows (protocol.max_turns), even fitted
+    n_fitted_to_max_turns: int = 0  # episodes whose least important runs became short turns to fit protocol.max_turns
+    n_over_turn_tokens: int = 0  # episodes left out: a turn longer than its protocol.max_new_tokens_* cap
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -220,6 +222,28 @@ def runs(important: Sequence[bool]) -> list[tuple[int, int, bool]]:
     return out
 
 
+def n_turns(important: Sequence[bool]) -> int:
+    """How many turns :func:`episode_turns` makes of thoughts flagged ``important``: a turn per run, plus
+    the empty long turn that opens before a first unimportant run and the final turn after a last important one."""
+    if not important:
+        return 2
+    return len(runs(important)) + (not important[0]) + bool(important[-1])
+
+
+def fit_to_turns(importance: Sequence[float], theta: float, max_turns: int) -> list[bool]:
+    """Which thoughts stay long so that the episode has at most ``max_turns`` turns: those with s_k >= theta,
+    less the important runs of least total importance (the later one on a tie), turned into short thoughts
+    one at a time until the episode fits. Real traces have dozens of thoughts, and Monte Carlo noise scatters
+    important ones among them: left out instead, most episodes would be (with 8 rollouts, θ = 0.1 and 6
+    turns, most LIMO traces). An episode that cannot fit (``max_turns`` < 2) keeps its flags."""
+    important = [s >= theta for s in importance]
+    while n_turns(important) > max_turns and any(important):
+        candidates = [(a, b) for a, b, flag in runs(important) if flag]
+        a, b = min(reversed(candidates), key=lambda run: sum(importance[run[0] : run[1]]))
+        important[a:b] = [False] * (b - a)
+    return important
+
+
 def episode_turns(
     thoughts: Sequence[str],
     importance: Sequence[float],
@@ -227,6 +251,7 @@ def episode_turns(
     terse_texts: Sequence[str | None],
     answer: str,
     final_answer_template: str = DEFAULT_FINAL_ANSWER_TEMPLATE,
+    important: Sequence[bool] | None = None,
 ) -> list[str]:
     """The turn texts of one episode.
 
@@ -237,7 +262,7 @@ def episode_turns(
     short turn, their terse forms joined by a space. The long model opens (with
     an empty long turn if the first run is unimportant); the last unimportant
     run is folded into the final answer turn, or a final turn is added after a
-    last important run.
+    last important run. ``important`` (e.g. from :func:`fit_to_turns`) replaces ``s_k >= theta`` as the flags.
     """
     if not (len(thoughts) == len(importance) == len(terse_texts)):
         raise ValueError(
@@ -245,8 +270,11 @@ def episode_turns(
         )
     final_text = final_answer_template.format(answer=answer)
     turns: list[str] = []
-    for k, (a, b, important) in enumerate(runs([s >= theta for s in importance])):
-        if important:
+    flags = [s >= theta for s in importance] if important is None else list(important)
+    if len(flags) != len(thoughts):
+        raise ValueError(f"{len(thoughts)} thoughts and {len(flags)} importance flags")
+    for k, (a, b, long_run) in enumerate(runs(flags)):
+        if long_run:
             turns.append(format_long_turn("".join(thoughts[a:b]).strip()))
             continue
         if k == 0:
@@ -304,12 +332,16 @@ def build_cold_start(
     compressor: Compressor,
     count_tokens: Callable[[str], int] | None = None,
     max_turns: int | None = None,
+    max_turn_tokens: tuple[int, int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], ColdStartStats]:
     """D_long, D_short and their statistics from scored traces.
 
-    An episode with more than ``max_turns`` turns (``protocol.max_turns``) is left out, with a warning: at
-    inference the turn cap would end it without an answer, so training on it would teach a shape that is
-    always scored wrong (its later turns could never be reached).
+    Inference ends an episode at ``max_turns`` turns (``protocol.max_turns``) and a turn at its cap
+    (``max_turn_tokens``: ``protocol.max_new_tokens_long`` and ``_short``), without an answer: an episode
+    that needs more would teach a shape that is always scored wrong. So an episode with more turns is
+    fitted (:func:`fit_to_turns`: its least important runs of long thoughts become short ones), and one
+    with a turn over its cap (counted with ``count_tokens``; not checked without it) is left out, with
+    a warning; counted in the statistics.
 
     Each row is ``{id, turn, problem, role, history, completion}``: ``history`` is the
     transcript before turn ``turn`` (``history_suffix`` of the earlier turns),
@@ -318,9 +350,15 @@ def build_cold_start(
     totals to the statistics.
     """
     checked = [_check_row(i, row) for i, row in enumerate(scored_rows)]
-    to_compress: list[tuple[int, int]] = []  # (row, thought) of every unimportant thought
-    for i, (_, _, importance) in enumerate(checked):
-        to_compress += [(i, k) for k, s in enumerate(importance) if s < cfg.theta]
+    flags = [
+        fit_to_turns(importance, cfg.theta, max_turns) if max_turns is not None else [s >= cfg.theta for s in importance]
+        for _, _, importance in checked
+    ]
+    fitted = [trace_id for (trace_id, _, importance), f in zip(checked, flags, strict=True)
+              if f != [s >= cfg.theta for s in importance]]  # fmt: skip
+    to_compress: list[tuple[int, int]] = []  # (row, thought) of every thought that goes to a short turn
+    for i, kept in enumerate(flags):
+        to_compress += [(i, k) for k, long_thought in enumerate(kept) if not long_thought]
     try:
         terse_batch = compressor([checked[i][1][k] for i, k in to_compress])
     except UnknownThoughtError as exc:
@@ -337,11 +375,19 @@ def build_cold_start(
     histogram: dict[int, int] = {}
     n_important = n_thoughts = trace_chars = episode_chars = trace_tokens = episode_tokens = 0
     over_cap: list[str] = []
-    for row, (trace_id, thoughts, importance), terse_texts in zip(scored_rows, checked, terse, strict=True):
-        turns = episode_turns(thoughts, importance, cfg.theta, terse_texts, row["answer"], cfg.final_answer_template)
+    over_tokens: list[str] = []
+    for row, (trace_id, thoughts, importance), terse_texts, kept in zip(scored_rows, checked, terse, flags, strict=True):
+        turns = episode_turns(
+            thoughts, importance, cfg.theta, terse_texts, row["answer"], cfg.final_answer_template, important=kept
+        )
         check_episode(turns, row["answer"], trace_id)
         if max_turns is not None and len(turns) > max_turns:
             over_cap.append(trace_id)
+            continue
+        if max_turn_tokens is not None and count_tokens is not None and any(
+            count_tokens(text) > max_turn_tokens[k % 2] for k, text in enumerate(turns)
+        ):
+            over_tokens.append(trace_id)
             continue
         history: list[Turn] = []
         for k, text in enumerate(turns):
@@ -361,16 +407,34 @@ def build_cold_start(
             trace_tokens += count_tokens(trace)
             episode_tokens += count_tokens(transcript)
 
+    if fitted:
+        log.warning(
+            "cold start: %d of %d episodes had more than protocol.max_turns=%d turns; their least important runs "
+            "of long thoughts became short turns (first: %s)",
+            len(fitted), len(checked), max_turns, ", ".join(fitted[:5]),
+        )  # fmt: skip
     if over_cap:
         log.warning(
             "cold start: left out %d of %d episodes with more than protocol.max_turns=%d turns (first: %s)",
             len(over_cap), len(checked), max_turns, ", ".join(over_cap[:5]),
         )  # fmt: skip
-        if len(over_cap) == len(checked):
-            raise ValueError(f"cold start: every episode has more than protocol.max_turns={max_turns} turns")
-    n = len(checked) - len(over_cap)
+    if over_tokens:
+        assert max_turn_tokens is not None
+        log.warning(
+            "cold start: left out %d of %d episodes with a turn longer than its cap, protocol.max_new_tokens_long=%d "
+            "or protocol.max_new_tokens_short=%d tokens (first: %s)",
+            len(over_tokens), len(checked), *max_turn_tokens, ", ".join(over_tokens[:5]),
+        )  # fmt: skip
+    if checked and len(over_cap) + len(over_tokens) == len(checked):
+        raise ValueError(
+            f"cold start: every episode has more than protocol.max_turns={max_turns} turns or a turn over its "
+            f"token cap ({len(over_cap)} and {len(over_tokens)} of {len(checked)})"
+        )
+    n = len(checked) - len(over_cap) - len(over_tokens)
     stats = ColdStartStats(
         n_over_max_turns=len(over_cap),
+        n_fitted_to_max_turns=len(fitted),
+        n_over_turn_tokens=len(over_tokens),
         n_episodes=n,
         n_long=len(d_long),
         n_short=len(d_short),

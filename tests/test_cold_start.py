@@ -7,6 +7,7 @@ stand-in for Monte Carlo scores); the hidden ``essential`` label is never used.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -289,24 +290,77 @@ def test_config_validates_theta_template_and_compressor_needs():
     assert ColdStartConfig().final_answer_template.format(answer=7) == answer_text(7)
 
 
-def test_episodes_longer_than_the_turn_cap_are_left_out_with_a_warning(demo_rows_small, caplog):
-    """Inference ends an episode at protocol.max_turns without an answer: such episodes must not be taught."""
+def test_episodes_longer_than_the_turn_cap_are_fitted_to_it_with_a_warning(demo_rows_small, caplog):
+    """Inference ends an episode at protocol.max_turns without an answer: an episode with more turns is fitted,
+    its least important runs of long thoughts becoming short turns, instead of being taught or thrown away."""
     import logging
+
+    from tasks.cold_start import fit_to_turns, n_turns, runs
 
     train, _ = demo_rows_small
     rows = scored_rows(train[:16])
     compressor = DemoTerseCompressor.from_rows(train)
     cfg = ColdStartConfig(theta=-0.02)  # restate, plan, compute and conclude are long thoughts: more turns
     d_long, d_short, stats = build_cold_start(rows, cfg, compressor)
-    cap = max(stats.turns_histogram) - 1
+    cap = max(stats.turns_histogram) - 2
     long_episodes = sum(n for turns, n in stats.turns_histogram.items() if turns > cap)
     with caplog.at_level(logging.WARNING, logger="tasks.cold_start"):
         capped_long, capped_short, capped = build_cold_start(rows, cfg, compressor, max_turns=cap)
-    assert capped.n_over_max_turns == long_episodes > 0 and capped.n_episodes == 16 - long_episodes
-    assert max(capped.turns_histogram) <= cap and stats.n_over_max_turns == 0
-    assert {r["id"] for r in capped_long + capped_short} == {
-        i for i, turns in episodes_of(d_long, d_short).items() if len(turns) <= cap
-    }
-    assert f"left out {long_episodes} of 16 episodes with more than protocol.max_turns={cap} turns" in caplog.text
+    assert capped.n_fitted_to_max_turns == long_episodes > 0 and capped.n_over_max_turns == 0
+    assert capped.n_episodes == 16 and max(capped.turns_histogram) <= cap and stats.n_fitted_to_max_turns == 0
+    assert f"{long_episodes} of 16 episodes had more than protocol.max_turns={cap} turns" in caplog.text
+    fitted = episodes_of(capped_long, capped_short)
+    for row in rows:
+        kept = fit_to_turns(row["importance"], cfg.theta, cap)
+        assert len(fitted[row["id"]]) == n_turns(kept) <= cap
+        # what stays long is the important runs of most total importance; every other thought went short
+        wanted = [(a, b) for a, b, flag in runs([s >= cfg.theta for s in row["importance"]]) if flag]
+        kept_runs = [(a, b) for a, b, flag in runs(kept) if flag]
+        assert set(kept_runs) <= set(wanted)
+        dropped = [r for r in wanted if r not in kept_runs]
+        if dropped:
+            mass = lambda r: sum(row["importance"][r[0] : r[1]])  # noqa: E731
+            assert max(map(mass, dropped)) <= min(map(mass, kept_runs), default=math.inf)
     with pytest.raises(ValueError, match="every episode has more than protocol.max_turns=1 turns"):
         build_cold_start(rows, cfg, compressor, max_turns=1)
+
+
+def test_fitting_to_the_turn_cap_demotes_the_least_important_runs():
+    from tasks.cold_start import fit_to_turns, n_turns
+
+    #        run A (0.5)   run B (0.2)  run C (0.9)
+    scores = [0.3, 0.2, -0.1, 0.2, -0.3, 0.5, 0.4, -0.2]
+    assert n_turns([s >= 0.1 for s in scores]) == 6  # long A, short, long B, short, long C, final
+    assert fit_to_turns(scores, 0.1, 6) == [s >= 0.1 for s in scores]
+    assert fit_to_turns(scores, 0.1, 5) == [True, True, False, False, False, True, True, False]  # B goes
+    assert fit_to_turns(scores, 0.1, 4) == fit_to_turns(scores, 0.1, 5)  # long A, short, long C, final: 4 turns
+    # under 4, A goes (an empty think, a short turn, long C, final: still 4), then C
+    assert fit_to_turns(scores, 0.1, 3) == [False] * 8 and n_turns([False] * 8) == 2
+    assert fit_to_turns([0.2, 0.2], 0.1, 2) == [True, True]  # one long turn and the final one: fits
+    assert fit_to_turns([0.2, -0.1, 0.2], 0.1, 2) == [True, False, False]  # a tie: the later run goes
+
+
+def test_episodes_with_a_turn_over_its_token_cap_are_left_out(demo_rows_small, caplog):
+    """A turn longer than protocol.max_new_tokens_long / _short is cut off at inference, never completed."""
+    import logging
+
+    train, _ = demo_rows_small
+    rows = scored_rows(train[:16])
+    compressor = DemoTerseCompressor.from_rows(train)
+    cfg = ColdStartConfig(theta=-0.02)
+    chars = len  # a token counter: one token per character
+    d_long, d_short, stats = build_cold_start(rows, cfg, compressor, chars)
+    turns = {i: [r["completion"] for r in rs] for i, rs in episodes_of(d_long, d_short).items()}
+    longest = {i: (max(map(chars, t[0::2])), max(map(chars, t[1::2]))) for i, t in turns.items()}
+    cap_long = sorted(m for m, _ in longest.values())[len(longest) // 2]  # the median episode's longest long turn
+    cap_short = max(s for _, s in longest.values())
+    with caplog.at_level(logging.WARNING, logger="tasks.cold_start"):
+        capped_long, capped_short, capped = build_cold_start(rows, cfg, compressor, chars, max_turn_tokens=(cap_long, cap_short))
+    kept = {i for i, (m, s) in longest.items() if m <= cap_long and s <= cap_short}
+    assert 0 < len(kept) < 16 and capped.n_over_turn_tokens == 16 - len(kept) and capped.n_episodes == len(kept)
+    assert {r["id"] for r in capped_long + capped_short} == kept
+    assert f"left out {16 - len(kept)} of 16 episodes with a turn longer than its cap" in caplog.text
+    with pytest.raises(ValueError, match="a turn over its token cap"):
+        build_cold_start(rows, cfg, compressor, chars, max_turn_tokens=(1, 1))
+    # without a token counter nothing is measured, so nothing is left out
+    assert build_cold_start(rows, cfg, compressor, max_turn_tokens=(1, 1))[2].n_episodes == 16
