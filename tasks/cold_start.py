@@ -43,6 +43,8 @@ from longshort.config import DEFAULT_FINAL_ANSWER_TEMPLATE, ColdStartConfig
 from longshort.io import write_jsonl
 from tasks.chunking import thinking_of
 from models.protocol import (
+    ANSWER_OPEN,
+    STOP_STRINGS,
     SYSTEM_PROMPTS,
     TAGS,
     THINK_CLOSE,
@@ -50,6 +52,7 @@ from models.protocol import (
     TURN_SEP,
     ProtocolError,
     Turn,
+    answer_prefix,
     format_long_turn,
     format_response,
     format_short_turn,
@@ -92,7 +95,7 @@ class ColdStartStats:
     token_reduction: float | None = None
     n_over_max_turns: int = 0  # episodes left out: more turns than inference allows (protocol.max_turns), even fitted
     n_fitted_to_max_turns: int = 0  # episodes whose least important runs became short turns to fit protocol.max_turns
-    n_over_turn_tokens: int = 0  # episodes left out: a turn longer than its protocol.max_new_tokens_* cap
+    n_over_turn_tokens: int = 0  # episodes with a turn longer than its protocol.max_new_tokens_* cap (kept, warned)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,7 +170,12 @@ def clean_terse(text: str) -> str:
 
 
 class ModelCompressor:
-    """Prompts a generation backend to rewrite each thought tersely, in one batched call."""
+    """Prompts a generation backend to rewrite each thought tersely, in one batched call.
+
+    The model (the run's long-CoT base) opens every reply with ``<think>``, so its reply is started for
+    it with an empty thinking turn and ``<answer>`` (``answer_prefix("")``) and stops at ``</answer>``:
+    the rewrite is its answer. A rewrite cut off by ``max_new_tokens``, or empty, is no terse form of the
+    thought: the thought stays verbatim (counted in a warning)."""
 
     def __init__(
         self, backend: GenerationBackend, system_prompt: str = COMPRESSOR_PROMPT, max_new_tokens: int = 256,
@@ -181,13 +189,23 @@ class ModelCompressor:
     def __call__(self, texts: list[str]) -> list[str]:
         if not texts:
             return []
-        prompts = [self.backend.chat_prompt(self.system_prompt, t.strip()) for t in texts]
-        outs = self.backend.generate(prompts, max_new_tokens=self.max_new_tokens, temperature=0.0, seed=self.seed)
-        cut = sum(o[0].finish_reason == "length" for o in outs)
-        if cut:
-            log.warning("cold start: %d of %d compressions hit max_new_tokens=%d", cut, len(texts),
-                        self.max_new_tokens)  # fmt: skip
-        return [clean_terse(o[0].text) for o in outs]
+        opening = answer_prefix("") + ANSWER_OPEN
+        prompts = [self.backend.chat_prompt(self.system_prompt, t.strip()) + opening for t in texts]
+        outs = self.backend.generate(
+            prompts, max_new_tokens=self.max_new_tokens, stop=STOP_STRINGS["base"], temperature=0.0, seed=self.seed
+        )
+        terse = []
+        for text, (out,) in zip(texts, outs, strict=True):
+            rewrite = clean_terse(out.text) if out.finish_reason == "stop" else ""
+            terse.append(rewrite or text.strip())
+        kept = sum(o[0].finish_reason != "stop" for o in outs)
+        empty = sum(o[0].finish_reason == "stop" and not clean_terse(o[0].text) for o in outs)
+        if kept or empty:
+            log.warning(
+                "cold start: %d of %d compressions hit max_new_tokens=%d and %d were empty; those thoughts stay verbatim",
+                kept, len(texts), self.max_new_tokens, empty,
+            )  # fmt: skip
+        return terse
 
 
 def make_compressor(
@@ -339,9 +357,10 @@ def build_cold_start(
     Inference ends an episode at ``max_turns`` turns (``protocol.max_turns``) and a turn at its cap
     (``max_turn_tokens``: ``protocol.max_new_tokens_long`` and ``_short``), without an answer: an episode
     that needs more would teach a shape that is always scored wrong. So an episode with more turns is
-    fitted (:func:`fit_to_turns`: its least important runs of long thoughts become short ones), and one
-    with a turn over its cap (counted with ``count_tokens``; not checked without it) is left out, with
-    a warning; counted in the statistics.
+    fitted (:func:`fit_to_turns`: its least important runs of long thoughts become short ones). An episode
+    with a turn over its cap (counted with ``count_tokens``; not checked without it) is kept, with a warning
+    to raise the cap, and counted in the statistics: leaving it out could leave nothing to train on (a test
+    profile's caps are far below its traces' turns), and a turn cannot be shortened without rewriting it.
 
     Each row is ``{id, turn, problem, role, history, completion}``: ``history`` is the
     transcript before turn ``turn`` (``history_suffix`` of the earlier turns),
@@ -388,7 +407,6 @@ def build_cold_start(
             count_tokens(text) > max_turn_tokens[k % 2] for k, text in enumerate(turns)
         ):
             over_tokens.append(trace_id)
-            continue
         history: list[Turn] = []
         for k, text in enumerate(turns):
             role: Literal["long", "short"] = "long" if k % 2 == 0 else "short"
@@ -421,16 +439,13 @@ def build_cold_start(
     if over_tokens:
         assert max_turn_tokens is not None
         log.warning(
-            "cold start: left out %d of %d episodes with a turn longer than its cap, protocol.max_new_tokens_long=%d "
-            "or protocol.max_new_tokens_short=%d tokens (first: %s)",
+            "cold start: %d of %d episodes have a turn longer than its cap, protocol.max_new_tokens_long=%d or "
+            "protocol.max_new_tokens_short=%d tokens, which inference would cut off: raise the cap (first: %s)",
             len(over_tokens), len(checked), *max_turn_tokens, ", ".join(over_tokens[:5]),
         )  # fmt: skip
-    if checked and len(over_cap) + len(over_tokens) == len(checked):
-        raise ValueError(
-            f"cold start: every episode has more than protocol.max_turns={max_turns} turns or a turn over its "
-            f"token cap ({len(over_cap)} and {len(over_tokens)} of {len(checked)})"
-        )
-    n = len(checked) - len(over_cap) - len(over_tokens)
+    if checked and len(over_cap) == len(checked):
+        raise ValueError(f"cold start: every episode has more than protocol.max_turns={max_turns} turns")
+    n = len(checked) - len(over_cap)
     stats = ColdStartStats(
         n_over_max_turns=len(over_cap),
         n_fitted_to_max_turns=len(fitted),

@@ -340,8 +340,9 @@ def test_fitting_to_the_turn_cap_demotes_the_least_important_runs():
     assert fit_to_turns([0.2, -0.1, 0.2], 0.1, 2) == [True, False, False]  # a tie: the later run goes
 
 
-def test_episodes_with_a_turn_over_its_token_cap_are_left_out(demo_rows_small, caplog):
-    """A turn longer than protocol.max_new_tokens_long / _short is cut off at inference, never completed."""
+def test_episodes_with_a_turn_over_its_token_cap_are_counted_and_warned_about(demo_rows_small, caplog):
+    """A turn longer than protocol.max_new_tokens_long / _short is cut off at inference, never completed:
+    the run says how many episodes have one and which cap to raise (the episodes stay: nothing is lost)."""
     import logging
 
     train, _ = demo_rows_small
@@ -356,11 +357,39 @@ def test_episodes_with_a_turn_over_its_token_cap_are_left_out(demo_rows_small, c
     cap_short = max(s for _, s in longest.values())
     with caplog.at_level(logging.WARNING, logger="tasks.cold_start"):
         capped_long, capped_short, capped = build_cold_start(rows, cfg, compressor, chars, max_turn_tokens=(cap_long, cap_short))
-    kept = {i for i, (m, s) in longest.items() if m <= cap_long and s <= cap_short}
-    assert 0 < len(kept) < 16 and capped.n_over_turn_tokens == 16 - len(kept) and capped.n_episodes == len(kept)
-    assert {r["id"] for r in capped_long + capped_short} == kept
-    assert f"left out {16 - len(kept)} of 16 episodes with a turn longer than its cap" in caplog.text
-    with pytest.raises(ValueError, match="a turn over its token cap"):
-        build_cold_start(rows, cfg, compressor, chars, max_turn_tokens=(1, 1))
-    # without a token counter nothing is measured, so nothing is left out
-    assert build_cold_start(rows, cfg, compressor, max_turn_tokens=(1, 1))[2].n_episodes == 16
+    over = sum(m > cap_long for m, _ in longest.values())
+    assert 0 < over < 16 and capped.n_over_turn_tokens == over and stats.n_over_turn_tokens == 0
+    assert (capped_long, capped_short, capped.n_episodes) == (d_long, d_short, 16)
+    assert f"{over} of 16 episodes have a turn longer than its cap, protocol.max_new_tokens_long={cap_long}" in caplog.text
+    # without a token counter nothing is measured
+    assert build_cold_start(rows, cfg, compressor, max_turn_tokens=(1, 1))[2].n_over_turn_tokens == 0
+
+
+def test_the_model_compressor_answers_after_an_empty_think_and_keeps_a_cut_off_thought_verbatim(caplog):
+    """The long-CoT base opens every reply with <think>: its rewrite is asked for as its answer, and a reply
+    cut off by max_new_tokens (or empty) is no terse form, so that thought stays as it was."""
+    import logging
+
+    from models.generation import Completion
+
+    class Scripted:
+        def __init__(self):
+            self.prompts, self.stop = [], None
+
+        def chat_prompt(self, system, user):
+            return f"[{user}]"
+
+        def generate(self, prompts, *, stop=(), **kwargs):
+            self.prompts, self.stop = prompts, stop
+            return [
+                [Completion(" 3+4=7.</answer>", 5, "stop")],
+                [Completion(" So we have, let me see, the", 8, "length")],
+                [Completion("</answer>", 1, "stop")],
+            ]
+
+    backend = Scripted()
+    with caplog.at_level(logging.WARNING, logger="tasks.cold_start"):
+        out = ModelCompressor(backend, max_new_tokens=8)(["Now 3 + 4 = 7.", "  So we have 7.\n", "Hmm."])
+    assert out == ["3+4=7.", "So we have 7.", "Hmm."]
+    assert backend.prompts[0] == "[Now 3 + 4 = 7.]<think>\n\n</think>\n<answer>" and "</answer>" in backend.stop
+    assert "1 of 3 compressions hit max_new_tokens=8 and 1 were empty" in caplog.text
