@@ -227,7 +227,10 @@ class TransformersBackend:
         model_eos = getattr(self.model.generation_config, "eos_token_id", None)
         model_eos = [] if model_eos is None else [model_eos] if isinstance(model_eos, int) else list(model_eos)
         eos_ids = list(dict.fromkeys([tok.eos_token_id, *model_eos, *(i for i in stop_ids.values() if i is not None)]))
-        eos_set, silent = set(eos_ids), {tok.eos_token_id, *model_eos}  # silent: counted, but no text (as on vLLM)
+        # an end id that is a special token is counted but has no text (vLLM skips special tokens); one that is not
+        # (a stop tag saved as an end id, as the baseline's GRPO saves </answer>) keeps its text, as on vLLM
+        eos_set = set(eos_ids)
+        silent = {tok.eos_token_id} | {i for i in model_eos if i in set(tok.all_special_ids)}
         string_stops = [s for s, i in stop_ids.items() if i is None]
         encoded = prompt_token_ids(tok, prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))

@@ -132,8 +132,10 @@ def test_each_prompt_can_have_its_own_cap_and_gets_its_uncapped_turn_cut_there(t
 
 def test_the_models_own_end_ids_end_a_turn_and_a_sampled_pad_id_is_kept(tiny_model, demo_tokenizer):
     """A hub model's generation_config may list several end ids (Qwen2.5-Instruct: <|im_end|> and
-    <|endoftext|>); vLLM stops on each of them, so the transformers backend does too, counting the id and
-    leaving its text out. Only trailing padding is dropped from a row: a pad id the model wrote is its own."""
+    <|endoftext|>); vLLM stops on each of them, so the transformers backend does too, counting the id. A special
+    token's text is left out (vLLM skips special tokens); another's stays: the baseline's GRPO saves </answer>
+    as an end id, and its responses must still end with it. Only trailing padding is dropped from a row: a pad
+    id the model wrote is its own."""
     backend = TransformersBackend(tiny_model, demo_tokenizer, device="cpu")
     tok = demo_tokenizer
     prompt = backend.chat_prompt("s", "Start with 4. Then (1) add 3.")
@@ -144,7 +146,13 @@ def test_the_models_own_end_ids_end_a_turn_and_a_sampled_pad_id_is_kept(tiny_mod
     tiny_model.generation_config.eos_token_id = [tok.eos_token_id, ids[k]]
     (ended,) = backend.generate([prompt], **sampled)[0]
     assert ended.token_ids == tuple(ids[: k + 1]) and ended.n_tokens == k + 1 and ended.finish_reason == "stop"
-    assert ended.text == tok.decode(ids[:k], skip_special_tokens=False)
+    assert ids[k] not in tok.all_special_ids and ended.text == tok.decode(ids[: k + 1], skip_special_tokens=False)
+    answer_close = tok.convert_tokens_to_ids("</answer>")  # not a special token in the demo tokenizer
+    c = backend._completion(ids[:3] + [answer_close, 7], {tok.eos_token_id, answer_close}, [], 50, silent={tok.eos_token_id})
+    assert c.text.endswith("</answer>") and c.n_tokens == 4
+    special = tok.convert_tokens_to_ids("<|system|>")  # a special end id: counted, no text
+    c = backend._completion(ids[:3] + [special], {tok.eos_token_id, special}, [], 50, silent={tok.eos_token_id, special})
+    assert c.text == tok.decode(ids[:3]) and c.n_tokens == 4
     pad = tok.pad_token_id
     assert pad != tok.eos_token_id
     written = ids[:3] + [pad] + ids[3:6]
