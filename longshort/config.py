@@ -8,6 +8,7 @@ Defaults live here, not in the code that reads the config.
 from __future__ import annotations
 
 import json
+import re
 import types
 from functools import cache
 from pathlib import Path
@@ -267,6 +268,10 @@ class GenerationConfig(Section):
     max_model_len: int | None = Field(None, ge=1)  # vLLM: context to reserve KV cache for (None: the model's)
 
 
+# fields only `longshort solve` and the served pair read (per section): not part of any stage's cache key
+SERVING_ONLY: dict[str, set[str]] = {"generation": {"temperature", "top_p"}}
+
+
 class ProtocolConfig(Section):
     """The Long⊗Short turn protocol (DESIGN §2)."""
 
@@ -296,6 +301,7 @@ class BenchmarkSource(Section):
 
 
 HELDOUT = "heldout"  # the evaluation's name for the held-out split of the run's own problems (demo task or data)
+_METRIC_NAME = re.compile(r"[\w\-. :/]+")  # what MLflow accepts in a metric name (mlflow.utils.validation)
 
 
 class EvaluateConfig(Section):
@@ -314,6 +320,8 @@ class EvaluateConfig(Section):
             raise ValueError("k > 1 samples need temperature > 0")
         if not self.budgets or any(b < 1 for b in self.budgets):
             raise ValueError("budgets must be positive token counts")
+        if any(a >= b for a, b in zip(self.budgets, self.budgets[1:])):  # the table's columns, the plot's x axis
+            raise ValueError(f"budgets must be increasing, each once, got {self.budgets}")
         if self.benchmarks:
             from tasks.benchmarks import benchmark_name  # noqa: PLC0415 - only when benchmarks are listed
 
@@ -322,6 +330,11 @@ class EvaluateConfig(Section):
                 raise ValueError(f"benchmarks share the name(s) {dupes}: give each a distinct `name`")
             if HELDOUT in names:
                 raise ValueError(f"a benchmark is named {HELDOUT!r}, the name of the run's held-out split: give it another `name`")
+            if bad := [n for n in names if not _METRIC_NAME.fullmatch(n)]:  # found out at track, after every stage
+                raise ValueError(
+                    f"benchmark name(s) {bad} cannot start an MLflow metric name: give each a `name` of letters, "
+                    "digits, spaces and _ - . : /"
+                )
         return self
 
 
@@ -561,8 +574,10 @@ class Profile(Section):
         return self
 
     def section_dump(self, name: str) -> dict[str, Any]:
-        """A JSON-able view of one section: the unit that cache keys hash."""
-        return getattr(self, name).model_dump(mode="json")
+        """A JSON-able view of one section: the unit that cache keys hash. The generation section's
+        :data:`SERVING_ONLY` fields are left out: no stage reads them, and keying on them would make a change of
+        ``evaluate.temperature`` (their default) recompute every stage from synthesize on."""
+        return getattr(self, name).model_dump(mode="json", exclude=SERVING_ONLY.get(name))
 
 
 def profile_path(name_or_path: str | Path) -> Path:

@@ -174,3 +174,16 @@ def test_a_hub_model_is_keyed_by_its_id_and_revision_alone():
 
     hub = ["base_model.source=pretrained", "base_model.name_or_path=Qwen/Qwen2.5-0.5B", "base_model.revision=abc123"]
     assert not any(_file_digests(load_profile("smoke", hub)).values())  # nothing hashed, nothing fetched
+
+
+def test_the_serving_temperature_is_in_no_stage_key():
+    """generation.temperature and top_p (by default evaluate.temperature) are read by solve and the served pair
+    only: changing the evaluation's temperature must not recompute synthesis, SFT and RL on a real profile."""
+    from longshort.config import load_profile
+
+    base = load_profile("qwen2.5-7b")
+    for change in (["evaluate.temperature=0.9"], ["generation.top_p=0.9"], ["generation.temperature=0.3"]):
+        other = load_profile("qwen2.5-7b", change)
+        assert other.section_dump("generation") == base.section_dump("generation"), change
+    assert load_profile("qwen2.5-7b", ["evaluate.temperature=0.9"]).generation.temperature == 0.9  # still served so
+    assert load_profile("qwen2.5-7b", ["generation.batch_size=8"]).section_dump("generation") != base.section_dump("generation")

@@ -359,3 +359,18 @@ def test_rl_adapters_default_to_no_dropout_and_sft_adapters_keep_theirs():
     assert RLConfig(lora=LoraConfig(r=8)).lora.dropout == 0.0
     assert RLConfig(lora=LoraConfig(r=8, dropout=0.2)).lora.dropout == 0.2
     assert SFTConfig(lora=LoraConfig(r=8)).lora.dropout == LoraConfig().dropout == 0.05
+
+
+def test_budgets_and_benchmark_names_that_would_fail_late_are_refused_at_load(tmp_path):
+    """Budgets are the table's columns and the plot's x axis; a benchmark's name starts its MLflow metric names,
+    which MLflow refuses at track, after every stage has run."""
+    with pytest.raises(ConfigError, match=r"budgets must be increasing, each once, got \[512, 64, 256\]"):
+        load_profile("demo", ["evaluate.budgets=[512, 64, 256]"])
+    with pytest.raises(ConfigError, match="budgets must be increasing"):
+        load_profile("demo", ["evaluate.budgets=[64, 64]"])
+    bench = tmp_path / "aime(2024).jsonl"
+    bench.write_text('{"problem": "1+1", "answer": "2"}\n')
+    with pytest.raises(ConfigError, match=r"benchmark name\(s\) \['aime\(2024\)'\] cannot start an MLflow metric name"):
+        load_profile("demo", [f"evaluate.benchmarks=[{{source: '{bench}'}}]"])
+    named = load_profile("demo", [f"evaluate.benchmarks=[{{source: '{bench}', name: aime-2024}}]"])
+    assert named.evaluate.benchmarks[0].name == "aime-2024"
