@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from longshort.io import DataError, iter_jsonl, require_str
+from models.protocol import extract_boxed
 from tasks.answers import CHOICE_LETTERS, AnswerKind
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ ID_FIELDS = ("id", "unique_id", "ID", "Record ID", "idx")
 PROBLEM_FIELDS = ("problem", "question", "Problem", "Question")
 ANSWER_FIELDS = ("answer", "Answer", "correct_answer")
 GPQA_INCORRECT = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+# a row with none of ANSWER_FIELDS takes its answer from the last \boxed{} of its worked solution: math-ai/aime24
+# has only id, problem, solution and url
+SOLUTION_FIELD = "solution"
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,17 @@ def _answer_str(src: _Source, row: Mapping[str, Any], name: str) -> str:
     raise DataError(f"{src.where}: field '{name}' must be a string or an integer, got {type(value).__name__} {value!r}")
 
 
+def _boxed_solution(src: _Source, row: Mapping[str, Any]) -> str:
+    """The reference answer of a row that has only a worked ``solution``: its last ``\\boxed{}``."""
+    answer = extract_boxed(_string(src, row, SOLUTION_FIELD))
+    if not answer:
+        raise DataError(
+            f"{src.where}: missing field '{ANSWER_FIELDS[0]}' (also looked for {', '.join(ANSWER_FIELDS[1:])}), "
+            f"and its '{SOLUTION_FIELD}' has no \\boxed{{}} answer"
+        )
+    return answer
+
+
 def gpqa_permutation(seed: int, item_id: str) -> list[int]:
     """The option order for one GPQA row: a permutation of [correct, wrong 1, wrong 2, wrong 3].
 
@@ -226,8 +241,12 @@ def _item(src: _Source, index: int, row: Mapping[str, Any], name: str, kind: Ans
         return _gpqa_item(src.where, item_id, question, row, seed)
     problem_field = _field(src, row, PROBLEM_FIELDS)
     problem = _string(src, row, problem_field)
-    answer_field = _field(src, row, ANSWER_FIELDS)
-    answer = _answer_str(src, row, answer_field)
+    if not any(f in row for f in ANSWER_FIELDS) and SOLUTION_FIELD in row:
+        answer_field = SOLUTION_FIELD
+        answer = _boxed_solution(src, row)
+    else:
+        answer_field = _field(src, row, ANSWER_FIELDS)
+        answer = _answer_str(src, row, answer_field)
     extras = {k: v for k, v in row.items() if k not in (id_field, problem_field, answer_field)}
     return BenchmarkItem(item_id, problem, answer, "math", extras)
 

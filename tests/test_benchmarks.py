@@ -263,6 +263,21 @@ def test_hub_branch_loads_through_datasets(tmp_path: Path, monkeypatch: pytest.M
     assert [c["revision"] for c in calls] == [None, "0123abc"]
 
 
+def test_a_row_with_only_a_worked_solution_is_answered_by_its_last_box(tmp_path: Path) -> None:
+    """math-ai/aime24 has id, problem, solution and url, no answer column: the answer is the solution's box."""
+    from longshort.io import DataError
+    from tasks.benchmarks import load_benchmark
+
+    path = tmp_path / "aime24.jsonl"
+    _write(path, [{"id": 60, "problem": "Find x.", "solution": "So $x = 2$ and then \\boxed{204}.", "url": "u"},
+                  {"id": 61, "problem": "Find y.", "answer": "7", "solution": "... \\boxed{8}"}])  # fmt: skip
+    items = load_benchmark(str(path))
+    assert [(it.id, it.answer) for it in items] == [("60", "204"), ("61", "7")]  # an answer column wins
+    _write(path, [{"id": 1, "problem": "Find x.", "solution": "x is 3"}])
+    with pytest.raises(DataError, match=r"aime24.jsonl:1: missing field 'answer' .*'solution' has no \\boxed\{\} answer"):
+        load_benchmark(str(path))
+
+
 def test_a_mistyped_path_is_local_and_a_hub_id_is_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tasks.benchmarks import is_local_source
 
