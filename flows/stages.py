@@ -225,7 +225,7 @@ def evaluate_base_task(
     return _run_stage("evaluate_base", key, out_dir, body)
 
 
-@task(name="track", cache_policy=NO_CACHE)
+@task(name="track", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=30)  # a tracking server restarting
 def track_task(profile: dict, records: list[StageRecord], flow_time_s: float, cache_hits: int) -> dict[str, Any]:
     """Log the run to MLflow and register the base model (idempotent by model digest)."""
     from longshort import tracking  # noqa: PLC0415
@@ -466,7 +466,7 @@ def baseline_task(
     """The single-model baseline: GRPO of the long-CoT base with the truncation recipe (tasks/baseline.py)."""
     from models.factory import load_model  # noqa: PLC0415
     from models.generation import close_backend, make_backend, resolve_backend  # noqa: PLC0415
-    from tasks.baseline import easy_problems, train_truncation_baseline  # noqa: PLC0415
+    from tasks.baseline import easy_problems, easy_problems_once, train_truncation_baseline  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
 
     logger = _logger()
@@ -480,13 +480,21 @@ def baseline_task(
         problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in rows]
         rates: dict[str, float] = {}
         if cfg.easy_filter:
-            backend = make_backend(model_dir, model_cfg, gen_cfg, cfg.seed)
-            problems, rates = easy_problems(
-                backend, problems, samples=cfg.easy_samples, temperature=cfg.temperature,
-                max_new_tokens=gen_cfg.max_new_tokens, seed=cfg.seed,
-            )  # fmt: skip
-            close_backend(backend)  # TRL starts its own vLLM engine next
-            logger.info("baseline: %d of %d problems are easy (base pass rate > 0.5)", len(problems), len(rows))
+            def draw(todo: list[dict]) -> tuple[list, dict[str, float]]:
+                backend = make_backend(model_dir, model_cfg, gen_cfg, cfg.seed)
+                try:  # under the rollout cap L_R = L_T that training uses: solved only past it earns no reward
+                    return easy_problems(
+                        backend, todo, samples=cfg.easy_samples, temperature=cfg.temperature,
+                        max_new_tokens=cfg.length_target, seed=cfg.seed,
+                    )  # fmt: skip
+                finally:
+                    close_backend(backend)  # TRL starts its own vLLM engine next
+
+            problems, rates, reused = easy_problems_once(folder, problems, draw)
+            if reused:
+                logger.info("baseline: the easy filter's pass rates from the interrupted run in %s", folder)
+            logger.info("baseline: %d of %d problems are easy (base pass rate > 0.5 within L_T = %d tokens)",
+                        len(problems), len(rows), cfg.length_target)  # fmt: skip
         model, tokenizer = load_model(model_cfg, path=model_dir)
         result = train_truncation_baseline(
             model, tokenizer, problems, cfg, folder,

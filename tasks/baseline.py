@@ -113,6 +113,28 @@ def easy_problems(
     return keep_easy(problems, records)
 
 
+EASY_FILTER_FILE = "easy_filter.json"
+
+
+def easy_problems_once(
+    folder: Path,
+    problems: Sequence[Mapping[str, Any]],
+    draw: Callable[[Sequence[Mapping[str, Any]]], tuple[list[Mapping[str, Any]], dict[str, float]]],
+) -> tuple[list[Mapping[str, Any]], dict[str, float], bool]:
+    """``draw(problems)`` (:func:`easy_problems`) once per stage folder: its pass rates are kept in
+    ``folder/easy_filter.json``, and a rerun over the same problems (a run resumed after a kill) reuses
+    them. Drawn again, vLLM's samples (not reproducible) could move a rate near one half across it, and the
+    resumed run would train on other problems than its checkpoint. Returns (easy, rates, reused)."""
+    path, asked = Path(folder) / EASY_FILTER_FILE, [p["id"] for p in problems]
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    if earlier.get("asked") == asked:
+        rates = {k: float(v) for k, v in earlier["rates"].items()}
+        return [p for p in problems if rates.get(p["id"], 0.0) > 0.5], rates, True
+    easy, rates = draw(problems)
+    atomic_write_text(path, json.dumps({"asked": asked, "rates": rates}))
+    return easy, rates, False
+
+
 class _History(TrainerCallback):
     def __init__(self, on_step: Callable[[dict[str, Any]], None] | None) -> None:
         self.on_step = on_step

@@ -162,3 +162,24 @@ def test_no_problem_left_is_a_clear_error(trained_tiny, tmp_path: Path):
     model, tok = load_model(ModelConfig(), path=trained_tiny)
     with pytest.raises(ConfigError, match=r"baseline.prompts_per_step: 0 training problems left, fewer than 8"):
         train_truncation_baseline(model, tok, [], BaselineConfig(), tmp_path)
+
+
+def test_the_easy_filter_is_drawn_once_per_stage_folder(tmp_path):
+    """A baseline run killed after its filter resumes on the problems it trained on: the rates are kept in the
+    folder and reused for the same problems (drawn again on vLLM, a rate near one half could flip)."""
+    from tasks.baseline import EASY_FILTER_FILE, easy_problems_once
+
+    problems = [{"id": str(i), "problem": f"p{i}", "answer": "1"} for i in range(4)]
+    draws: list[list[str]] = []
+
+    def draw(todo):  # problems 0 and 2 are easy at the first draw only
+        draws.append([p["id"] for p in todo])
+        rates = {p["id"]: (0.75 if len(draws) == 1 else 0.25) if p["id"] in ("0", "2") else 0.0 for p in todo}
+        return [p for p in todo if rates[p["id"]] > 0.5], rates
+
+    easy, rates, reused = easy_problems_once(tmp_path, problems, draw)
+    assert [p["id"] for p in easy] == ["0", "2"] and not reused and (tmp_path / EASY_FILTER_FILE).is_file()
+    again, same_rates, reused = easy_problems_once(tmp_path, problems, draw)  # the second draw would say 0.25
+    assert again == easy and same_rates == rates and reused and len(draws) == 1
+    fewer, _, reused = easy_problems_once(tmp_path, problems[:3], draw)  # other problems: drawn again
+    assert not reused and draws[-1] == ["0", "1", "2"] and fewer == []
