@@ -52,7 +52,12 @@ def _stage(task_fn: Any, stage: str, workspace: Path, key_extra: dict[str, str] 
     """Run ``task_fn`` keyed on its inputs (and on ``key_extra``, e.g. digests of files it reads by path)."""
     key = _stage_key(stage, workspace, key_extra, inputs)
     out_dir = str(stage_dir(workspace, stage, key))
-    return task_fn.with_options(result_storage=workspace / "prefect-results")(key=key, out_dir=out_dir, **inputs)
+    # Prefect's cached result is the record of a folder; a folder removed by hand (to recompute the stage) has no
+    # record left, and the stage runs again instead of returning a record of files that are gone
+    refresh = StageRecord.load(Path(out_dir)) is None
+    return task_fn.with_options(result_storage=workspace / "prefect-results", refresh_cache=refresh)(
+        key=key, out_dir=out_dir, **inputs
+    )
 
 
 def _stage_key(stage: str, workspace: Path, key_extra: dict[str, str] | None, inputs: dict[str, Any]) -> str:
@@ -135,9 +140,11 @@ def score_flow(cfg: Profile, ws: Path, chunks: StageRecord, model: StageRecord) 
         stage_key("score_shard", {"rows": rows, **shared, "model": model.digests["model"], "shard_no": i})
         for i, (_, rows) in enumerate(shards)
     ]
-    futures = score_shard_task.with_options(result_storage=ws / "prefect-results").map(
+    out_dirs = [stage_dir(ws, "score_shard", k) for k in keys]
+    refresh = any(StageRecord.load(d) is None for d in out_dirs)  # as in _stage; finished shards reuse their folders
+    futures = score_shard_task.with_options(result_storage=ws / "prefect-results", refresh_cache=refresh).map(
         key=keys,
-        out_dir=[str(stage_dir(ws, "score_shard", k)) for k in keys],
+        out_dir=[str(d) for d in out_dirs],
         rows=[rows for _, rows in shards],
         shard_no=list(range(len(shards))),
         **{name: unmapped(value) for name, value in shared.items()},

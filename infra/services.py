@@ -240,6 +240,9 @@ def _wait(predicate: Callable[[], bool], timeout_s: float) -> bool:
 def stop_process(name: str, pid: int, timeout_s: float) -> None:
     """Stop one service by its PID: its process group gets SIGTERM (PostgreSQL: SIGINT), then SIGKILL."""
     if not _alive(pid):
+        # the leader died (crashed, killed by hand) but children of its group may live on holding ports: no process
+        # has the PID, so a group of that id is the leftovers of ours (a new group takes the id of a live leader)
+        _stop_group(pid)
         return
     cmd = _cmdline(pid)
     if cmd and CMDLINE_MARKER[name] not in cmd:
@@ -261,10 +264,18 @@ def stop_process(name: str, pid: int, timeout_s: float) -> None:
         _wait(lambda: not _alive(pid), 10)
     # Children left in its group (uvicorn workers, flow-run processes): the group id is the leader's PID,
     # which Linux does not hand out again while the group has members.
-    if _group_alive(pid):
-        os.killpg(pid, signal.SIGTERM)
-        if not _wait(lambda: not _group_alive(pid), 5):
-            os.killpg(pid, signal.SIGKILL)
+    _stop_group(pid)
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGTERM, then SIGKILL, to what is left in process group ``pgid`` (nothing when it is empty)."""
+    try:
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGTERM)
+            if not _wait(lambda: not _group_alive(pgid), 5):
+                os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # the group emptied between the check and the signal
+        pass
 
 
 def _tail(path: Path, n_lines: int = 25) -> str:

@@ -52,7 +52,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from longshort.io import tree_digest
+from longshort.io import json_digest, tree_digest
 from models.pair import ACCURACY_METRIC, TOKENS_METRIC, PairSettings
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ LONG_MODEL, SHORT_MODEL, PAIR_MODEL = "longshort-long", "longshort-short", "long
 PRODUCTION = "production"
 DEFAULT_TOLERANCE = 0.02
 GATE_METRICS = (ACCURACY_METRIC, TOKENS_METRIC)
+# a pair version's digest of its two models and settings; a run that found its pair registered already is tagged
+# on that version as ALSO_RUN_TAG + run id (promote and compare find it by that run too)
+PAIR_DIGEST_TAG, ALSO_RUN_TAG = "pair_digest", "also_run."  # fmt: skip
 # Environment variables whose values must never reach a tag, a param or a log line.
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
@@ -165,20 +168,28 @@ def _git_commit() -> str:
     return git_commit()
 
 
-def _register_transformers(model_dir: Path, name: str, artifact: str, tags: dict[str, str]) -> str:
-    """Log a saved transformers model to the active run and register it; reuse a version with the same digest."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
-
-    digest = tree_digest(model_dir)
-    client = MlflowClient()
+def _versions_tagged(client: MlflowClient, name: str, tag: str, value: str) -> list[Any]:
+    """The versions of ``name`` whose tag ``tag`` is ``value`` (none when the model is not registered yet)."""
     try:
-        existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("model_digest") == digest]
+        return [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(tag) == value]
     except MlflowException as exc:
         # MLflow 3 answers [] for a model that does not exist yet; anything else (a locked database, a 5xx)
         # is not "unregistered": going on would register a duplicate of weights that may be there
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        existing = []
+        return []
+
+
+def _register_transformers(
+    model_dir: Path, name: str, artifact: str, tags: dict[str, str], digest: str | None = None
+) -> str:
+    """Log a saved transformers model to the active run and register it; reuse a version with the same digest
+    (``digest``: the folder's ``tree_digest``, when the caller has it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    digest = digest or tree_digest(model_dir)
+    client = MlflowClient()
+    existing = _versions_tagged(client, name, "model_digest", digest)
     if existing:
         # the version keeps the lineage of the run that logged its weights (run_id, git_commit, data.*):
         # only tags it lacks are added. Which pairs use it is in `pair.versions`.
@@ -253,7 +264,9 @@ def register_pair(
     they are logged to the run. ``tags`` (e.g. ``profile``, ``data.train_md5``) go on the run and on all
     three versions, with ``run_id``, ``git_commit``, the run's own ``data.*`` tags and the pair's versions.
     Without an active run, one named ``register-pair`` is started in the current experiment.
-    A long or short model whose folder digest is already registered reuses that version.
+    A long or short model whose folder digest is already registered reuses that version; a pair of the
+    same two models, settings and gate metrics (a rerun of a cached pipeline) reuses its pair version,
+    tagged with this run (``also_run.<run id>``), where :func:`candidate_for_run` finds it.
     """
     from models.pair import LONG_ARTIFACT, SHORT_ARTIFACT, signature  # noqa: PLC0415
 
@@ -283,9 +296,22 @@ def register_pair(
         }
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.set_tags({k: v for k, v in common.items() if k != "run_id"})
-        long_v = _register_transformers(long_dir, LONG_MODEL, "long_model", common)
-        short_v = _register_transformers(short_dir, SHORT_MODEL, "short_model", common)
+        digests = {"long": tree_digest(long_dir), "short": tree_digest(short_dir)}
+        long_v = _register_transformers(long_dir, LONG_MODEL, "long_model", common, digests["long"])
+        short_v = _register_transformers(short_dir, SHORT_MODEL, "short_model", common, digests["short"])
         links = {"pair.long_version": long_v, "pair.short_version": short_v}
+        client = MlflowClient()
+        # the same weights served the same way and measured the same (a rerun of a cached pipeline): no second copy
+        # of both models. The version keeps the lineage of the run that logged it; this run is recorded on it.
+        # Other gate metrics (an evaluation on other problems) make another version: the gate reads its run's
+        gate = {m: float(metrics[m]) for m in GATE_METRICS}
+        pair_digest = json_digest({**digests, "settings": settings.model_dump(mode="json"), "gate": gate})
+        if existing := _versions_tagged(client, PAIR_MODEL, PAIR_DIGEST_TAG, pair_digest):
+            pair_v = str(max(existing, key=lambda v: int(v.version)).version)
+            client.set_model_version_tag(PAIR_MODEL, pair_v, f"{ALSO_RUN_TAG}{run.info.run_id}", "1")
+            mlflow.set_tags({"registered.pair": f"{PAIR_MODEL}/{pair_v}", **links})
+            log.info("%s: digest %s is already version %s", PAIR_MODEL, pair_digest[:12], pair_v)
+            return PairVersions(run_id=run.info.run_id, long=long_v, short=short_v, pair=pair_v)
         with tempfile.TemporaryDirectory() as tmp:
             # MLflow stores each artifact under its folder's base name: two folders both called `model`
             # would land in one place, so stage them as `long/` and `short/` (hard links where possible)
@@ -297,8 +323,8 @@ def register_pair(
                 warnings.filterwarnings("ignore", message=".*(type hints|input_example|input example).*")
                 info = _log_pair_pyfunc(staged, config_file, signature())
         pair_v = str(info.registered_model_version)
-        client = MlflowClient()
-        for key, value in {**common, **links, **{f"metric.{k}": str(v) for k, v in metrics.items()}}.items():
+        version_tags = {**common, **links, PAIR_DIGEST_TAG: pair_digest, **{f"metric.{k}": str(v) for k, v in metrics.items()}}
+        for key, value in version_tags.items():
             client.set_model_version_tag(PAIR_MODEL, pair_v, key, value)
         for name, version in ((LONG_MODEL, long_v), (SHORT_MODEL, short_v)):
             _link_member(client, name, version, pair_v)
@@ -349,12 +375,14 @@ def candidate_for_run(run_id: str, client: MlflowClient | None = None) -> Snapsh
     """The newest ``longshort-pair`` version registered from ``run_id``, or from the one run whose id starts
     with it (``compare`` prints 12 characters)."""
     client = client or MlflowClient()
-    versions = [
-        v
-        for v in client.search_model_versions(f"name = '{PAIR_MODEL}'")
-        if run_id and (v.run_id or v.tags.get("run_id") or "").startswith(run_id)
-    ]
-    runs = sorted({v.run_id or v.tags.get("run_id") for v in versions})
+    found: dict[str, list[Any]] = {}  # run id -> the versions it registered (or found registered already)
+    for v in client.search_model_versions(f"name = '{PAIR_MODEL}'"):
+        ids = {v.run_id or v.tags.get("run_id") or ""} | {k[len(ALSO_RUN_TAG) :] for k in v.tags if k.startswith(ALSO_RUN_TAG)}
+        for rid in ids:
+            if run_id and rid.startswith(run_id):
+                found.setdefault(rid, []).append(v)
+    versions = [v for vs in found.values() for v in vs]
+    runs = sorted(found)
     if not versions:
         raise RegistryError(f"run {run_id} registered no version of {PAIR_MODEL}")
     if len(runs) > 1:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,10 @@ from longshort.records import StageRecord
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECRET_MARKERS = ("secret", "password", "token", "credential", "access_key")
+# a field whose own name holds one of these words, as a whole word (max_new_tokens and vocab_size are settings, a
+# field named api_token or hf_token would be a secret); no profile field holds one today
+SECRET_FIELD = re.compile(r"(?:^|_)(?:secret|password|token|credentials?|access_key|api_key)(?:_|$)", re.IGNORECASE)
+PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 
 
 def tracking_uri(cfg: TrackingConfig, workspace: Path) -> str:
@@ -96,8 +101,8 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))
-        elif not any(m in name.lower() for m in SECRET_MARKERS):
-            out[name] = str(value)[:500]
+        elif not SECRET_FIELD.search(str(key)):
+            out[name] = str(value)[:PARAM_VALUE_MAX]
     return out
 
 
@@ -197,6 +202,9 @@ def _log_pipeline(profile: Profile, records: list[StageRecord], flow_time_s: flo
     with mlflow.start_run(run_name=f"pipeline-{profile.run.name}") as run:
         mlflow.set_tags(tags)
         mlflow.log_params(flatten(profile.model_dump(mode="json")))
+        # the parent holds every stage's metrics; a name that several stages log (peak_rss_mb) is logged once per
+        # stage as STAGE.NAME, not once per stage under one name at one step (where the last write would win)
+        seen = Counter(k for record in records for k in record.metrics)
         for record in records:
             with mlflow.start_run(run_name=record.stage, nested=True):
                 mlflow.set_tags({"stage": record.stage, "cache_key": record.key, "artifact_dir": record.path})
@@ -204,8 +212,9 @@ def _log_pipeline(profile: Profile, records: list[StageRecord], flow_time_s: flo
                 mlflow.log_metric("duration_s", record.duration_s)
                 if record.stage in ("rl", "baseline"):
                     _log_history(record)
-            mlflow.log_metrics({k: float(v) for k, v in record.metrics.items()})
-        mlflow.log_metrics({"flow_time_s": flow_time_s, "cache_hits": cache_hits})
+            mlflow.log_metrics({(f"{record.stage}.{k}" if seen[k] > 1 else k): float(v) for k, v in record.metrics.items()})
+        peak = [float(r.metrics["peak_rss_mb"]) for r in records if "peak_rss_mb" in r.metrics]
+        mlflow.log_metrics({"flow_time_s": flow_time_s, "cache_hits": cache_hits, **({"peak_rss_mb": max(peak)} if peak else {})})
         if "evaluate" in by_stage:
             mlflow.log_artifacts(by_stage["evaluate"].path, artifact_path="report")
         result: dict[str, Any] = {"mlflow_run_id": run.info.run_id, "tracking_uri": uri}

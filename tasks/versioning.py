@@ -91,9 +91,10 @@ def run_dvc(repo: Path, *args: str, timeout_s: float = 900) -> str:
     command = f"dvc {' '.join(args)}"
     log.info("%s (in %s)", command, repo)
     try:
-        done = subprocess.run(
-            [exe, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
+        done = subprocess.run(  # another run's dvc may hold the repo lock: wait for it (DVC gives up after ~3 s)
+            [exe, "--wait-for-lock", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout_s,
+            check=False,
+        )  # fmt: skip
     except subprocess.TimeoutExpired as exc:
         raise DVCError(f"`{command}` in {repo} did not finish within {timeout_s:.0f} s") from exc
     if done.returncode:

@@ -166,3 +166,31 @@ def test_cli_names_a_bad_retry_setting_in_one_line(tmp_path, dead_url, monkeypat
                                  "-s", f"run.workspace={tmp_path / 'ws'}"])  # fmt: skip
     assert _one_line_error(result) == "error: LONGSHORT_RETRIES='many' is not an integer"
     assert not (tmp_path / "ws").exists()
+
+
+def test_stopping_a_service_whose_leader_died_stops_the_children_left_in_its_group():
+    """A service's leader can die on its own (a crash, a kill by hand) while its workers live on in its process
+    group holding ports: `services down` still stops them, by the group the leader's PID names."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from infra.services import _group_alive, stop_process
+
+    leader = subprocess.Popen(  # a leader in its own group with a child that outlives it
+        [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+         "'import time; time.sleep(60)']); time.sleep(60)"],
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(open(f"/proc/{leader.pid}/task/{leader.pid}/children").read().split()) < 1:
+        time.sleep(0.05)
+    leader.send_signal(signal.SIGKILL)
+    leader.wait()
+    assert _group_alive(leader.pid)  # the child lives on in the group
+    stop_process("mlflow", leader.pid, timeout_s=5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _group_alive(leader.pid):
+        time.sleep(0.05)
+    assert not _group_alive(leader.pid)

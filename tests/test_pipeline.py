@@ -115,6 +115,11 @@ def test_mlflow_holds_runs_params_metrics_and_registered_model(smoke_runs):
     assert run.data.params["sft_base.learning_rate"] == "0.003"
     assert run.data.params["data.demo.n_train"] == "48"
     assert run.data.metrics["base_accuracy"] == first["metrics"]["base_accuracy"]
+    assert "protocol.max_new_tokens_long" in run.data.params  # a setting, not a secret, though it says 'token'
+    # every stage measures its peak memory: one metric per stage in the parent, and the run's peak
+    stage_peaks = {k: v for k, v in run.data.metrics.items() if k.endswith(".peak_rss_mb")}
+    assert {"rl.peak_rss_mb", "sft_base.peak_rss_mb"} <= stage_peaks.keys()
+    assert run.data.metrics["peak_rss_mb"] == max(stage_peaks.values())
     assert len(run.data.tags["data.train_md5"]) == 32 and run.data.tags["git_commit"]
     exp = client.get_experiment(run.info.experiment_id)
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
@@ -157,3 +162,23 @@ def test_dvc_repro_writes_the_same_bytes_as_the_flow(smoke_runs, tmp_path):
     outs = {Path(o["path"]).name: o["md5"] for o in lock["stages"]["synthesize"]["outs"]}
     assert outs["train.jsonl"] == json.loads((dirs["synthesize"] / "record.json").read_text())["digests"]["train_md5"]
 
+
+
+def test_a_stage_folder_removed_by_hand_is_computed_again(smoke_runs):
+    """Prefect's cached result is a record of a folder: with the folder gone, the stage runs again (it used to
+    return the record of files that no longer existed, and track failed on them)."""
+    from flows.pipeline import pipeline
+    from longshort.records import StageRecord
+
+    work, _, _, _, rl = smoke_runs
+    evaluations = work / "workspace" / "artifacts" / "evaluate"  # artifacts/<stage>/<key16>, one per rl setting
+    for folder in evaluations.iterdir():
+        shutil.rmtree(folder)
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        again = pipeline(profile="smoke", overrides=["cold_start.theta=0.3", "rl.efficiency=truncation"])
+    finally:
+        os.chdir(old)
+    assert again["recomputed"] == ["evaluate"] and again["metrics"] == rl["metrics"]
+    assert [StageRecord.load(d) is not None for d in evaluations.iterdir()] == [True]

@@ -98,8 +98,10 @@ def test_register_pair_links_three_versions_to_the_run(store, trained_tiny, meas
     assert run_metrics["pair_accuracy"] == pytest.approx(metrics["pair_accuracy"])
     assert run_metrics["pair_mean_tokens"] == pytest.approx(metrics["pair_mean_tokens"])
 
-    # a second pair with the same weights reuses the long/short versions, adds a pair version
-    again = _register(trained_tiny, metrics, "candidate-2", stage_note="second")
+    # a second pair with the same weights, measured on other problems, reuses the long/short versions and adds a
+    # pair version (measured the same, it would be the same version: a cached rerun, tested below)
+    again = _register(trained_tiny, {**metrics, "pair_mean_tokens": metrics["pair_mean_tokens"] + 1}, "candidate-2",
+                      stage_note="second")  # fmt: skip
     assert (again.long, again.short, again.pair) == ("1", "1", "2")
     for name in (registry.LONG_MODEL, registry.SHORT_MODEL):  # the reused version keeps the run that logged it
         tags = store.get_model_version(name, "1").tags
@@ -705,3 +707,40 @@ def test_production_moved_by_someone_else_during_the_gate_stops_the_promotion(st
     with pytest.raises(registry.RegistryError, match="longshort-pair@production moved from 1 to 2 while the gate ran"):
         registry.promote(third, client=Racing(tracking_uri=store.tracking_uri, registry_uri=store._registry_uri))
     assert _aliases(store) == {registry.LONG_MODEL: "1", registry.SHORT_MODEL: "1", registry.PAIR_MODEL: "2"}
+
+
+def test_params_keep_every_setting_and_leave_out_fields_named_as_secrets():
+    """The params are the profile, flattened: the turn caps and vocabulary size are settings to compare runs by
+    (a substring match on 'token' dropped nine of them); a field named like a secret stays out."""
+    from longshort.config import load_profile
+    from longshort.tracking import PARAM_VALUE_MAX, flatten
+
+    params = flatten(load_profile("qwen2.5-7b").model_dump(mode="json"))
+    for name in ("protocol.max_new_tokens_long", "protocol.max_new_tokens_short", "tokenizer.vocab_size",
+                 "data.teacher_max_new_tokens", "score.max_new_tokens"):  # fmt: skip
+        assert name in params, name
+    hidden = flatten({"hub": {"hf_token": "x", "api_key": "y", "password": "z", "max_new_tokens": 3, "tokenizer": 1}})
+    assert hidden == {"hub.max_new_tokens": "3", "hub.tokenizer": "1"}
+    assert len(flatten({"a": {"b": "v" * 7000}})["a.b"]) == PARAM_VALUE_MAX
+
+
+def test_a_rerun_of_the_same_pair_reuses_its_version_and_is_found_by_its_own_run(store, trained_tiny, measured):
+    """A fully cached pipeline rerun registers the same weights with the same settings: no second copy of both
+    models; the version keeps its first run's lineage and records the rerun, which promote and compare find."""
+    import mlflow
+
+    from longshort import registry
+
+    first = _register(trained_tiny, measured[0], "first")
+    again = _register(trained_tiny, measured[0], "cached rerun")
+    assert again.pair == first.pair == "1" and again.run_id != first.run_id
+    version = store.get_model_version(registry.PAIR_MODEL, first.pair)
+    assert version.run_id == first.run_id and version.tags[f"{registry.ALSO_RUN_TAG}{again.run_id}"] == "1"
+    assert registry.candidate_for_run(again.run_id[:12], store).version == "1"
+    assert store.get_run(again.run_id).data.tags["registered.pair"] == f"{registry.PAIR_MODEL}/1"
+    assert len(store.search_model_versions(f"name = '{registry.PAIR_MODEL}'")) == 1
+    # other serving settings are another pair
+    with mlflow.start_run(run_name="other settings"):
+        other = registry.register_pair(trained_tiny, trained_tiny, measured[0], {},
+                                       settings=_settings().model_copy(update={"seed": 1}))  # fmt: skip
+    assert other.pair == "2"

@@ -66,3 +66,19 @@ def test_refuses_to_push_bytes_the_run_did_not_use(project, tmp_path):
         version_stages(["make"], Remote(url=str(store)), repo, expect={"out.txt": run_file})
     assert str(err.value) == f"{repo / 'out.txt'} (dvc repro) differs from the run's {run_file}: not pushing it"
     assert not store.exists()  # nothing pushed
+
+
+def test_a_run_waits_for_another_runs_dvc_lock_instead_of_failing(project):
+    """Two runs in one checkout: the second's `dvc repro` finds the first's lock on the repo (DVC gives up after
+    about 3 s by default) and waits for it."""
+    import threading
+    import time
+
+    import zc.lockfile
+
+    repo, _ = project
+    lock = zc.lockfile.LockFile(str(repo / ".dvc" / "tmp" / "lock"))  # the other run's dvc, mid-repro or push
+    threading.Timer(5.0, lock.close).start()
+    start = time.monotonic()
+    run_dvc(repo, "repro", "make")
+    assert time.monotonic() - start >= 5.0 and (repo / "out.txt").read_text() == "hello\n"
