@@ -464,8 +464,10 @@ class VLLMBackend:
     transformers backend feeds its model (a text prompt would be tokenized with special tokens
     added: a second BOS after the chat template's). Sampling: each prompt's request gets its own
     seed (:func:`vllm_request_seeds`), so identical prompts in one call give different samples and
-    a call is reproducible for a given ``seed`` and prompt list, whatever the batching; the draws
-    themselves differ from the transformers backend's (torch seeded once per batch there).
+    the draws do not depend on the prompt's place in the batch; the draws themselves differ from the
+    transformers backend's (torch seeded once per batch there). vLLM documents its results as
+    reproducible only with ``VLLM_BATCH_INVARIANT=1`` or ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: batched
+    kernels may round differently from run to run, so a rerun can differ in a token here and there.
     ``close()`` shuts the engine down and frees its GPU memory; use one engine per GPU at a time
     or split ``gpu_memory_utilization`` (:func:`share_gpu_memory`).
     """
