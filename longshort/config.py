@@ -545,17 +545,17 @@ class Profile(Section):
         # `longshort solve` and the served pair decode at generation.temperature; unless a profile sets it, that is
         # evaluate.temperature, the setting the promotion gate's accuracy was measured at (greedy decoding of an
         # R1-style model is also where it repeats itself)
-        if not isinstance(data, dict) or not isinstance(data.get("evaluate"), dict | EvaluateConfig):
+        if not isinstance(data, dict):
             return data
-        gen, ev = data.get("generation") or {}, data["evaluate"]
-        temperature = ev.get("temperature") if isinstance(ev, dict) else ev.temperature
-        if temperature is None or (gen.get("temperature") if isinstance(gen, dict) else None) is not None:
+        ev, gen = data.get("evaluate"), data.get("generation") or {}
+        temperature = ev.temperature if isinstance(ev, EvaluateConfig) else ev.get("temperature") if isinstance(ev, dict) else None
+        if temperature is None:
             return data
-        if isinstance(gen, GenerationConfig):
-            if "temperature" in gen.model_fields_set:
-                return data
+        if isinstance(gen, GenerationConfig) and "temperature" not in gen.model_fields_set:
             return {**data, "generation": gen.model_copy(update={"temperature": temperature})}
-        return {**data, "generation": {**gen, "temperature": temperature}} if isinstance(gen, dict) else data
+        if isinstance(gen, dict) and gen.get("temperature") is None:
+            return {**data, "generation": {**gen, "temperature": temperature}}
+        return data
 
     @model_validator(mode="after")
     def _rl_updates_survive(self) -> Profile:

@@ -230,7 +230,7 @@ class TransformersBackend:
         # an end id that is a special token is counted but has no text (vLLM skips special tokens); one that is not
         # (a stop tag saved as an end id, as the baseline's GRPO saves </answer>) keeps its text, as on vLLM
         eos_set = set(eos_ids)
-        silent = {tok.eos_token_id} | {i for i in model_eos if i in set(tok.all_special_ids)}
+        silent = {tok.eos_token_id} | (set(model_eos) & set(tok.all_special_ids))
         string_stops = [s for s, i in stop_ids.items() if i is None]
         encoded = prompt_token_ids(tok, prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))

@@ -194,12 +194,12 @@ class ModelCompressor:
         outs = self.backend.generate(
             prompts, max_new_tokens=self.max_new_tokens, stop=STOP_STRINGS["base"], temperature=0.0, seed=self.seed
         )
-        terse = []
+        terse, kept, empty = [], 0, 0
         for text, (out,) in zip(texts, outs, strict=True):
             rewrite = clean_terse(out.text) if out.finish_reason == "stop" else ""
+            kept += out.finish_reason != "stop"
+            empty += out.finish_reason == "stop" and not rewrite
             terse.append(rewrite or text.strip())
-        kept = sum(o[0].finish_reason != "stop" for o in outs)
-        empty = sum(o[0].finish_reason == "stop" and not clean_terse(o[0].text) for o in outs)
         if kept or empty:
             log.warning(
                 "cold start: %d of %d compressions hit max_new_tokens=%d and %d were empty; those thoughts stay verbatim",
@@ -253,7 +253,8 @@ def fit_to_turns(importance: Sequence[float], theta: float, max_turns: int) -> l
     less the important runs of least total importance (the later one on a tie), turned into short thoughts
     one at a time until the episode fits. Real traces have dozens of thoughts, and Monte Carlo noise scatters
     important ones among them: left out instead, most episodes would be (with 8 rollouts, θ = 0.1 and 6
-    turns, most LIMO traces). An episode that cannot fit (``max_turns`` < 2) keeps its flags."""
+    turns, most LIMO traces). An episode that cannot fit (``max_turns`` < 2) ends with every thought short,
+    still over the cap: the caller leaves it out."""
     important = [s >= theta for s in importance]
     while n_turns(important) > max_turns and any(important):
         candidates = [(a, b) for a, b, flag in runs(important) if flag]
@@ -369,12 +370,12 @@ def build_cold_start(
     totals to the statistics.
     """
     checked = [_check_row(i, row) for i, row in enumerate(scored_rows)]
+    scored = [[s >= cfg.theta for s in importance] for _, _, importance in checked]
     flags = [
-        fit_to_turns(importance, cfg.theta, max_turns) if max_turns is not None else [s >= cfg.theta for s in importance]
-        for _, _, importance in checked
+        fit_to_turns(importance, cfg.theta, max_turns) if max_turns is not None else important
+        for (_, _, importance), important in zip(checked, scored, strict=True)
     ]
-    fitted = [trace_id for (trace_id, _, importance), f in zip(checked, flags, strict=True)
-              if f != [s >= cfg.theta for s in importance]]  # fmt: skip
+    fitted = [trace_id for (trace_id, _, _), f, important in zip(checked, flags, scored, strict=True) if f != important]
     to_compress: list[tuple[int, int]] = []  # (row, thought) of every thought that goes to a short turn
     for i, kept in enumerate(flags):
         to_compress += [(i, k) for k, long_thought in enumerate(kept) if not long_thought]
