@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,29 @@ log = logging.getLogger(__name__)
 BASELINE_SYSTEM = "truncation baseline"  # single-model GRPO, reward = correct and length <= L_T
 
 
+@dataclass
+class Progress:
+    """The stages of this pipeline run that have finished, and the one running: what a failed run logs."""
+
+    done: list[StageRecord] = field(default_factory=list)
+    running: str | None = None
+
+    def start(self, stage: str) -> None:
+        self.running = stage
+
+    def finish(self, record: StageRecord) -> None:
+        self.done.append(record)
+        self.running = None
+
+
+_PROGRESS: ContextVar[Progress | None] = ContextVar("longshort_pipeline_progress", default=None)
+
+
+def _progress() -> Progress:
+    """This pipeline run's progress; a stage run outside ``pipeline`` (a test calling a subflow) gets a throwaway."""
+    return _PROGRESS.get() or Progress()
+
+
 def _stage(task_fn: Any, stage: str, workspace: Path, key_extra: dict[str, str] | None = None, **inputs: Any) -> StageRecord:
     """Run ``task_fn`` keyed on its inputs (and on ``key_extra``, e.g. digests of files it reads by path)."""
     key = _stage_key(stage, workspace, key_extra, inputs)
@@ -55,9 +80,13 @@ def _stage(task_fn: Any, stage: str, workspace: Path, key_extra: dict[str, str] 
     # Prefect's cached result is the record of a folder; a folder removed by hand (to recompute the stage) has no
     # record left, and the stage runs again instead of returning a record of files that are gone
     refresh = StageRecord.load(Path(out_dir)) is None
-    return task_fn.with_options(result_storage=workspace / "prefect-results", refresh_cache=refresh)(
+    progress = _progress()
+    progress.start(stage)
+    record = task_fn.with_options(result_storage=workspace / "prefect-results", refresh_cache=refresh)(
         key=key, out_dir=out_dir, **inputs
     )
+    progress.finish(record)
+    return record
 
 
 def _stage_key(stage: str, workspace: Path, key_extra: dict[str, str] | None, inputs: dict[str, Any]) -> str:
@@ -128,6 +157,7 @@ def _version_data(cfg: Profile, data: StageRecord) -> dict[str, str] | None:
         get_run_logger().warning("dvc: this run's data are not versioned (%s); MLflow's data.* tags hold their digests", reason)
         return None
     outs = {"train": "data/demo/train.jsonl", "heldout": "data/demo/heldout.jsonl"}  # dvc.yaml's synthesize outs
+    _progress().start("version_data")
     return version_data_task(["synthesize"], expect={out: data.outputs[split] for split, out in outs.items()})
 
 
@@ -142,6 +172,7 @@ def score_flow(cfg: Profile, ws: Path, chunks: StageRecord, model: StageRecord) 
     ]
     out_dirs = [stage_dir(ws, "score_shard", k) for k in keys]
     refresh = any(StageRecord.load(d) is None for d in out_dirs)  # as in _stage; finished shards reuse their folders
+    _progress().start("score_shard")
     futures = score_shard_task.with_options(result_storage=ws / "prefect-results", refresh_cache=refresh).map(
         key=keys,
         out_dir=[str(d) for d in out_dirs],
@@ -160,9 +191,42 @@ def score_flow(cfg: Profile, ws: Path, chunks: StageRecord, model: StageRecord) 
 @flow(name="longshort-pipeline")
 def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
-    logger = get_run_logger()
     cfg = load_profile(profile, overrides)
     preflight(cfg)  # a deployment's run fails here, in seconds, like `longshort run` does before Prefect starts
+    progress = Progress()
+    token = _PROGRESS.set(progress)
+    try:
+        return _run_stages(cfg, start)
+    except BaseException as exc:
+        _track_failure(cfg, progress, exc, time.perf_counter() - start)
+        raise
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _track_failure(cfg: Profile, progress: Progress, error: BaseException, flow_time_s: float) -> None:
+    """Log the failed run to MLflow (``tracking.log_failed_pipeline``); a tracking store that fails too is
+    logged and the stage's own error is what the flow raises."""
+    from longshort import tracking  # noqa: PLC0415
+
+    logger = get_run_logger()
+    if progress.running == "track":  # log_pipeline's own run ended FAILED; the store may be what failed
+        return
+    try:
+        run_id = tracking.log_failed_pipeline(cfg, progress.done, progress.running, error, flow_time_s)
+    except Exception as exc:  # noqa: BLE001 - the stage's error matters more than the log of it
+        logger.warning("could not log the failed run to MLflow: %s: %s", type(exc).__name__, exc)
+        return
+    logger.error(
+        "pipeline failed in %s after %d finished stages; MLflow run %s (status %s)",
+        progress.running or "an unknown stage", len(progress.done), run_id,
+        "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED",
+    )  # fmt: skip
+
+
+def _run_stages(cfg: Profile, start: float) -> dict[str, Any]:
+    """The stages of ``pipeline``, in order, then the MLflow run of the whole."""
+    logger = get_run_logger()
     ws, seed, base_model = cfg.run.workspace.resolve(), cfg.run.seed, cfg.section_dump("base_model")
     files = _file_digests(cfg)  # each stage's key_extra
 
@@ -237,6 +301,7 @@ def pipeline(profile: str = "demo", overrides: list[str] | None = None) -> dict[
     this_run = str(flow_run.id) if flow_run.id else None
     computed = [r for r in [*records, *shards] if r.flow_run_id in (this_run, score_run)]
     cache_hits = len(records) + len(shards) - len(computed)
+    _progress().start("track")
     tracked = track_task(
         cfg.model_dump(mode="json"), records, flow_time_s=time.perf_counter() - start, cache_hits=cache_hits
     )

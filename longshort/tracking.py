@@ -190,31 +190,68 @@ def log_pipeline(profile: Profile, records: list[StageRecord], flow_time_s: floa
         return _log_pipeline(profile, records, flow_time_s, cache_hits)
 
 
+def _run_tags(profile: Profile, records: list[StageRecord], commit: str) -> dict[str, str]:
+    """The parent run's tags: profile, git commit and the data digests (once synthesize has run)."""
+    data = next((r.digests for r in records if r.stage == "synthesize"), {})
+    return {"profile": profile.run.name, "git_commit": commit, **{f"data.{k}": v for k, v in data.items()}}
+
+
+def _log_stages(profile: Profile, records: list[StageRecord], tags: dict[str, str], flow_time_s: float) -> None:
+    """Into the active parent run: tags, the flattened profile as params, a nested run per stage and every
+    stage's metrics on the parent."""
+    mlflow.set_tags(tags)
+    mlflow.log_params(flatten(profile.model_dump(mode="json")))
+    # the parent holds every stage's metrics; a name that several stages log (peak_rss_mb) is logged once per
+    # stage as STAGE.NAME, not once per stage under one name at one step (where the last write would win)
+    seen = Counter(k for record in records for k in record.metrics)
+    for record in records:
+        with mlflow.start_run(run_name=record.stage, nested=True):
+            mlflow.set_tags({"stage": record.stage, "cache_key": record.key, "artifact_dir": record.path})
+            mlflow.log_metrics({k: float(v) for k, v in record.metrics.items()})
+            mlflow.log_metric("duration_s", record.duration_s)
+            if record.stage in ("rl", "baseline"):
+                _log_history(record)
+        mlflow.log_metrics({(f"{record.stage}.{k}" if seen[k] > 1 else k): float(v) for k, v in record.metrics.items()})
+    peak = [float(r.metrics["peak_rss_mb"]) for r in records if "peak_rss_mb" in r.metrics]
+    mlflow.log_metrics({"flow_time_s": flow_time_s, **({"peak_rss_mb": max(peak)} if peak else {})})
+
+
+ERROR_TAG_MAX = 5000  # MLflow keeps tag values up to 8000 characters; the traceback is in the flow run's logs
+
+
+def log_failed_pipeline(
+    profile: Profile, records: list[StageRecord], failed_stage: str | None, error: BaseException, flow_time_s: float
+) -> str:
+    """A pipeline run that stopped part-way, as an MLflow run of status FAILED (KILLED for an interrupt): the
+    same params and tags as a finished run, the stages that finished before it as nested runs with their
+    metrics, and tags naming the stage that failed and the error. Nothing is registered. Returns the run id.
+
+    Comparing runs in the UI then shows the failed attempts beside the finished ones; the rerun that
+    resumes the pipeline (from its cached stages and checkpoints) is a run of its own.
+    """
+    with file_lock(profile.run.workspace.resolve() / "mlflow.lock"):
+        configure(profile)
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        run = mlflow.start_run(run_name=f"pipeline-{profile.run.name}")
+        try:
+            failure = {
+                "failed_stage": failed_stage or "unknown",
+                "error": f"{type(error).__name__}: {error}"[:ERROR_TAG_MAX],
+            }
+            _log_stages(profile, records, {**_run_tags(profile, records, git_commit()), **failure}, flow_time_s)
+        finally:
+            mlflow.end_run(status)
+        return run.info.run_id
+
+
 def _log_pipeline(profile: Profile, records: list[StageRecord], flow_time_s: float, cache_hits: int) -> dict[str, Any]:
     uri = configure(profile)
     by_stage = {r.stage: r for r in records}
     commit = git_commit()
-    tags = {
-        "profile": profile.run.name,
-        "git_commit": commit,
-        **{f"data.{k}": v for k, v in by_stage["synthesize"].digests.items()},
-    }
+    tags = _run_tags(profile, records, commit)
     with mlflow.start_run(run_name=f"pipeline-{profile.run.name}") as run:
-        mlflow.set_tags(tags)
-        mlflow.log_params(flatten(profile.model_dump(mode="json")))
-        # the parent holds every stage's metrics; a name that several stages log (peak_rss_mb) is logged once per
-        # stage as STAGE.NAME, not once per stage under one name at one step (where the last write would win)
-        seen = Counter(k for record in records for k in record.metrics)
-        for record in records:
-            with mlflow.start_run(run_name=record.stage, nested=True):
-                mlflow.set_tags({"stage": record.stage, "cache_key": record.key, "artifact_dir": record.path})
-                mlflow.log_metrics({k: float(v) for k, v in record.metrics.items()})
-                mlflow.log_metric("duration_s", record.duration_s)
-                if record.stage in ("rl", "baseline"):
-                    _log_history(record)
-            mlflow.log_metrics({(f"{record.stage}.{k}" if seen[k] > 1 else k): float(v) for k, v in record.metrics.items()})
-        peak = [float(r.metrics["peak_rss_mb"]) for r in records if "peak_rss_mb" in r.metrics]
-        mlflow.log_metrics({"flow_time_s": flow_time_s, "cache_hits": cache_hits, **({"peak_rss_mb": max(peak)} if peak else {})})
+        _log_stages(profile, records, tags, flow_time_s)
+        mlflow.log_metric("cache_hits", cache_hits)
         if "evaluate" in by_stage:
             mlflow.log_artifacts(by_stage["evaluate"].path, artifact_path="report")
         result: dict[str, Any] = {"mlflow_run_id": run.info.run_id, "tracking_uri": uri}

@@ -182,3 +182,41 @@ def test_a_stage_folder_removed_by_hand_is_computed_again(smoke_runs):
         os.chdir(old)
     assert again["recomputed"] == ["evaluate"] and again["metrics"] == rl["metrics"]
     assert [StageRecord.load(d) is not None for d in evaluations.iterdir() if d.is_dir()] == [True]
+
+
+def test_a_failed_run_is_an_mlflow_run_naming_the_stage_and_error(smoke_runs):
+    """A stage that fails leaves a FAILED MLflow run: the profile's params, the stages that finished before it
+    as nested runs, and tags naming the stage and the error (all tracking used to happen in the last task,
+    so a failed pipeline left nothing to compare)."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import pipeline
+    from longshort.io import DataError
+
+    work, _, _, _, rl = smoke_runs
+    d_long = Path(rl["stage_dirs"]["cold_start"]) / "d_long.jsonl"
+    good = d_long.read_bytes()
+    n_lines = good.count(b"\n")
+    overrides = ["cold_start.theta=0.3", "rl.efficiency=truncation", "sft_long.learning_rate=0.002"]
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        d_long.write_bytes(good + b'{"role": "long", "completion": \n')  # a cut-off row: sft_long must read it
+        with pytest.raises(DataError, match=rf"d_long\.jsonl:{n_lines + 1}:"):
+            pipeline(profile="smoke", overrides=overrides)
+    finally:
+        d_long.write_bytes(good)
+        os.chdir(old)
+    client = MlflowClient(tracking_uri=rl["tracking_uri"])
+    exp = client.get_run(rl["mlflow_run_id"]).info.experiment_id
+    failed = client.search_runs([exp], "attributes.status = 'FAILED' and tags.failed_stage = 'sft_long'")
+    assert len(failed) == 1
+    run = failed[0]
+    assert run.data.tags["error"].startswith("DataError: ") and "d_long.jsonl" in run.data.tags["error"]
+    assert run.data.params["sft_long.learning_rate"] == "0.002" and run.data.tags["data.train_md5"]
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert {c.data.tags["stage"] for c in children} == {
+        "synthesize", "sft_base", "evaluate_base", "chunk", "merge_scores", "cold_start"
+    }  # fmt: skip
+    assert run.data.metrics["cold_start_n_long"] == rl["metrics"]["cold_start_n_long"]
+    assert "registered.base_model" not in run.data.tags
