@@ -744,3 +744,22 @@ def test_a_rerun_of_the_same_pair_reuses_its_version_and_is_found_by_its_own_run
         other = registry.register_pair(trained_tiny, trained_tiny, measured[0], {},
                                        settings=_settings().model_copy(update={"seed": 1}))  # fmt: skip
     assert other.pair == "2"
+
+
+def test_an_interrupted_run_before_any_stage_is_a_killed_run_with_params(tmp_path, monkeypatch):
+    """Ctrl-C before the first stage finished: a KILLED run with the profile's params and no stage runs
+    (log_failed_pipeline also serves the pipeline's FAILED runs; test_pipeline checks those end to end)."""
+    from mlflow.tracking import MlflowClient
+
+    from longshort.config import load_profile
+    from longshort.tracking import log_failed_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    profile = load_profile("smoke", [f"run.workspace={tmp_path}"])
+    run_id = log_failed_pipeline(profile, [], "synthesize", KeyboardInterrupt(), flow_time_s=1.5)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["failed_stage"] == "synthesize"
+    assert run.data.tags["error"] == "KeyboardInterrupt: " and run.data.tags["profile"] == "smoke"
+    assert run.data.params["run.name"] == "smoke" and run.data.metrics == {"flow_time_s": 1.5}
+    assert client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'") == []
