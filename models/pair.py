@@ -141,7 +141,7 @@ class LongShortPair(mlflow.pyfunc.PythonModel):
 
     def load(self, long_dir: str | Path, short_dir: str | Path, settings_file: str | Path) -> LongShortPair:
         """Load outside MLflow too (tests, ``longshort solve``-like use); returns self."""
-        from longshort.io import tree_digest  # noqa: PLC0415
+        from longshort.io import same_tree  # noqa: PLC0415
         from models.generation import make_pair_backends  # noqa: PLC0415 - torch only when loading
 
         path = Path(settings_file)
@@ -150,9 +150,7 @@ class LongShortPair(mlflow.pyfunc.PythonModel):
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: not a valid pair configuration: {exc}") from exc
         s = self.settings
-        same = Path(long_dir).resolve() == Path(short_dir).resolve() or tree_digest(Path(long_dir)) == tree_digest(
-            Path(short_dir)
-        )
+        same = Path(long_dir).resolve() == Path(short_dir).resolve() or same_tree(Path(long_dir), Path(short_dir))
         self.long, self.short = make_pair_backends(long_dir, short_dir, s.model, s.generation, s.seed, same=same)
         # MLflow's scoring server runs each request in a thread of its own: one vLLM engine is not safe to call
         # from two threads, and the transformers backend seeds torch's global generator per call, so requests

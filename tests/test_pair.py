@@ -165,3 +165,30 @@ def test_the_served_pair_decodes_at_the_temperature_its_gate_measured():
     pinned = load_profile("qwen2.5-7b", ["generation.temperature=0.2"])
     assert PairSettings.from_profile(pinned).generation.temperature == 0.2  # a profile that sets it keeps it
     assert PairSettings.from_profile(load_profile("demo")).generation.temperature == 0.0  # greedy demo evaluation
+
+
+def test_the_pair_shares_one_model_only_when_the_two_folders_hold_the_same_bytes(tmp_path, demo_tokenizer):
+    """The registered pair's long and short artifacts are two folders: identical ones load as one backend,
+    found by comparing bytes up to the first difference (``same_tree``), not by hashing both folders."""
+    import shutil
+
+    from longshort.config import GenerationConfig, TinyModelConfig
+    from longshort.io import same_tree, tree_digest
+    from models.factory import build_tiny_model
+    from models.pair import LongShortPair, PairSettings
+
+    long_dir, copy_dir, other_dir = tmp_path / "long", tmp_path / "copy", tmp_path / "other"
+    for folder, seed in ((long_dir, 0), (other_dir, 1)):
+        build_tiny_model(TinyModelConfig(), demo_tokenizer, seed=seed).save_pretrained(folder)
+        demo_tokenizer.save_pretrained(folder)
+    shutil.copytree(long_dir, copy_dir)
+    (tmp_path / "pair.json").write_text(PairSettings(generation=GenerationConfig(backend="transformers")).model_dump_json())
+    for a, b in ((long_dir, copy_dir), (long_dir, other_dir)):
+        assert same_tree(a, b) == (tree_digest(a) == tree_digest(b))
+    assert same_tree(long_dir, copy_dir) and not same_tree(long_dir, other_dir)
+    (copy_dir / "extra.txt").write_text("x")
+    assert not same_tree(long_dir, copy_dir)  # a file more is a difference, as in the digest
+    (copy_dir / "extra.txt").unlink()
+    shared = LongShortPair().load(long_dir, copy_dir, tmp_path / "pair.json")
+    apart = LongShortPair().load(long_dir, other_dir, tmp_path / "pair.json")
+    assert shared.long is shared.short and apart.long is not apart.short
