@@ -90,8 +90,18 @@ def main() -> None:
     else:
         model, tokenizer = build_demo_model(train, device, args.seed)
         what = "demo-size tiny llama, random init"
-    # Force every row to max_new_tokens: never pick EOS (the backend stops at it) or pad (dropped from completions).
-    model.generation_config.suppress_tokens = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id})
+    # Force every row to max_new_tokens: never pick EOS or the model's other end ids (the backend stops at them) or
+    # pad (dropped from completions). A hook on the logits, since the backend decodes with a generation config of
+    # its own (a saved generation_config's suppress_tokens does not reach it).
+    end_ids = model.generation_config.eos_token_id
+    end_ids = [] if end_ids is None else [end_ids] if isinstance(end_ids, int) else list(end_ids)
+    never = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id, *end_ids} - {None})
+
+    def no_end(_module, _inputs, output):  # noqa: ANN001, ANN202
+        output.logits[..., never] = float("-inf")
+        return output
+
+    model.register_forward_hook(no_end)
     backend = TransformersBackend(model, tokenizer, batch_size=1, device=device)
     prompts = [backend.chat_prompt(SYSTEM_PROMPTS["base"], r["problem"]) for r in heldout[: args.prompts]]
     prompt_tokens = [backend.count_tokens(p) for p in prompts]
@@ -127,8 +137,8 @@ def main() -> None:
     for r in range(args.repeats):
         for b in sizes if r % 2 == 0 else sizes[::-1]:
             seconds, tokens = timed(b)
-            if tokens != expected:
-                print(f"  note: batch {b} generated {tokens} tokens, not {expected} (a row stopped early)")
+            if tokens != expected:  # the rates would compare different amounts of work
+                raise SystemExit(f"batch {b} generated {tokens} tokens, not {expected}: a row stopped early")
             rates[b].append(tokens / seconds)
             steps = -(-len(prompts) // b) * args.max_new_tokens  # decoding steps: passes x tokens
             print(
