@@ -287,6 +287,15 @@ def chunk_task(
                 outputs[split] = str(folder / f"chunks_{split}.jsonl")
                 metrics[f"chunk_{split}_traces"] = len(rows)
                 metrics[f"chunk_{split}_thoughts_per_trace"] = sum(len(r["thoughts"]) for r in rows) / max(len(rows), 1)
+                if cfg.method == "llm":  # a run whose model answers were all rejected is rules in disguise
+                    asked = [r for r in rows if r["chunk_method"] != "rules"]  # rules: under two steps, never asked
+                    fallback = sum(r["chunk_method"] == "fallback" for r in asked)
+                    metrics[f"chunk_{split}_llm_fallback_share"] = fallback / max(len(asked), 1)
+                    if fallback:
+                        _logger().warning(
+                            "chunk: %d of %d %s traces fell back to the rules (every model answer rejected; "
+                            "tasks.chunking's log says why)", fallback, len(asked), split,
+                        )  # fmt: skip
         finally:
             close_backend(backend)
         return {"outputs": outputs, "metrics": metrics}

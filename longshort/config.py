@@ -348,8 +348,10 @@ class ChunkConfig(Section):
     # teacher's shortest thought ("So the answer is 7.") is 19 characters.
     min_chars: int = Field(16, ge=0)
     llm_max_retries: int = Field(5, ge=0)  # tries after the first, each with a new seed
+    # per answer; a trace of n steps gets at least 32·n (a block takes ~25 tokens of JSON), so a long trace's
+    # block list is not cut off. An answer cut off at its cap is not retried (a retry would end the same way).
     llm_max_new_tokens: int = Field(2048, ge=16)
-    llm_temperature: float = Field(0.6, ge=0.0)  # > 0 so that a retry can answer differently
+    llm_temperature: float = Field(0.6, gt=0.0)  # > 0 so that a retry can answer differently
 
     @field_validator("markers")
     @classmethod

@@ -236,6 +236,8 @@ def parse_blocks(output: str, n_steps: int) -> list[tuple[int, int, ThoughtType]
     """
     if THINK_CLOSE in output:  # a reasoning model may think before it answers
         output = output[output.rfind(THINK_CLOSE) + len(THINK_CLOSE) :]
+    elif THINK_OPEN in output:
+        raise BlockError(f"the answer is still thinking: {THINK_OPEN} without {THINK_CLOSE}")
     lo, hi = output.find("{"), output.rfind("}")
     if lo == -1 or hi < lo:
         raise BlockError(f"no JSON object in the answer: {output[:60]!r}")
@@ -270,6 +272,9 @@ def parse_blocks(output: str, n_steps: int) -> list[tuple[int, int, ThoughtType]
     return blocks
 
 
+TOKENS_PER_STEP = 32  # the least answer cap per step of a trace: '"block 12": {"start": 30, "end": 34, "type": "verify"},'
+
+
 def chunk_traces_by_llm(
     traces: Sequence[str],
     backend: GenerationBackend,
@@ -285,12 +290,14 @@ def chunk_traces_by_llm(
 
     Each round sends one prompt per trace still without valid blocks, with seed
     ``seed + round``; a trace gets at most ``1 + max_retries`` tries, then the
-    rules decide. Traces with fewer than two steps need no model.
+    rules decide. Traces with fewer than two steps need no model. A trace of n steps
+    may answer in ``max(max_new_tokens, TOKENS_PER_STEP * n)`` tokens; an invalid answer
+    cut off there goes to the rules at once (its retries would be cut off as well).
     """
     steps_of = [split_steps(t) for t in traces]
     results: list[Chunking | None] = [None] * len(traces)
     errors: list[list[str]] = [[] for _ in traces]
-    pending = []
+    pending, given_up = [], []
     for i, steps in enumerate(steps_of):
         if len(steps) < 2:
             results[i] = Chunking(_spans(steps, rule_blocks(steps, markers, min_chars)), "rules")
@@ -300,21 +307,25 @@ def chunk_traces_by_llm(
         if not pending:
             break
         prompts = [backend.chat_prompt(CHUNK_SYSTEM_PROMPT, llm_chunk_prompt(steps_of[i])) for i in pending]
-        outs = backend.generate(
-            prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + attempt
-        )
+        caps = [max(max_new_tokens, TOKENS_PER_STEP * len(steps_of[i])) for i in pending]
+        outs = backend.generate(prompts, max_new_tokens=caps, temperature=temperature, seed=seed + attempt)
         still = []
-        for i, out in zip(pending, outs, strict=True):
+        for i, cap, out in zip(pending, caps, outs, strict=True):
             try:
                 blocks = parse_blocks(out[0].text, len(steps_of[i]))
             except BlockError as exc:
-                errors[i].append(f"try {attempt + 1}: {exc}")
+                cut = out[0].finish_reason == "length"
+                note = f" (cut off at {cap} new tokens: raise chunk.llm_max_new_tokens)" if cut else ""
+                errors[i].append(f"try {attempt + 1}: {exc}{note}")
                 log.debug("chunk: trace %d: %s", i, errors[i][-1])
-                still.append(i)
+                if not cut:
+                    still.append(i)
+                else:
+                    given_up.append(i)
                 continue
             results[i] = Chunking(_spans(steps_of[i], blocks), "llm", attempt + 1, tuple(errors[i]))
         pending = still
-    for i in pending:
+    for i in sorted([*pending, *given_up]):
         log.warning(
             "chunk: trace %d: %d model answers rejected, using the rules (%s)",
             i, len(errors[i]), "; ".join(errors[i]),

@@ -177,6 +177,7 @@ class ScriptedModel:
     def __init__(self, scripts: dict[str, list[str]]):
         self.scripts = {k: list(v) for k, v in scripts.items()}
         self.calls: list[tuple[list[str], int, float]] = []
+        self.caps: list[list[int]] = []  # each call's max_new_tokens per prompt
 
     def chat_prompt(self, system: str, user: str) -> str:
         return f"{system}\n{user}\n"
@@ -186,11 +187,13 @@ class ScriptedModel:
 
     def generate(self, prompts, *, max_new_tokens, stop=(), temperature=0.0, top_p=1.0, n=1, seed=0):
         self.calls.append((list(prompts), seed, temperature))
+        self.caps.append(list(max_new_tokens) if not isinstance(max_new_tokens, int) else [max_new_tokens] * len(prompts))
         outs = []
-        for p in prompts:
+        for p, cap in zip(prompts, self.caps[-1], strict=True):
             key = next(k for k in self.scripts if k in p)
-            text = self.scripts[key].pop(0)
-            outs.append([Completion(text, self.count_tokens(text), "stop")])
+            words = self.scripts[key].pop(0).split(" ")  # a "token" is a word here: cut at the cap as a model is
+            text = " ".join(words[:cap])
+            outs.append([Completion(text, min(len(words), cap), "length" if len(words) > cap else "stop")])
         return outs
 
 
@@ -249,6 +252,36 @@ def test_llm_retries_only_the_traces_that_failed():
     assert [len(prompts) for prompts, _, _ in model.calls] == [2, 1]
     assert [(r.method, r.attempts) for r in results] == [("llm", 2), ("rules", 0), ("llm", 1)]
     assert [t.text for t in results[2].thoughts] == [other]
+
+
+def test_an_answer_cut_off_at_its_cap_goes_to_the_rules_without_retries(caplog):
+    """Retrying at the same cap would be cut off again: one try, and the error says which setting to raise.
+    The cap grows with the trace: at least TOKENS_PER_STEP tokens per step."""
+    from tasks.chunking import TOKENS_PER_STEP
+
+    long_answer = " ".join(["pad"] * 200) + " " + VALID  # 200 "tokens" of chatter, then the blocks
+    model = ScriptedModel({"Okay, so the problem": [long_answer, VALID]})
+    cfg = ChunkConfig(method="llm", llm_max_new_tokens=16, llm_max_retries=5)
+    with caplog.at_level(logging.WARNING, logger="tasks.chunking"):
+        [result] = chunk_traces([TRACE], cfg, model)
+    assert model.caps == [[TOKENS_PER_STEP * 5]] and len(model.calls) == 1  # 5 steps: 160 > 16
+    assert result.method == "fallback" and result.attempts == 1
+    assert result.errors[0].endswith("(cut off at 160 new tokens: raise chunk.llm_max_new_tokens)")
+    assert "raise chunk.llm_max_new_tokens" in caplog.text
+    model = ScriptedModel({"Okay, so the problem": [long_answer]})  # under a larger cap the same answer passes
+    [result] = chunk_traces([TRACE], ChunkConfig(method="llm", llm_max_new_tokens=400), model)
+    assert model.caps == [[400]] and result.method == "llm" and result.attempts == 1
+
+
+def test_an_answer_still_thinking_is_rejected_not_searched_for_braces():
+    with pytest.raises(BlockError, match="still thinking"):
+        parse_blocks("<think>blocks might be " + VALID, 5)
+    assert len(parse_blocks("<think>" + VALID + "</think>" + VALID, 5)) == 3
+
+
+def test_a_chunking_temperature_of_zero_is_refused():
+    with pytest.raises(ValueError, match="llm_temperature"):
+        ChunkConfig(method="llm", llm_temperature=0.0)
 
 
 @pytest.mark.parametrize(
@@ -320,3 +353,4 @@ def test_the_chunk_stage_prompts_the_given_model_when_the_method_is_llm(tmp_path
     rows = [json.loads(line) for line in open(record.outputs["train"])] + [json.loads(line) for line in open(record.outputs["heldout"])]
     assert [r["chunk_method"] for r in rows] == ["fallback"] * 3
     assert record.metrics["chunk_train_traces"] == 2 and record.metrics["chunk_heldout_traces"] == 1
+    assert record.metrics["chunk_train_llm_fallback_share"] == record.metrics["chunk_heldout_llm_fallback_share"] == 1.0
