@@ -141,6 +141,9 @@ class DataConfig(Section):
     demo: DemoTaskConfig = DemoTaskConfig()
     # teacher model for source == "teacher" (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-7B)
     teacher: str | None = None
+    # the teacher hub id's git revision (commit, tag or branch), as base_model.revision: the cache key holds the id
+    # and this pin, not the weights, so an unpinned teacher that changes upstream keeps the traces it wrote first
+    teacher_revision: str | None = None
     teacher_max_new_tokens: int = Field(16384, ge=16)
     # DeepSeek's advice for R1 models: sample at 0.5-0.7 (0.6, top-p 0.95); greedy decoding loops
     teacher_temperature: float = Field(0.6, ge=0.0)
@@ -152,6 +155,8 @@ class DataConfig(Section):
             raise ValueError(f"source '{self.source}' needs 'path' or 'hub_id'")
         if self.source == "teacher" and not self.teacher:
             raise ValueError("source 'teacher' needs 'teacher' (a hub id or a local path)")
+        if self.teacher_revision is not None and not self.teacher:
+            raise ValueError("teacher_revision pins the teacher's hub id: it needs 'teacher'")
         return self
 
     @field_validator("revision")

@@ -8,6 +8,7 @@ so a deployment's run on a work pool fails as fast, with the same message, befor
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,18 +40,21 @@ def preflight(cfg: Profile) -> None:
         if is_local_source(bench.source):
             load_benchmark(bench.source, split=bench.split, limit=bench.limit, name=bench.name)
     for where, hub_id in unpinned_hub_sources(cfg):
-        log.warning("%s %s has no revision: cached stages keep its rows if it changes upstream; pin a commit", where, hub_id)
+        log.warning("%s %s has no revision: cached stages keep what it gave if it changes upstream; pin a commit", where, hub_id)
     require_tracking_server(tracking_uri(cfg.tracking, cfg.run.workspace.resolve()))
 
 
 def unpinned_hub_sources(cfg: Profile) -> list[tuple[str, str]]:
-    """``(field, hub id)`` of the hub datasets the profile reads without a ``revision``: their cache keys hold the
-    id only, so a dataset that changes upstream is not read again."""
+    """``(field, hub id)`` of the hub datasets and the teacher model the profile reads without a revision: their cache
+    keys hold the id only, so a dataset or teacher that changes upstream is not read again."""
     from tasks.benchmarks import is_local_source  # noqa: PLC0415
 
     out = []
     if cfg.data.source != "demo" and cfg.data.hub_id and not cfg.data.path and not cfg.data.revision:
         out.append(("data.hub_id", cfg.data.hub_id))
+    teacher = cfg.data.teacher
+    if cfg.data.source == "teacher" and teacher and not Path(teacher).expanduser().exists() and not cfg.data.teacher_revision:
+        out.append(("data.teacher", teacher))
     out += [
         (f"evaluate.benchmarks[{i}].source", b.source)
         for i, b in enumerate(cfg.evaluate.benchmarks)

@@ -137,13 +137,16 @@ def load_pretrained(
     return model, tokenizer
 
 
-def load_model(cfg: ModelConfig, path: str | Path | None = None, device: str | None = None):
-    """Load the model a config names, or a trained checkpoint at ``path`` with the config's safety flags."""
+def load_model(
+    cfg: ModelConfig, path: str | Path | None = None, device: str | None = None, revision: str | None = None
+):
+    """Load the model a config names, or the one at ``path`` (a trained checkpoint, or another hub id such as the
+    teacher's, pinned by ``revision``) with the config's safety flags."""
     return load_pretrained(
         path or cfg.name_or_path,
         trust_remote_code=cfg.trust_remote_code,
         allow_pickle=cfg.allow_pickle,
         dtype=cfg.dtype,
-        revision=None if path else cfg.revision,
+        revision=revision if path else cfg.revision,
         device=device,
     )

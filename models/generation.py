@@ -485,10 +485,13 @@ class VLLMBackend:
         max_model_len: int | None = None,
         weight_updates: bool = False,
         sample_logprobs: bool = False,
+        revision: str | None = None,
     ):
         from vllm import LLM  # noqa: PLC0415 - optional GPU dependency
 
         extra: dict[str, Any] = {} if max_model_len is None else {"max_model_len": max_model_len}
+        if revision is not None:  # a hub id pinned to a commit: weights and tokenizer from the same one
+            extra.update(revision=revision, tokenizer_revision=revision)
         if weight_updates:  # every worker of the engine gets EngineWeightsLoader's method (load_weights below)
             extra["worker_extension_cls"] = ENGINE_WEIGHTS_EXTENSION
         if sample_logprobs:  # log-probabilities of the distribution sampled from, after temperature (as TRL asks)
@@ -668,9 +671,11 @@ def resolve_backend(gen_cfg: GenerationConfig) -> Literal["vllm", "transformers"
 
 
 def make_backend(
-    model_path: str | Path, model_cfg: ModelConfig, gen_cfg: GenerationConfig, seed: int = 0
+    model_path: str | Path, model_cfg: ModelConfig, gen_cfg: GenerationConfig, seed: int = 0,
+    revision: str | None = None,
 ) -> GenerationBackend:
-    """The configured backend for a saved model (:func:`resolve_backend`)."""
+    """The configured backend for a saved model or a hub id (:func:`resolve_backend`); ``revision`` pins a hub id
+    (the teacher's ``data.teacher_revision``)."""
     if resolve_backend(gen_cfg) == "vllm":
         return VLLMBackend(
             str(model_path),
@@ -680,10 +685,11 @@ def make_backend(
             # multi-GPU settings, read when GenerationConfig has them
             tensor_parallel_size=gen_cfg.tensor_parallel_size,
             max_model_len=gen_cfg.max_model_len,
+            revision=revision,
         )
     from models.factory import load_model  # noqa: PLC0415 - avoid a cycle at import time
 
-    model, tokenizer = load_model(model_cfg, path=model_path)
+    model, tokenizer = load_model(model_cfg, path=model_path, revision=revision)
     return TransformersBackend(model, tokenizer, batch_size=gen_cfg.batch_size)
 
 

@@ -326,7 +326,7 @@ def synthesize_with_teacher(
     if backend is None:
         from models.generation import make_backend  # noqa: PLC0415 - loads a model
 
-        backend = make_backend(cfg.teacher, model_cfg, gen_cfg, seed=seed)
+        backend = make_backend(cfg.teacher, model_cfg, gen_cfg, seed=seed, revision=cfg.teacher_revision)
     prompts = [backend.chat_prompt(SYSTEM_PROMPTS["base"], r["problem"]) for r in rows]
     outs = backend.generate(
         prompts, max_new_tokens=cfg.teacher_max_new_tokens, stop=STOP_STRINGS["base"], seed=seed,

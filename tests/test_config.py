@@ -374,3 +374,20 @@ def test_budgets_and_benchmark_names_that_would_fail_late_are_refused_at_load(tm
         load_profile("demo", [f"evaluate.benchmarks=[{{source: '{bench}'}}]"])
     named = load_profile("demo", [f"evaluate.benchmarks=[{{source: '{bench}', name: aime-2024}}]"])
     assert named.evaluate.benchmarks[0].name == "aime-2024"
+
+
+def test_the_teacher_model_can_be_pinned_and_an_unpinned_hub_teacher_is_listed(tmp_path):
+    from longshort.preflight import unpinned_hub_sources
+
+    with pytest.raises(ConfigError, match="field 'data.teacher_revision'.*needs 'teacher'|teacher_revision pins"):
+        load_profile("smoke", ["data.teacher_revision=abc"])
+    teacher = {"source": "teacher", "path": "data/p.jsonl", "teacher": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"}
+    model = {"compressor": "model"}
+    unpinned = load_profile(write(tmp_path, {"data": teacher, "cold_start": model}))
+    assert unpinned_hub_sources(unpinned) == [("data.teacher", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")]
+    pinned = load_profile(write(tmp_path, {"data": {**teacher, "teacher_revision": "0123"}, "cold_start": model}))
+    assert unpinned_hub_sources(pinned) == []
+    assert pinned.section_dump("data")["teacher_revision"] == "0123"  # keys synthesize: a new pin writes new traces
+    local = tmp_path / "teacher-model"
+    local.mkdir()
+    assert unpinned_hub_sources(load_profile(write(tmp_path, {"data": {**teacher, "teacher": str(local)}, "cold_start": model}))) == []
