@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -126,7 +127,7 @@ def load_pretrained(
             dtype=DTYPES[dtype],
             use_safetensors=None if allow_pickle else True,
         )
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, SafetensorError) as exc:  # SafetensorError: a truncated file, a Git-LFS pointer
         raise _load_error(name_or_path, "model", exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -83,3 +83,21 @@ def test_solve_names_the_option_whose_folder_fails(saved_tiny, tmp_path):
     # one folder for both roles: both options are named
     line = _solve_error(no_tokenizer, no_tokenizer)
     assert line.startswith(f"error: --long and --short {no_tokenizer}: cannot load the tokenizer: "), line
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 2000000\n",  # a Git-LFS pointer
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1",  # cut off inside its header
+    ],
+    ids=["lfs-pointer", "truncated"],
+)
+def test_weights_safetensors_cannot_read_are_named_in_one_line(saved_tiny, tmp_path, weights):
+    """safetensors' own error is not a ValueError or OSError: it used to escape as a traceback (exit 1)."""
+    broken = _copy(saved_tiny, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(weights)
+    with pytest.raises(ModelLoadError, match=rf"^{broken}: cannot load the model: "):
+        load_pretrained(broken)
+    line = _solve_error(saved_tiny, broken)
+    assert line.startswith(f"error: --short {broken}: cannot load the model: "), line
