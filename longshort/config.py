@@ -8,6 +8,7 @@ Defaults live here, not in the code that reads the config.
 from __future__ import annotations
 
 import json
+import os
 import re
 import types
 from functools import cache
@@ -15,7 +16,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from models.protocol import extract_boxed
@@ -38,7 +49,15 @@ def _existing_file(path: str | None) -> str | None:
     return path
 
 
-DeepSpeedFile = Annotated[str | None, AfterValidator(_existing_file)]
+def _expand_home(value: Any) -> Any:
+    """``~/…`` in a path setting means the home folder, as in a shell (a hub id never starts with ``~``)."""
+    if isinstance(value, (str, Path)) and str(value).startswith("~"):
+        return type(value)(os.path.expanduser(str(value)))
+    return value
+
+
+LocalPath = Annotated[str | None, BeforeValidator(_expand_home)]  # a path, or a hub id where the field allows one
+DeepSpeedFile = Annotated[str | None, BeforeValidator(_expand_home), AfterValidator(_existing_file)]
 
 
 def zero_stage(path: str) -> int | None:
@@ -95,9 +114,9 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    name: str = "demo"
+    name: str = "demo"  # load_profile gives a profile that names none its file's stem
     seed: int = 0
-    workspace: Path = Path("workspace")
+    workspace: Annotated[Path, BeforeValidator(_expand_home)] = Path("workspace")
     # Prefect task runner for mapped stages (MC scoring shards): local threads, or a Dask/Ray
     # cluster through prefect-dask / prefect-ray (installed separately) at ``cluster_address``.
     task_runner: Literal["threads", "dask", "ray"] = "threads"
@@ -130,7 +149,7 @@ class DataConfig(Section):
 
     source: Literal["demo", "traces", "teacher"] = "demo"
     # traces: a jsonl of {problem, answer, response}; teacher: a jsonl of {problem, answer}
-    path: str | None = None
+    path: LocalPath = None
     hub_id: str | None = None
     # the hub dataset's git revision (a commit, tag or branch): pin a commit, since the cache key holds the id
     # and this pin, not the data, so an unpinned id that changes upstream keeps the rows read the first time
@@ -140,7 +159,7 @@ class DataConfig(Section):
     max_examples: int | None = Field(None, ge=1)
     demo: DemoTaskConfig = DemoTaskConfig()
     # teacher model for source == "teacher" (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-7B)
-    teacher: str | None = None
+    teacher: LocalPath = None
     # the teacher hub id's git revision (commit, tag or branch), as base_model.revision: the cache key holds the id
     # and this pin, not the weights, so an unpinned teacher that changes upstream keeps the traces it wrote first
     teacher_revision: str | None = None
@@ -195,7 +214,7 @@ class ModelConfig(Section):
     """A model to start from: a tiny one built from a config, or a pretrained one."""
 
     source: Literal["tiny", "pretrained"] = "tiny"
-    name_or_path: str | None = None  # hub id or local directory (pretrained)
+    name_or_path: LocalPath = None  # hub id or local directory (pretrained)
     revision: str | None = None
     tiny: TinyModelConfig = TinyModelConfig()
     trust_remote_code: bool = False
@@ -773,6 +792,12 @@ def load_profile(name_or_path: str | Path, overrides: list[str] | None = None) -
         raise ConfigError(yaml_error(path, exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a profile must be a mapping of sections")
+    if not data:  # the schema's defaults alone would run a pipeline nobody wrote down, recorded as "demo"
+        raise ConfigError(f"{path}: the profile is empty; start from a copy of configs/demo.yaml")
+    run = data.get("run")
+    if run is None or (isinstance(run, dict) and "name" not in run):
+        # the run's name is what MLflow records as its profile: a profile that names none is its file's
+        data = {**data, "run": {**(run or {}), "name": path.stem}}
     items = {_split_override(item)[0]: item for item in overrides or []}
     as_text: frozenset[str] = frozenset()
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from longshort.config import CONFIG_DIR, ConfigError, DemoTaskConfig, load_profile, load_yaml
+from longshort.config import CONFIG_DIR, ConfigError, DemoTaskConfig, load_profile, load_yaml, repo_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -391,3 +391,30 @@ def test_the_teacher_model_can_be_pinned_and_an_unpinned_hub_teacher_is_listed(t
     local = tmp_path / "teacher-model"
     local.mkdir()
     assert unpinned_hub_sources(load_profile(write(tmp_path, {"data": {**teacher, "teacher": str(local)}, "cold_start": model}))) == []
+
+
+def test_a_profile_without_a_name_is_named_after_its_file_and_an_empty_one_is_refused(tmp_path):
+    """run.name is what MLflow records as the run's profile: it used to default to 'demo' for any file."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"rl": {"temperature": 0.9}}))
+    assert load_profile(mine).run.name == "mine"
+    mine.write_text(yaml.safe_dump({"run": {"seed": 3}}))
+    assert (load_profile(mine).run.name, load_profile(mine).run.seed) == ("mine", 3)
+    assert load_profile(mine, ["run.name=other"]).run.name == "other"
+    mine.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=rf"^{mine}: the profile is empty"):
+        load_profile(mine)
+
+
+def test_a_home_folder_in_a_path_setting_is_expanded(tmp_path, monkeypatch):
+    """`~/…` used to become a folder named `~` in the checkout (run.workspace) or a missing file (data.path)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "z2.json").write_text((Path(repo_file("infra/deepspeed/zero2.json"))).read_text())
+    cfg = load_profile("smoke", ["run.workspace=~/ws", "sft_base.deepspeed=~/z2.json", "base_model.name_or_path=~/m"])
+    assert cfg.run.workspace == tmp_path / "ws" and cfg.sft_base.deepspeed == str(tmp_path / "z2.json")
+    assert cfg.base_model.name_or_path == str(tmp_path / "m")
+    traces = load_profile("smoke", ["data.source=traces", "data.path=~/t.jsonl", "cold_start.compressor=model"])
+    assert traces.data.path == str(tmp_path / "t.jsonl")
+    assert load_profile("smoke", ["base_model.name_or_path=Qwen/Qwen2.5-7B-Instruct"]).base_model.name_or_path == (
+        "Qwen/Qwen2.5-7B-Instruct"
+    )  # a hub id as written
