@@ -179,8 +179,8 @@ def solve(
     try:
         with console.status("loading models"):
             long_backend, short_backend = make_pair_backends(
-                long, short, cfg.base_model, cfg.generation, seed, same=short == long
-            )
+                long, short, cfg.base_model, cfg.generation, seed, same=short.resolve() == long.resolve()
+            )  # ./m and /abs/m are one model: one backend (one vLLM engine), not two
     except (ConfigError, ModelLoadError, OSError) as exc:  # pickle weights, custom code not allowed, no vLLM
         # ModelLoadError's message starts with the folder; put the option that named it in front
         failed = getattr(exc, "path", None)

@@ -342,16 +342,20 @@ def register_pair(
 
 def client_for_profile(profile: str, overrides: list[str] | None = None) -> MlflowClient:
     """A client on the registry a profile uses: ``MLFLOW_TRACKING_URI`` if set (the services), else the profile's
-    ``tracking.tracking_uri``, else the workspace's SQLite file (which must exist: nothing registered otherwise).
-    A tracking server that does not answer raises ``longshort.endpoints.ServiceUnavailable``."""
+    ``tracking.tracking_uri``, else the workspace's SQLite file. A SQLite file must exist (nothing is registered
+    otherwise; MLflow would create an empty store at a mistyped path). A tracking server that does not answer
+    raises ``longshort.endpoints.ServiceUnavailable``."""
     from longshort.config import load_profile  # noqa: PLC0415
     from longshort.tracking import require_tracking_server, tracking_uri, use_store  # noqa: PLC0415
 
     cfg = load_profile(profile, overrides)
     uri = tracking_uri(cfg.tracking, cfg.run.workspace.resolve())
-    default = not os.environ.get("MLFLOW_TRACKING_URI") and cfg.tracking.tracking_uri is None
-    if default and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise RegistryError(f"no MLflow store at {uri} (run the pipeline first, or set MLFLOW_TRACKING_URI)")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        where = (
+            "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
+            else "tracking.tracking_uri" if cfg.tracking.tracking_uri else "the profile's workspace"
+        )  # fmt: skip
+        raise RegistryError(f"no MLflow store at {uri} ({where}; run the pipeline first, or set MLFLOW_TRACKING_URI)")
     require_tracking_server(uri)
     use_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -161,7 +161,7 @@ def demo_params_mismatch(data: DataConfig, params_file: Path) -> str | None:
     if synthesized != data.demo:
         theirs = synthesized.model_dump()
         changed = sorted(f"data.demo.{k}" for k, v in data.demo.model_dump().items() if theirs[k] != v)
-        return f"{', '.join(changed)} differ from {params_file}'s 'demo' section"
+        return f"{', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} from {params_file}'s 'demo' section"
     return None
 
 

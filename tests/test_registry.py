@@ -234,6 +234,13 @@ def test_client_for_profile_finds_the_store_or_says_where_it_looked(tmp_path, mo
     with pytest.raises(registry.RegistryError, match="no MLflow store at sqlite:///.*/ws/mlflow.db"):
         registry.client_for_profile(str(profile))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    # a mistyped store is not created empty (MLflow would), it is named with where its URI came from
+    with pytest.raises(registry.RegistryError, match=r"no MLflow store at sqlite:///.*/other.db \(MLFLOW_TRACKING_URI"):
+        registry.client_for_profile(str(profile))
+    assert not (tmp_path / "other.db").exists()
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/other.db").search_experiments()  # a store with nothing registered
     client = registry.client_for_profile(str(profile))
     assert client.tracking_uri == f"sqlite:///{tmp_path}/other.db"
     with pytest.raises(registry.RegistryError, match="no version of longshort-pair"):
