@@ -219,8 +219,7 @@ def _track_failure(cfg: Profile, progress: Progress, error: BaseException, flow_
         return
     logger.error(
         "pipeline failed in %s after %d finished stages; MLflow run %s (status %s)",
-        progress.running or "an unknown stage", len(progress.done), run_id,
-        "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED",
+        progress.running or "an unknown stage", len(progress.done), run_id, tracking.run_status(error),
     )  # fmt: skip
 
 

@@ -216,13 +216,19 @@ def _log_stages(profile: Profile, records: list[StageRecord], tags: dict[str, st
     mlflow.log_metrics({"flow_time_s": flow_time_s, **({"peak_rss_mb": max(peak)} if peak else {})})
 
 
+def run_status(error: BaseException) -> str:
+    """FAILED for an error, KILLED for a stop from outside (KeyboardInterrupt, SystemExit, Prefect's signals)."""
+    return "FAILED" if isinstance(error, Exception) else "KILLED"
+
+
 ERROR_TAG_MAX = 5000  # MLflow keeps tag values up to 8000 characters; the traceback is in the flow run's logs
 
 
 def log_failed_pipeline(
     profile: Profile, records: list[StageRecord], failed_stage: str | None, error: BaseException, flow_time_s: float
 ) -> str:
-    """A pipeline run that stopped part-way, as an MLflow run of status FAILED (KILLED for an interrupt): the
+    """A pipeline run that stopped part-way, as an MLflow run of status FAILED, or KILLED when stopped from outside
+    (Ctrl-C, Prefect's termination signal on a cancelled run: a BaseException that is not an Exception): the
     same params and tags as a finished run, the stages that finished before it as nested runs with their
     metrics, and tags naming the stage that failed and the error. Nothing is registered. Returns the run id.
 
@@ -231,7 +237,7 @@ def log_failed_pipeline(
     """
     with file_lock(profile.run.workspace.resolve() / "mlflow.lock"):
         configure(profile)
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        status = run_status(error)
         run = mlflow.start_run(run_name=f"pipeline-{profile.run.name}")
         try:
             failure = {
