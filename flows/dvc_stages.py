@@ -99,11 +99,12 @@ def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
         st.finished_record("merge_scores", key, data / "score", log)
         shards, shared = st.score_shards(cfg, _record(data, "chunk"), _record(data, "sft_base"))
         scored: dict[str, list[str]] = {}
-        for i, (split, rows) in enumerate(shards):
-            shard = st.score_shard_task.fn(
-                key=key, out_dir=str(data / "score" / "shards" / f"{i:04d}"), rows=rows, shard_no=i, **shared
-            )
-            scored.setdefault(split, []).append(shard.outputs["scored"])
+        with st.shared_shard_backends():  # the shards run one after another: one model load for all
+            for i, (split, rows) in enumerate(shards):
+                shard = st.score_shard_task.fn(
+                    key=key, out_dir=str(data / "score" / "shards" / f"{i:04d}"), rows=rows, shard_no=i, **shared
+                )
+                scored.setdefault(split, []).append(shard.outputs["scored"])
         return st.merge_scores_task.fn(key=key, out_dir=out, shards=scored)
     if name == "cold_start":
         return st.cold_start_task.fn(

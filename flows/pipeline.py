@@ -36,6 +36,7 @@ from flows.stages import (
     score_shards,
     sft_base_task,
     sft_role_task,
+    shared_shard_backends,
     synthesize_task,
     track_task,
     version_data_task,
@@ -173,14 +174,16 @@ def score_flow(cfg: Profile, ws: Path, chunks: StageRecord, model: StageRecord) 
     out_dirs = [stage_dir(ws, "score_shard", k) for k in keys]
     refresh = any(StageRecord.load(d) is None for d in out_dirs)  # as in _stage; finished shards reuse their folders
     _progress().start("score_shard")
-    futures = score_shard_task.with_options(result_storage=ws / "prefect-results", refresh_cache=refresh).map(
-        key=keys,
-        out_dir=[str(d) for d in out_dirs],
-        rows=[rows for _, rows in shards],
-        shard_no=list(range(len(shards))),
-        **{name: unmapped(value) for name, value in shared.items()},
-    )
-    done = [f.result() for f in futures]
+    one_at_a_time = cfg.run.task_runner == "threads" and cfg.run.max_workers == 1
+    with shared_shard_backends(enabled=one_at_a_time):  # one model load (one vLLM engine) for all the shards
+        futures = score_shard_task.with_options(result_storage=ws / "prefect-results", refresh_cache=refresh).map(
+            key=keys,
+            out_dir=[str(d) for d in out_dirs],
+            rows=[rows for _, rows in shards],
+            shard_no=list(range(len(shards))),
+            **{name: unmapped(value) for name, value in shared.items()},
+        )
+        done = [f.result() for f in futures]
     by_split = {
         s: [r.outputs["scored"] for (split, _), r in zip(shards, done, strict=True) if split == s]
         for s in ("train", "heldout")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from longshort.config import (
     TokenizerConfig,
 )
 from longshort.memory import PeakRSS
-from longshort.io import ensure_dir, fault_point, file_lock, remove_stale_temps, tree_digest, write_jsonl
+from longshort.io import ensure_dir, fault_point, file_lock, json_digest, remove_stale_temps, tree_digest, write_jsonl
 from longshort.records import StageRecord
 
 
@@ -318,6 +319,70 @@ def score_shards(cfg: Profile, chunks: StageRecord, model: StageRecord) -> tuple
     return shards, shared
 
 
+# Score shards that run one after another in one process share one backend per model and settings (a vLLM engine
+# start is model loading, memory profiling and CUDA graph capture: about a minute for a 7B model, and the GPU
+# profiles cut 2,100 traces into 33 shards). Opened by ``shared_shard_backends`` around the shards; a shard on a
+# Dask/Ray worker, another process, builds and closes its own.
+_SHARED_LOCK = threading.Lock()
+_SHARED_BACKENDS: dict[str, Any] = {}
+_SHARED_USERS = 0
+
+
+@contextlib.contextmanager
+def shared_shard_backends(enabled: bool = True) -> Iterator[None]:
+    """While open, score shards in this process reuse the backend the first one built; closed at the end.
+
+    Only for shards that run one at a time (``run.max_workers`` 1 on the thread runner, the DVC loop): a
+    backend is one engine, not safe to call from two threads. Re-entrant: the last one out closes them."""
+    global _SHARED_USERS  # noqa: PLW0603
+    from models.generation import close_backend  # noqa: PLC0415
+
+    if not enabled:
+        yield
+        return
+    with _SHARED_LOCK:
+        _SHARED_USERS += 1
+    try:
+        yield
+    finally:
+        with _SHARED_LOCK:
+            _SHARED_USERS -= 1
+            done = list(_SHARED_BACKENDS.values()) if _SHARED_USERS == 0 else []
+            if _SHARED_USERS == 0:
+                _SHARED_BACKENDS.clear()
+        for backend in done:
+            close_backend(backend)
+
+
+@contextlib.contextmanager
+def _shard_backend(model_dir: str, base_model: dict, generation: dict, seed: int) -> Iterator[Any]:
+    """The backend a score shard samples with: the shared one while ``shared_shard_backends`` is open, else its
+    own, closed after it. A shard that fails drops a shared backend, so that its retry starts a fresh one."""
+    from models.generation import close_backend, make_backend  # noqa: PLC0415
+
+    key = json_digest([model_dir, base_model, generation, seed])
+    with _SHARED_LOCK:
+        pool = _SHARED_BACKENDS if _SHARED_USERS > 0 else None
+        backend = pool.get(key) if pool is not None else None
+        if backend is None:
+            backend = make_backend(
+                model_dir, ModelConfig.model_validate(base_model), GenerationConfig.model_validate(generation), seed
+            )
+            if pool is not None:
+                pool[key] = backend
+    try:
+        yield backend
+    except BaseException:
+        if pool is not None:
+            with _SHARED_LOCK:
+                pool.pop(key, None)
+            close_backend(backend)
+        raise
+    finally:
+        if pool is None:
+            close_backend(backend)
+
+
 @task(name="score_shard", cache_policy=STAGE_CACHE, persist_result=True, retries=1)
 def score_shard_task(
     key: str, out_dir: str, rows: list[dict], model_dir: str, base_model: dict, generation: dict, score: dict,
@@ -325,18 +390,12 @@ def score_shard_task(
 ) -> StageRecord:
     """Monte Carlo importance for shard ``shard_no`` of the traces (mapped; a failed shard is retried alone;
     the index seeds its rollouts, ``tasks.importance.score_traces``)."""
-    from models.generation import close_backend, make_backend  # noqa: PLC0415
     from tasks.importance import score_rows  # noqa: PLC0415
 
     def body(folder: Path) -> dict[str, Any]:
         cfg = ScoreConfig.model_validate(score)
-        backend = make_backend(
-            model_dir, ModelConfig.model_validate(base_model), GenerationConfig.model_validate(generation), cfg.seed
-        )
-        try:
+        with _shard_backend(model_dir, base_model, generation, cfg.seed) as backend:
             scored = score_rows(backend, rows, cfg, first_shard=shard_no)
-        finally:
-            close_backend(backend)
         write_jsonl(folder / "scored.jsonl", scored)
         return {"outputs": {"scored": str(folder / "scored.jsonl")}, "metrics": {"n_traces": len(scored)}}
 

@@ -160,3 +160,40 @@ def test_stage_runs_the_profile_whose_demo_params_yaml_holds(demo_split, in_tmp_
     result = _cli_stage("chunk", "-p", "smoke", "--data", str(demo_split))
     assert result.exit_code == 0, (result.output, result.exception)
     assert (demo_split / "chunk" / "record.json").is_file()
+
+
+def test_score_shards_in_one_process_load_the_model_once_and_score_the_same(tmp_path, monkeypatch):
+    """`longshort stage score` (and the flow on one thread) runs its shards one after another: they share one
+    backend (on a GPU, one vLLM engine start instead of one per shard), closed after the last, and score what
+    shards that each load their own score. A shard that fails drops the shared backend for its retry."""
+    import models.generation
+    from flows import stages
+    from flows.dvc_stages import run_data_stage
+    from longshort.config import DemoTaskConfig, load_profile
+    from tasks.synthesize import synthesize_demo
+
+    built, closed = [], []
+    make, close = models.generation.make_backend, models.generation.close_backend
+    monkeypatch.setattr(models.generation, "make_backend", lambda *a, **k: built.append(make(*a, **k)) or built[-1])
+    monkeypatch.setattr(models.generation, "close_backend", lambda b: closed.append(b) or close(b))
+    data = tmp_path / "data"
+    synthesize_demo(DemoTaskConfig(n_train=12, n_heldout=4, seed=2), data)
+    base = ["sft_base.max_steps=2", "score.n_train_traces=4", "score.n_heldout_traces=2", "score.shard_size=2"]
+    run_data_stage("sft_base", load_profile("smoke", base), data)
+    run_data_stage("chunk", load_profile("smoke", base), data)
+    built.clear()
+    shared = run_data_stage("score", load_profile("smoke", base), data)
+    assert len(built) == 1 and closed[-1:] == built and stages._SHARED_BACKENDS == {}  # 3 shards, one model load
+    cfg = load_profile("smoke", base)
+    shards, inputs = stages.score_shards(cfg, stages.StageRecord.load(data / "chunk"), stages.StageRecord.load(data / "sft_base"))
+    built.clear()
+    own = [stages.score_shard_task.fn(key=f"own{i}", out_dir=str(tmp_path / f"own{i}"), rows=rows, shard_no=i, **inputs)
+           for i, (_, rows) in enumerate(shards)]  # fmt: skip
+    assert len(built) == len(shards) == 3  # outside shared_shard_backends each shard loads its own
+    train = b"".join(Path(r.outputs["scored"]).read_bytes() for (split, _), r in zip(shards, own) if split == "train")
+    assert Path(shared.outputs["train"]).read_bytes() == train
+    built.clear()
+    with stages.shared_shard_backends():
+        with pytest.raises(ZeroDivisionError), stages._shard_backend(**{k: inputs[k] for k in ("model_dir", "base_model", "generation")}, seed=0):
+            raise ZeroDivisionError  # a shard's failure
+        assert stages._SHARED_BACKENDS == {} and closed[-1] is built[-1]  # dropped and closed: the retry loads anew
