@@ -41,7 +41,7 @@ from flows.stages import (
     track_task,
     version_data_task,
 )
-from longshort.config import Profile, load_profile, repo_file
+from longshort.config import Profile, RunConfig, load_profile, repo_file
 from longshort.io import tree_digest
 from longshort.preflight import preflight
 from longshort.records import StageRecord
@@ -162,6 +162,12 @@ def _version_data(cfg: Profile, data: StageRecord) -> dict[str, str] | None:
     return version_data_task(["synthesize"], expect={out: data.outputs[split] for split, out in outs.items()})
 
 
+def shards_run_one_at_a_time(run: RunConfig) -> bool:
+    """Whether the score shards run one after another in the flow's process, so that they can share a backend:
+    the thread runner with one worker. Dask/Ray run them in other processes; more threads run them at once."""
+    return run.task_runner == "threads" and run.max_workers == 1
+
+
 @flow(name="score")
 def score_flow(cfg: Profile, ws: Path, chunks: StageRecord, model: StageRecord) -> tuple[StageRecord, list[StageRecord], str]:
     """Monte Carlo scoring fanned out over shards of traces with Prefect task mapping (a subflow, so
@@ -174,8 +180,7 @@ def score_flow(cfg: Profile, ws: Path, chunks: StageRecord, model: StageRecord) 
     out_dirs = [stage_dir(ws, "score_shard", k) for k in keys]
     refresh = any(StageRecord.load(d) is None for d in out_dirs)  # as in _stage; finished shards reuse their folders
     _progress().start("score_shard")
-    one_at_a_time = cfg.run.task_runner == "threads" and cfg.run.max_workers == 1
-    with shared_shard_backends(enabled=one_at_a_time):  # one model load (one vLLM engine) for all the shards
+    with shared_shard_backends(enabled=shards_run_one_at_a_time(cfg.run)):  # one model load (one vLLM engine)
         futures = score_shard_task.with_options(result_storage=ws / "prefect-results", refresh_cache=refresh).map(
             key=keys,
             out_dir=[str(d) for d in out_dirs],

@@ -12,7 +12,9 @@ import logging
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -321,65 +323,101 @@ def score_shards(cfg: Profile, chunks: StageRecord, model: StageRecord) -> tuple
 
 # Score shards that run one after another in one process share one backend per model and settings (a vLLM engine
 # start is model loading, memory profiling and CUDA graph capture: about a minute for a 7B model, and the GPU
-# profiles cut 2,100 traces into 33 shards). Opened by ``shared_shard_backends`` around the shards; a shard on a
-# Dask/Ray worker, another process, builds and closes its own.
-_SHARED_LOCK = threading.Lock()
-_SHARED_BACKENDS: dict[str, Any] = {}
-_SHARED_USERS = 0
+# profiles cut 2,100 traces into 33 shards). ``shared_shard_backends`` opens a pool for one run's shards: a
+# ContextVar, which Prefect's thread runner copies into the threads it runs them on, so the shards of another run
+# in the same process do not see it; a shard on a Dask/Ray worker, another process, builds and closes its own.
+class _BackendPool:
+    """The shared backends of one ``shared_shard_backends`` block. A backend is closed by whoever leaves it last:
+    the block's end, or a shard still running on it then (a failed shard's successor may have started)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._backends: dict[str, Any] = {}
+        self._users: Counter[int] = Counter()  # shards running on each backend, by id
+        self._open = True
+
+    def acquire(self, key: str, build: Callable[[], Any]) -> tuple[Any, bool]:
+        """The backend for ``key`` and whether it is the pool's (else the caller's own, to close)."""
+        with self._lock:
+            if not self._open:  # a shard that starts after the block ended
+                return build(), False
+            if key not in self._backends:
+                self._backends[key] = build()
+            backend = self._backends[key]
+            self._users[id(backend)] += 1
+            return backend, True
+
+    def release(self, key: str, backend: Any, failed: bool) -> None:
+        """A shard is done with ``backend``. One that failed takes it out of the pool, so that its retry starts a
+        fresh one; a backend out of the pool is closed when its last shard is done."""
+        from models.generation import close_backend  # noqa: PLC0415
+
+        with self._lock:
+            self._users[id(backend)] -= 1
+            idle = self._users[id(backend)] == 0
+            if self._backends.get(key) is backend and (failed or (idle and not self._open)):
+                del self._backends[key]
+            close = idle and self._backends.get(key) is not backend
+            if idle:
+                del self._users[id(backend)]
+        if close:
+            close_backend(backend)
+
+    def close(self) -> None:
+        """The block's end: close the backends nobody runs on; the others close when their shard is done."""
+        from models.generation import close_backend  # noqa: PLC0415
+
+        with self._lock:
+            self._open = False
+            idle = [k for k, b in self._backends.items() if self._users[id(b)] == 0]
+            backends = [self._backends.pop(k) for k in idle]
+        for backend in backends:
+            close_backend(backend)
+
+
+_SHARD_POOL: ContextVar[_BackendPool | None] = ContextVar("longshort_shard_backends", default=None)
 
 
 @contextlib.contextmanager
 def shared_shard_backends(enabled: bool = True) -> Iterator[None]:
-    """While open, score shards in this process reuse the backend the first one built; closed at the end.
+    """Within, the score shards this context starts reuse the backend the first one built; closed at the end.
 
-    Only for shards that run one at a time (``run.max_workers`` 1 on the thread runner, the DVC loop): a
-    backend is one engine, not safe to call from two threads. Re-entrant: the last one out closes them."""
-    global _SHARED_USERS  # noqa: PLW0603
-    from models.generation import close_backend  # noqa: PLC0415
-
-    if not enabled:
-        yield
-        return
-    with _SHARED_LOCK:
-        _SHARED_USERS += 1
+    Only for shards that run one at a time (``run.max_workers`` 1 on the thread runner, the DVC loop): a backend
+    is one engine, not safe to call from two threads. ``enabled=False`` keeps an enclosing pool from them too."""
+    pool = _BackendPool() if enabled else None
+    token = _SHARD_POOL.set(pool)
     try:
         yield
     finally:
-        with _SHARED_LOCK:
-            _SHARED_USERS -= 1
-            done = list(_SHARED_BACKENDS.values()) if _SHARED_USERS == 0 else []
-            if _SHARED_USERS == 0:
-                _SHARED_BACKENDS.clear()
-        for backend in done:
-            close_backend(backend)
+        _SHARD_POOL.reset(token)
+        if pool is not None:
+            pool.close()
 
 
 @contextlib.contextmanager
 def _shard_backend(model_dir: str, base_model: dict, generation: dict, seed: int) -> Iterator[Any]:
-    """The backend a score shard samples with: the shared one while ``shared_shard_backends`` is open, else its
-    own, closed after it. A shard that fails drops a shared backend, so that its retry starts a fresh one."""
+    """The backend a score shard samples with: its run's shared one inside ``shared_shard_backends``, else its
+    own, closed after it."""
     from models.generation import close_backend, make_backend  # noqa: PLC0415
 
+    def build() -> Any:
+        return make_backend(
+            model_dir, ModelConfig.model_validate(base_model), GenerationConfig.model_validate(generation), seed
+        )
+
+    pool = _SHARD_POOL.get()
     key = json_digest([model_dir, base_model, generation, seed])
-    with _SHARED_LOCK:
-        pool = _SHARED_BACKENDS if _SHARED_USERS > 0 else None
-        backend = pool.get(key) if pool is not None else None
-        if backend is None:
-            backend = make_backend(
-                model_dir, ModelConfig.model_validate(base_model), GenerationConfig.model_validate(generation), seed
-            )
-            if pool is not None:
-                pool[key] = backend
+    backend, pooled = pool.acquire(key, build) if pool is not None else (build(), False)
+    failed = False
     try:
         yield backend
     except BaseException:
-        if pool is not None:
-            with _SHARED_LOCK:
-                pool.pop(key, None)
-            close_backend(backend)
+        failed = True
         raise
     finally:
-        if pool is None:
+        if pooled:
+            pool.release(key, backend, failed)
+        else:
             close_backend(backend)
 
 

@@ -183,7 +183,7 @@ def test_score_shards_in_one_process_load_the_model_once_and_score_the_same(tmp_
     run_data_stage("chunk", load_profile("smoke", base), data)
     built.clear()
     shared = run_data_stage("score", load_profile("smoke", base), data)
-    assert len(built) == 1 and closed[-1:] == built and stages._SHARED_BACKENDS == {}  # 3 shards, one model load
+    assert len(built) == 1 and closed[-1:] == built  # 3 shards, one model load, closed after the last
     cfg = load_profile("smoke", base)
     shards, inputs = stages.score_shards(cfg, stages.StageRecord.load(data / "chunk"), stages.StageRecord.load(data / "sft_base"))
     built.clear()
@@ -192,8 +192,66 @@ def test_score_shards_in_one_process_load_the_model_once_and_score_the_same(tmp_
     assert len(built) == len(shards) == 3  # outside shared_shard_backends each shard loads its own
     train = b"".join(Path(r.outputs["scored"]).read_bytes() for (split, _), r in zip(shards, own) if split == "train")
     assert Path(shared.outputs["train"]).read_bytes() == train
+    model = {k: inputs[k] for k in ("model_dir", "base_model", "generation")}
     built.clear()
     with stages.shared_shard_backends():
-        with pytest.raises(ZeroDivisionError), stages._shard_backend(**{k: inputs[k] for k in ("model_dir", "base_model", "generation")}, seed=0):
+        with pytest.raises(ZeroDivisionError), stages._shard_backend(**model, seed=0):
             raise ZeroDivisionError  # a shard's failure
-        assert stages._SHARED_BACKENDS == {} and closed[-1] is built[-1]  # dropped and closed: the retry loads anew
+        assert closed[-1] is built[-1]  # dropped and closed: its retry loads anew
+        with stages._shard_backend(**model, seed=0) as retry:
+            assert retry is built[-1] and len(built) == 2
+        with stages.shared_shard_backends(enabled=False), stages._shard_backend(**model, seed=0) as apart:
+            assert apart is not retry and closed[-1] is not apart  # a block that opts out keeps out of the pool
+        assert closed[-1] is apart
+        assert closed.count(retry) == 0  # still pooled
+    assert closed[-1] is retry  # closed at the block's end
+
+
+def test_a_shard_still_running_when_its_block_ends_keeps_its_backend_until_it_is_done(monkeypatch):
+    """A failed shard makes the flow leave the block while the next shard runs on the shared backend: that
+    shard's backend is closed when it is done, not under it. Threads started outside the block (another run in the
+    process, or one that opted out) do not see the pool."""
+    import threading
+
+    import models.generation
+    from flows import stages
+
+    closed = []
+    monkeypatch.setattr(models.generation, "make_backend", lambda *a, **k: object())
+    monkeypatch.setattr(models.generation, "close_backend", closed.append)
+    model = {"model_dir": "m", "base_model": {}, "generation": {}, "seed": 0}
+    inside, leave = threading.Event(), threading.Event()
+    seen = {}
+
+    def shard() -> None:
+        with stages._shard_backend(**model) as backend:
+            seen["running"] = backend
+            inside.set()
+            leave.wait(5)
+        seen["after"] = list(closed)
+
+    with stages.shared_shard_backends():
+        with stages._shard_backend(**model) as first:
+            pass
+        import contextvars
+
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(shard,))  # as Prefect's thread runner
+        worker.start()
+        inside.wait(5)
+        outsider = []
+        other = threading.Thread(target=lambda: outsider.append(stages._SHARD_POOL.get()))  # no copied context
+        other.start()
+        other.join()
+    assert seen["running"] is first and closed == [] and outsider == [None]  # the block ended, the shard runs on
+    leave.set()
+    worker.join()
+    assert seen["after"] == [first] == closed
+
+
+def test_the_flow_shares_a_shard_backend_only_when_its_shards_run_one_at_a_time():
+    from flows.pipeline import shards_run_one_at_a_time
+    from longshort.config import RunConfig
+
+    assert shards_run_one_at_a_time(RunConfig())  # the default: threads, one worker
+    assert not shards_run_one_at_a_time(RunConfig(max_workers=2))  # two shards at once on one backend: no
+    assert not shards_run_one_at_a_time(RunConfig(task_runner="dask", cluster_address="tcp://127.0.0.1:8786"))
