@@ -111,7 +111,6 @@ def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
             key=key, out_dir=out, scored_path=_record(data, "score").outputs["train"], train_path=train,
             model_dir=_record(data, "sft_base").outputs["model"], base_model=base_model,
             generation=cfg.section_dump("generation"), cold_start=cfg.section_dump("cold_start"), seed=seed,
-            max_turns=cfg.protocol.max_turns,
-            max_turn_tokens=[cfg.protocol.max_new_tokens_long, cfg.protocol.max_new_tokens_short],
+            **st.cold_start_limits(cfg),
         )  # fmt: skip
     raise ValueError(f"unknown data stage '{name}'; known: {', '.join(DATA_STAGES)}")

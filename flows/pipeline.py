@@ -27,6 +27,7 @@ from flows.stages import (
     baseline_task,
     chunk_llm,
     chunk_task,
+    cold_start_limits,
     cold_start_task,
     evaluate_base_task,
     evaluate_task,
@@ -122,8 +123,8 @@ def _file_digests(cfg: Profile) -> dict[str, dict[str, str]]:
         return {"deepspeed_file": tree_digest(Path(repo_file(path)))} if path else {}
 
     data = {}
-    if cfg.data.path and Path(cfg.data.path).expanduser().exists():
-        data["data_file"] = tree_digest(Path(cfg.data.path).expanduser())
+    if cfg.data.path and Path(cfg.data.path).exists():  # the profile's paths come with ~ expanded
+        data["data_file"] = tree_digest(Path(cfg.data.path))
     if cfg.data.source == "teacher":
         data.update({f"teacher_{k}": v for k, v in _local_dir_digest(cfg.data.teacher).items()})
     base = _local_dir_digest(cfg.base_model.name_or_path) if cfg.base_model.source == "pretrained" else {}
@@ -264,8 +265,7 @@ def _run_stages(cfg: Profile, start: float) -> dict[str, Any]:
         cold_start_task, "cold_start", ws,
         scored_path=scored.outputs["train"], train_path=data.outputs["train"], model_dir=base.outputs["model"],
         base_model=base_model, generation=cfg.section_dump("generation"),
-        cold_start=cfg.section_dump("cold_start"), seed=seed, max_turns=cfg.protocol.max_turns,
-        max_turn_tokens=[cfg.protocol.max_new_tokens_long, cfg.protocol.max_new_tokens_short],
+        cold_start=cfg.section_dump("cold_start"), seed=seed, **cold_start_limits(cfg),
     )  # fmt: skip
     pair = {
         role: _stage(

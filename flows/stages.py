@@ -458,6 +458,12 @@ def merge_scores_task(key: str, out_dir: str, shards: dict[str, list[str]]) -> S
     return _run_stage("merge_scores", key, out_dir, body)
 
 
+def cold_start_limits(cfg: Profile) -> dict[str, Any]:
+    """``cold_start_task``'s protocol inputs: the turn cap and each role's per-turn token cap (long, short)."""
+    p = cfg.protocol
+    return {"max_turns": p.max_turns, "max_turn_tokens": [p.max_new_tokens_long, p.max_new_tokens_short]}
+
+
 @task(name="cold_start", cache_policy=STAGE_CACHE, persist_result=True)
 def cold_start_task(
     key: str, out_dir: str, scored_path: str, train_path: str, model_dir: str, base_model: dict,

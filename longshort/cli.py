@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -220,22 +219,11 @@ def synthesize(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("data/demo"),
 ) -> None:
     """Write the demo task's train/held-out splits (the DVC 'synthesize' stage)."""
-    from pydantic import ValidationError  # noqa: PLC0415
-
-    from longshort.config import DemoTaskConfig, format_validation_error, load_yaml, yaml_error  # noqa: PLC0415
     from tasks.synthesize import synthesize_demo  # noqa: PLC0415
+    from tasks.versioning import read_params_demo  # noqa: PLC0415
 
     try:
-        data = load_yaml(params.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict) or not isinstance(data.get("demo", {}), dict):
-            raise ValueError(f"{params}: expected a mapping with a 'demo' section")
-        cfg = DemoTaskConfig.model_validate(data.get("demo", {}))
-    except ValidationError as exc:
-        _fail(ValueError(format_validation_error(params, exc, section="demo")))
-    except UnicodeDecodeError as exc:
-        _fail(ValueError(f"{params}: not valid UTF-8 ({exc.reason} at byte {exc.start})"))
-    except yaml.YAMLError as exc:
-        _fail(ValueError(yaml_error(params, exc)))
+        cfg = read_params_demo(params)
     except (OSError, ValueError) as exc:
         _fail(exc)
     try:

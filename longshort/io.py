@@ -235,9 +235,14 @@ def tree_digest(path: Path) -> str:
     if path.is_file():
         return file_digest(path)
     h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(p.relative_to(path).as_posix().encode() + b"\0" + file_digest(p).encode())
+    for rel in _tree_files(path):
+        h.update(rel.as_posix().encode() + b"\0" + file_digest(path / rel).encode())
     return h.hexdigest()
+
+
+def _tree_files(root: Path) -> list[Path]:
+    """The files under ``root``, relative to it, in sorted order."""
+    return sorted(q.relative_to(root) for q in root.rglob("*") if q.is_file())
 
 
 def same_tree(a: Path, b: Path) -> bool:
@@ -247,8 +252,8 @@ def same_tree(a: Path, b: Path) -> bool:
     a, b = Path(a), Path(b)
     if a.is_file() or b.is_file():
         return a.is_file() and b.is_file() and filecmp.cmp(a, b, shallow=False)
-    files = sorted(q.relative_to(a) for q in a.rglob("*") if q.is_file())
-    if files != sorted(q.relative_to(b) for q in b.rglob("*") if q.is_file()):
+    files = _tree_files(a)
+    if files != _tree_files(b):
         return False
     return all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
 

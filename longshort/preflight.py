@@ -53,7 +53,7 @@ def unpinned_hub_sources(cfg: Profile) -> list[tuple[str, str]]:
     if cfg.data.source != "demo" and cfg.data.hub_id and not cfg.data.path and not cfg.data.revision:
         out.append(("data.hub_id", cfg.data.hub_id))
     teacher = cfg.data.teacher
-    if cfg.data.source == "teacher" and teacher and not Path(teacher).expanduser().exists() and not cfg.data.teacher_revision:
+    if cfg.data.source == "teacher" and teacher and not Path(teacher).exists() and not cfg.data.teacher_revision:
         out.append(("data.teacher", teacher))
     out += [
         (f"evaluate.benchmarks[{i}].source", b.source)

@@ -147,6 +147,27 @@ def require_remote(remote: Remote) -> None:
         require_reachable(remote.endpoint_url, f"S3 endpoint of DVC remote {remote.url}")
 
 
+def read_params_demo(params_file: Path) -> DemoTaskConfig:
+    """``params_file``'s ``demo`` section, the settings dvc.yaml's ``synthesize`` stage writes the splits from.
+    A file that cannot be read raises OSError; anything else wrong, a ValueError naming the file (and the field)."""
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from longshort.config import format_validation_error, yaml_error  # noqa: PLC0415
+
+    params_file = Path(params_file)
+    try:
+        data = load_yaml(params_file.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict) or not isinstance(data.get("demo", {}), dict):
+            raise ValueError(f"{params_file}: expected a mapping with a 'demo' section")
+        return DemoTaskConfig.model_validate(data.get("demo", {}))
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(params_file, exc, section="demo")) from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{params_file}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(yaml_error(params_file, exc)) from None
+
+
 def demo_params_mismatch(data: DataConfig, params_file: Path) -> str | None:
     """Why the splits dvc.yaml's ``synthesize`` stage writes (``params_file``'s ``demo`` section, as
     ``longshort synthesize`` reads it) are not the data ``data`` describes, naming the fields; None when they are."""
@@ -154,9 +175,8 @@ def demo_params_mismatch(data: DataConfig, params_file: Path) -> str | None:
         return f"data.source is '{data.source}', not 'demo'"
     params_file = Path(params_file)
     try:
-        params = load_yaml(params_file.read_text(encoding="utf-8")) or {}
-        synthesized = DemoTaskConfig.model_validate((params.get("demo") or {}) if isinstance(params, dict) else params)
-    except (OSError, ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError, ValidationError are ValueErrors
+        synthesized = read_params_demo(params_file)
+    except (OSError, ValueError) as exc:
         return f"{params_file} has no valid 'demo' section ({str(exc).splitlines()[0]})"
     if synthesized != data.demo:
         theirs = synthesized.model_dump()
