@@ -746,7 +746,8 @@ def _blame(
     """Who each error of the profile ``data`` with the overrides ``items`` ({dotted key: "key=value"}) is due to,
     first match wins: the override that set the field itself; the file, when the file alone has that error; an
     override that wrote the field's section; the overrides that each alone bring it about (a cross-field rule,
-    such as base_model.dtype against rl.lora); the overrides under the field; all of them."""
+    such as base_model.dtype against rl.lora); the overrides without each of which it goes away (two that bring
+    it about together); the overrides under the field; all of them."""
     if not items:
         return [str(path)] * len(err.errors())
 
@@ -772,6 +773,8 @@ def _blame(
             origins.append(named(above))
         elif alone := [k for k in items if _same_error(e) in errors_with([items[k]])]:
             origins.append(named(alone))
+        elif needed := [k for k in items if _same_error(e) not in errors_with([v for j, v in items.items() if j != k])]:
+            origins.append(named(needed))
         else:
             under = [k for k in items if not field or f"{k}.".startswith(f"{field}.")]
             origins.append(named(under or list(items)))

@@ -201,6 +201,13 @@ def test_a_cross_field_error_is_blamed_on_the_file_or_override_that_causes_it(tm
     with pytest.raises(ConfigError) as err:
         load_profile(path, ["base_model.revision=abc"])
     assert str(err.value).startswith(f"{path}: field '(profile)': Value error, rl.lora: base_model.dtype is bfloat16")
+    # two overrides that only together break a cross-field rule are named, not an unrelated third one
+    path = write(tmp_path, {"rl": {"lora": {"r": 4, "alpha": 8}}})
+    with pytest.raises(ConfigError) as err:
+        load_profile(path, ["run.seed=3", "base_model.dtype=bfloat16", "rl.lora=null", "evaluate.n_problems=5"])
+    assert str(err.value).startswith(
+        "--set base_model.dtype=bfloat16, --set rl.lora=null: field '(profile)': Value error, rl.lora: base_model"
+    )
     # each error on its own line, with its own origin
     path = write(tmp_path, {"rl": {"group_size": 1}})
     with pytest.raises(ConfigError) as err:
