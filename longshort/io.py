@@ -123,6 +123,32 @@ def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
+def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, and the folders that name them, to disk.
+
+    Call it on a folder written in full (a saved model, a checkpoint) before renaming it into place: the rename
+    is then the moment the folder becomes whole, also after a power cut, which without it can leave the new
+    name pointing at files whose data never reached the disk.
+    """
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder), os.O_RDONLY | os.O_DIRECTORY)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    _fsync_path(Path(path), os.O_RDONLY | os.O_DIRECTORY)
+
+
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Delete the temporary files that a killed ``atomic_write_bytes`` left under ``folder``; return them.
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from longshort.io import fault_point
+from longshort.io import fault_point, fsync_dir, fsync_tree
 
 CHECKPOINTS = "checkpoints"
 
@@ -53,8 +53,10 @@ def save_checkpoint(
     np_state = np.random.get_state()
     rng = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     (tmp / "state.json").write_text(json.dumps(state | {"rng": rng}))
+    fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)  # only when the same step is saved twice
     os.replace(tmp, final)
+    fsync_dir(root)
     fault_point(f"rl-checkpoint:{step}")
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -465,3 +465,37 @@ def _main(profile: str, workspace: str, summary_path: str, *overrides: str) -> N
 
 if __name__ == "__main__":
     _main(*sys.argv[1:])
+
+
+def test_a_checkpoint_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, tiny_model, demo_tokenizer, monkeypatch):
+    """save_checkpoint fsyncs every file it wrote, and their folders, while they still have their temporary
+    names, then the folder that gains the new name: after a power cut the name points at whole files or is absent."""
+    import torch
+
+    from longshort import io as lsio
+    from tasks import rl_checkpoint
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(lsio.os, "fsync", fsync)
+    monkeypatch.setattr(rl_checkpoint.os, "replace", replace)
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    final = rl_checkpoint.save_checkpoint(
+        tmp_path, 3, {"long": tiny_model}, {"long": demo_tokenizer}, {"long": opt}, {"step": 3}, keep=2
+    )
+    tmp = final.with_name(".tmp-step-000003")
+    renamed = events.index(("replace", str(tmp)))
+    synced = {path for kind, path in events[:renamed] if kind == "fsync"}
+    written = {str(tmp / p.relative_to(final)) for p in final.rglob("*")} | {str(tmp)}
+    assert written <= synced, sorted(written - synced)
+    assert {"state.json", "optim.pt", "model.safetensors"} <= {p.name for p in final.rglob("*")}
+    assert ("fsync", str(final.parent)) in events[renamed:]
