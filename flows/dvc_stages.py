@@ -43,13 +43,16 @@ def _record(data: Path, stage: str) -> StageRecord:
 
 
 def _inputs_key(name: str, cfg: Profile, data: Path) -> str:
-    """What a stage folder under ``data`` is made from: the profile, the splits' bytes, the upstream folders'
-    keys and the stage's code. A folder of other inputs is recomputed, not reused (``dvc repro`` removes its
+    """What a stage folder under ``data`` is made from: the profile, the splits' bytes, the local files the
+    stage reads by path (``flows.stages.file_digests``), the upstream folders' keys and the stage's code. A folder of other inputs is recomputed, not reused (``dvc repro`` removes its
     outputs first anyway; a manual ``longshort stage`` after a settings change does not)."""
     upstream = {s: r.key for s in DATA_STAGES[: DATA_STAGES.index(name)] if (r := StageRecord.load(data / s))}
     splits = {n: file_digest(data / n) for n in ("train.jsonl", "heldout.jsonl") if (data / n).is_file()}
     code = CODE_STAGES[name][0]
-    return stage_key(code, {"profile": cfg.model_dump(mode="json"), "splits": splits, "upstream": upstream})
+    inputs = {"profile": cfg.model_dump(mode="json"), "splits": splits, "upstream": upstream}
+    if files := st.file_digests(cfg).get(name):  # sft_base: its DeepSpeed file, a local base model folder
+        inputs["files"] = files
+    return stage_key(code, inputs)
 
 
 def require_dvc_data(cfg: Profile, params_file: Path, profile: str) -> None:

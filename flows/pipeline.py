@@ -31,6 +31,7 @@ from flows.stages import (
     cold_start_task,
     evaluate_base_task,
     evaluate_task,
+    file_digests,
     merge_scores_task,
     rl_task,
     score_shard_task,
@@ -42,8 +43,7 @@ from flows.stages import (
     track_task,
     version_data_task,
 )
-from longshort.config import Profile, RunConfig, load_profile, repo_file
-from longshort.io import tree_digest
+from longshort.config import Profile, RunConfig, load_profile
 from longshort.preflight import preflight
 from longshort.records import StageRecord
 
@@ -94,53 +94,6 @@ def _stage(task_fn: Any, stage: str, workspace: Path, key_extra: dict[str, str] 
 def _stage_key(stage: str, workspace: Path, key_extra: dict[str, str] | None, inputs: dict[str, Any]) -> str:
     """The key ``_stage`` runs a stage under: its inputs, the digests in ``key_extra`` and the workspace."""
     return stage_key(stage, {**inputs, **(key_extra or {}), "workspace": str(workspace)})
-
-
-def _local_dir_digest(name_or_path: str | None) -> dict[str, str]:
-    """``{"files": digest}`` of a model named by a local path (the rule ``load_pretrained`` uses: the path
-    exists), else nothing: a hub id is keyed by its config entry, the id and its ``revision``. Hashing reads
-    every byte, about 1 GB/s with a warm page cache (a 7B folder: 15-30 s per run); logged when slow."""
-    if not name_or_path or not Path(name_or_path).exists():
-        return {}
-    start = time.perf_counter()
-    digest = tree_digest(Path(name_or_path))
-    if (took := time.perf_counter() - start) > 5:
-        log.info("cache key: hashed the local model %s in %.0f s", name_or_path, took)
-    return {"files": digest}
-
-
-def _file_digests(cfg: Profile) -> dict[str, dict[str, str]]:
-    """Per stage, digests of the local files it reads by path, for its cache key (``_stage``'s ``key_extra``):
-    editing such a file in place recomputes what read it (and, through the upstream paths in their keys, what
-    follows). These are data.path and a local data.teacher model folder (synthesize), a local
-    base_model.name_or_path folder (sft_base, the one stage that loads it; later stages load sft_base's model),
-    local benchmark files or folders (evaluate) and the DeepSpeed config of sft_base, sft_long, sft_short and
-    baseline (the file the path names, resolved as the trainer resolves it). A hub dataset or model is keyed by
-    its config entry alone, the id and its ``revision`` (data.teacher has none): pin a commit if it may change."""
-    from tasks.benchmarks import is_local_source  # noqa: PLC0415
-
-    def deepspeed(path: str | None) -> dict[str, str]:
-        return {"deepspeed_file": tree_digest(Path(repo_file(path)))} if path else {}
-
-    data = {}
-    if cfg.data.path and Path(cfg.data.path).exists():  # the profile's paths come with ~ expanded
-        data["data_file"] = tree_digest(Path(cfg.data.path))
-    if cfg.data.source == "teacher":
-        data.update({f"teacher_{k}": v for k, v in _local_dir_digest(cfg.data.teacher).items()})
-    base = _local_dir_digest(cfg.base_model.name_or_path) if cfg.base_model.source == "pretrained" else {}
-    bench = {
-        f"benchmark_file:{b.source}": tree_digest(Path(b.source).expanduser())
-        for b in cfg.evaluate.benchmarks
-        if is_local_source(b.source) and Path(b.source).expanduser().exists()
-    }
-    return {
-        "synthesize": data,
-        "evaluate": bench,
-        "sft_base": {**deepspeed(cfg.sft_base.deepspeed), **{f"base_model_{k}": v for k, v in base.items()}},
-        "sft_long": deepspeed(cfg.sft_long.deepspeed),
-        "sft_short": deepspeed(cfg.sft_short.deepspeed),
-        "baseline": deepspeed(cfg.baseline.deepspeed),
-    }
 
 
 def _chunk_llm(cfg: Profile, base: StageRecord) -> dict[str, Any]:
@@ -236,7 +189,7 @@ def _run_stages(cfg: Profile, start: float) -> dict[str, Any]:
     """The stages of ``pipeline``, in order, then the MLflow run of the whole."""
     logger = get_run_logger()
     ws, seed, base_model = cfg.run.workspace.resolve(), cfg.run.seed, cfg.section_dump("base_model")
-    files = _file_digests(cfg)  # each stage's key_extra
+    files = file_digests(cfg)  # each stage's key_extra
 
     data = _stage(
         synthesize_task, "synthesize", ws, key_extra=files["synthesize"],

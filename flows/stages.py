@@ -38,6 +38,7 @@ from longshort.config import (
     ScoreConfig,
     SFTConfig,
     TokenizerConfig,
+    repo_file,
 )
 from longshort.memory import PeakRSS
 from longshort.io import ensure_dir, fault_point, file_lock, json_digest, remove_stale_temps, tree_digest, write_jsonl
@@ -249,6 +250,53 @@ def version_data_task(stages: list[str], expect: dict[str, str] | None = None) -
     digests = versioning.version_stages(stages, remote, expect=expect)
     get_run_logger().info("dvc: pushed %s to %s: %s", stages, remote.url, digests)
     return digests
+
+
+def _local_dir_digest(name_or_path: str | None) -> dict[str, str]:
+    """``{"files": digest}`` of a model named by a local path (the rule ``load_pretrained`` uses: the path
+    exists), else nothing: a hub id is keyed by its config entry, the id and its ``revision``. Hashing reads
+    every byte, about 1 GB/s with a warm page cache (a 7B folder: 15-30 s per run); logged when slow."""
+    if not name_or_path or not Path(name_or_path).exists():
+        return {}
+    start = time.perf_counter()
+    digest = tree_digest(Path(name_or_path))
+    if (took := time.perf_counter() - start) > 5:
+        _logger().info("cache key: hashed the local model %s in %.0f s", name_or_path, took)
+    return {"files": digest}
+
+
+def file_digests(cfg: Profile) -> dict[str, dict[str, str]]:
+    """Per stage, digests of the local files it reads by path, for its cache key (the flow's ``key_extra``, the
+    DVC stages' input keys): editing such a file in place recomputes what read it (and, through the upstream paths in their keys, what
+    follows). These are data.path and a local data.teacher model folder (synthesize), a local
+    base_model.name_or_path folder (sft_base, the one stage that loads it; later stages load sft_base's model),
+    local benchmark files or folders (evaluate) and the DeepSpeed config of sft_base, sft_long, sft_short and
+    baseline (the file the path names, resolved as the trainer resolves it). A hub dataset or model is keyed by
+    its config entry alone, the id and its ``revision`` (data.teacher has none): pin a commit if it may change."""
+    from tasks.benchmarks import is_local_source  # noqa: PLC0415
+
+    def deepspeed(path: str | None) -> dict[str, str]:
+        return {"deepspeed_file": tree_digest(Path(repo_file(path)))} if path else {}
+
+    data = {}
+    if cfg.data.path and Path(cfg.data.path).exists():  # the profile's paths come with ~ expanded
+        data["data_file"] = tree_digest(Path(cfg.data.path))
+    if cfg.data.source == "teacher":
+        data.update({f"teacher_{k}": v for k, v in _local_dir_digest(cfg.data.teacher).items()})
+    base = _local_dir_digest(cfg.base_model.name_or_path) if cfg.base_model.source == "pretrained" else {}
+    bench = {
+        f"benchmark_file:{b.source}": tree_digest(Path(b.source).expanduser())
+        for b in cfg.evaluate.benchmarks
+        if is_local_source(b.source) and Path(b.source).expanduser().exists()
+    }
+    return {
+        "synthesize": data,
+        "evaluate": bench,
+        "sft_base": {**deepspeed(cfg.sft_base.deepspeed), **{f"base_model_{k}": v for k, v in base.items()}},
+        "sft_long": deepspeed(cfg.sft_long.deepspeed),
+        "sft_short": deepspeed(cfg.sft_short.deepspeed),
+        "baseline": deepspeed(cfg.baseline.deepspeed),
+    }
 
 
 def chunk_llm(cfg: Profile, model_dir: str) -> dict[str, Any]:

@@ -103,29 +103,30 @@ def test_a_changed_stage_task_changes_that_stage_key_only(monkeypatch):
 
 def test_files_read_by_path_are_keyed_by_their_bytes(tmp_path):
     """Editing a traces file or a benchmark in place must recompute the stages that read it."""
-    from flows.pipeline import _file_digests
+    from flows.stages import file_digests
     from longshort.config import load_profile
 
-    assert not any(_file_digests(load_profile("demo")).values())  # nothing read by path: the demo's keys are as before
+    assert not any(file_digests(load_profile("demo")).values())  # nothing read by path: the demo's keys are as before
     traces, bench = tmp_path / "traces.jsonl", tmp_path / "mine.jsonl"
     traces.write_text('{"problem": "1+1", "answer": "2", "response": "<think>1+1=2</think> \\\\boxed{2}"}\n')
     bench.write_text('{"problem": "2+2", "answer": "4"}\n')
     overrides = ["data.source=traces", f"data.path={traces}", "cold_start.compressor=verbatim",
                  f"evaluate.benchmarks=[{{source: {bench}}}]"]  # fmt: skip
-    first = _file_digests(load_profile("smoke", overrides))
+    first = file_digests(load_profile("smoke", overrides))
     assert list(first["synthesize"]) == ["data_file"] and list(first["evaluate"]) == [f"benchmark_file:{bench}"]
     traces.write_text(traces.read_text().replace("1+1", "1 + 1"))
-    second = _file_digests(load_profile("smoke", overrides))
+    second = file_digests(load_profile("smoke", overrides))
     assert second["synthesize"] != first["synthesize"] and second["evaluate"] == first["evaluate"]
     bench.write_text('{"problem": "2+3", "answer": "5"}\n')
-    assert _file_digests(load_profile("smoke", overrides))["evaluate"] != first["evaluate"]
+    assert file_digests(load_profile("smoke", overrides))["evaluate"] != first["evaluate"]
 
 
 def _keys(profile, stages=("synthesize", "sft_base", "sft_long", "sft_short", "baseline", "evaluate")):
     """Each stage's key as the pipeline's ``_stage`` builds it, from the profile's sections and file digests."""
-    from flows.pipeline import _file_digests, _stage_key
+    from flows.pipeline import _stage_key
+    from flows.stages import file_digests
 
-    extra = _file_digests(profile)
+    extra = file_digests(profile)
     return {s: _stage_key(s, Path("ws"), extra.get(s), {"sections": profile.model_dump(mode="json")}) for s in stages}
 
 
@@ -169,11 +170,11 @@ def test_a_local_model_folder_overwritten_in_place_changes_the_keys_of_the_stage
 
 
 def test_a_hub_model_is_keyed_by_its_id_and_revision_alone():
-    from flows.pipeline import _file_digests
+    from flows.stages import file_digests
     from longshort.config import load_profile
 
     hub = ["base_model.source=pretrained", "base_model.name_or_path=Qwen/Qwen2.5-0.5B", "base_model.revision=abc123"]
-    assert not any(_file_digests(load_profile("smoke", hub)).values())  # nothing hashed, nothing fetched
+    assert not any(file_digests(load_profile("smoke", hub)).values())  # nothing hashed, nothing fetched
 
 
 def test_the_serving_temperature_is_in_no_stage_key():

@@ -88,6 +88,24 @@ def test_dvc_yaml_lists_the_code_of_every_stage_as_its_deps():
     assert {"tasks/chunking.py", "models/protocol.py", "longshort/io.py"} <= _code_deps("cold_start")
 
 
+def test_sft_base_is_keyed_by_the_content_of_its_deepspeed_file(tmp_path):
+    """dvc.yaml lists the shipped ZeRO configs as sft_base's deps, and a manual `longshort stage sft_base` after an
+    edit of the file its profile names recomputes (the stage's input key holds the file's digest, as the flow's does)."""
+    from flows.dvc_stages import _inputs_key
+    from longshort.config import load_profile
+
+    sft_base = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["sft_base"]
+    assert "infra/deepspeed" in sft_base["deps"]
+    zero = tmp_path / "zero2.json"
+    zero.write_text((REPO / "infra/deepspeed/zero2.json").read_text())
+    profile = load_profile("demo", [f"sft_base.deepspeed={zero}"])
+    first, chunk = _inputs_key("sft_base", profile, tmp_path), _inputs_key("chunk", profile, tmp_path)
+    assert _inputs_key("sft_base", profile, tmp_path) == first
+    zero.write_text(zero.read_text().replace("{", '{"gradient_clipping": 0.5,', 1))
+    assert _inputs_key("sft_base", profile, tmp_path) != first
+    assert _inputs_key("chunk", profile, tmp_path) == chunk  # it does not read the file (nor does its key)
+
+
 # `longshort stage` runs only on the splits dvc.yaml's synthesize stage wrote from params.yaml's `demo` section
 
 

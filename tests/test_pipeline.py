@@ -139,7 +139,7 @@ def test_dvc_repro_writes_the_same_bytes_as_the_flow(smoke_runs, tmp_path):
 
     work, first, _, _, _ = smoke_runs
     # dvc.yaml's deps: the code of every stage (tasks, models, flows, longshort), not only the data
-    for rel in ("dvc.yaml", "configs/smoke.yaml",
+    for rel in ("dvc.yaml", "configs/smoke.yaml", *(str(p.relative_to(REPO)) for p in REPO.glob("infra/deepspeed/*.json")),
                 *(str(p.relative_to(REPO)) for d in ("tasks", "models", "flows", "longshort") for p in REPO.glob(f"{d}/*.py"))):  # fmt: skip
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, tmp_path / rel)
