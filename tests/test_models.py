@@ -189,6 +189,36 @@ def test_sampling_from_two_threads_at_once_gives_what_each_gets_alone(tiny_model
         assert got == alone
 
 
+def test_a_multi_token_stop_is_built_once_per_backend_and_ends_the_turn_where_transformers_does(
+    demo_tokenizer, tiny_model, monkeypatch
+):
+    """generate(stop_strings=...) builds its criterion on every call, reading the whole vocabulary (1.3 s with
+    Qwen2.5's tokenizer); the backend builds it once per set of stops, and stops where generate's own does."""
+    import models.generation as gen
+
+    built = []
+
+    class Counted(gen.StopStringCriteria):
+        def __init__(self, *args, **kwargs):
+            built.append(args[1])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "StopStringCriteria", Counted)
+    backend = TransformersBackend(tiny_model, demo_tokenizer, batch_size=2, device="cpu")
+    prompts = [backend.chat_prompt("s", f"Start with {i}. Then (1) add {i + 1}.") for i in range(3)]
+    sampled = {"temperature": 1.0, "seed": 3}  # the untrained model's greedy text repeats one token
+    (free,) = backend.generate(prompts[:1], max_new_tokens=24, **sampled)[0]
+    ids, tok = list(free.token_ids), demo_tokenizer
+    k = next(i for i in range(2, 22) if tok.decode(ids[i : i + 2]) not in tok.decode(ids[: i + 1]))
+    multi = tok.decode(ids[k : k + 2])
+    assert backend._single_token_id(multi) is None
+    (cut,) = backend.generate(prompts[:1], max_new_tokens=24, stop=[multi], **sampled)[0]
+    assert cut.finish_reason == "stop" and cut.text.endswith(multi) and free.text.startswith(cut.text)
+    assert cut.token_ids == tuple(ids[: k + 2])  # at its first occurrence, as generate's own criterion stops
+    rows = backend.generate(prompts, max_new_tokens=24, stop=[multi])
+    assert len(rows) == 3 and built == [[multi]]  # one build for three calls (four batches)
+
+
 def test_a_stop_string_wins_over_the_padding_when_pad_is_eos(demo_tokenizer, tiny_model):
     """A tokenizer without a pad token gets pad = eos (Llama-3.1): a row that stopped on a multi-token stop
     string is then padded with "eos" while the batch goes on; that padding is not the model's token."""
