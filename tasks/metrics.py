@@ -165,8 +165,12 @@ def summarize(
     """One summary per (benchmark, system), sorted by benchmark then system.
 
     Each problem needs at least k samples: ``mean_at_k`` averages all of them, and
-    ``pass_at_k`` is the unbiased estimator from each problem's n samples. A warning
-    is logged when systems of one benchmark were run on different problems.
+    ``pass_at_k`` is the unbiased estimator from each problem's n samples; both weigh
+    each problem the same. The episode statistics (tokens, turns, well-formed share,
+    accuracy at a budget, lengths of correct and wrong episodes) average over episodes,
+    which is the same when every problem has the same number of samples, as the evaluate
+    stage gives; records with unequal counts weigh a problem by its samples there. A
+    warning is logged when systems of one benchmark were run on different problems.
     """
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     for i, r in enumerate(records):
