@@ -44,8 +44,9 @@ def _record(data: Path, stage: str) -> StageRecord:
 
 def _inputs_key(name: str, cfg: Profile, data: Path) -> str:
     """What a stage folder under ``data`` is made from: the profile, the splits' bytes, the local files the
-    stage reads by path (``flows.stages.file_digests``), the upstream folders' keys and the stage's code. A folder of other inputs is recomputed, not reused (``dvc repro`` removes its
-    outputs first anyway; a manual ``longshort stage`` after a settings change does not)."""
+    stage reads by path (``flows.stages.file_digests``), the upstream folders' keys and the stage's code. A
+    folder of other inputs is recomputed, not reused (``dvc repro`` removes its outputs first anyway; a manual
+    ``longshort stage`` after a settings change or an edit of such a file does not)."""
     upstream = {s: r.key for s in DATA_STAGES[: DATA_STAGES.index(name)] if (r := StageRecord.load(data / s))}
     splits = {n: file_digest(data / n) for n in ("train.jsonl", "heldout.jsonl") if (data / n).is_file()}
     code = CODE_STAGES[name][0]

@@ -267,8 +267,8 @@ def _local_dir_digest(name_or_path: str | None) -> dict[str, str]:
 
 def file_digests(cfg: Profile) -> dict[str, dict[str, str]]:
     """Per stage, digests of the local files it reads by path, for its cache key (the flow's ``key_extra``, the
-    DVC stages' input keys): editing such a file in place recomputes what read it (and, through the upstream paths in their keys, what
-    follows). These are data.path and a local data.teacher model folder (synthesize), a local
+    DVC stages' input keys): editing such a file in place recomputes what read it (and, through the upstream
+    paths in their keys, what follows). These are data.path and a local data.teacher model folder (synthesize), a local
     base_model.name_or_path folder (sft_base, the one stage that loads it; later stages load sft_base's model),
     local benchmark files or folders (evaluate) and the DeepSpeed config of sft_base, sft_long, sft_short and
     baseline (the file the path names, resolved as the trainer resolves it). A hub dataset or model is keyed by
