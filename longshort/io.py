@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import codecs
+import errno
 import fcntl
 import filecmp
 import hashlib
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -20,6 +22,7 @@ from typing import Any
 # ``atomic_write_bytes``, after the temporary file is written and before the rename), ``record:<stage>``
 # (a stage's record.json was just saved), ``rl-checkpoint:<step>`` (RL checkpoint ``step`` was just saved).
 FAULT_ENV = "LONGSHORT_FAULT_AFTER"
+log = logging.getLogger(__name__)
 # The temporary files of ``atomic_write_bytes``: ``.<name>.<random>.tmp`` next to the target.
 TEMP_GLOB = ".*.tmp"
 
@@ -123,10 +126,24 @@ def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
+# What fsync(2) of a folder returns on a filesystem that has no such operation (CIFS before Linux 4.17, SMB
+# shares on macOS, ...): the folder cannot be flushed there, which is not an error of the save (PostgreSQL, borg
+# and restic ignore the same codes). A file's fsync error, and EIO for a folder, stay errors.
+_FOLDER_SYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+_folder_sync_warned: set[int] = set()
+
+
 def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
     fd = os.open(path, flags)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if not flags & os.O_DIRECTORY or exc.errno not in _FOLDER_SYNC_UNSUPPORTED:
+            raise
+        if (dev := os.fstat(fd).st_dev) not in _folder_sync_warned:
+            _folder_sync_warned.add(dev)
+            log.warning("%s: this filesystem cannot flush folders (fsync: %s); a rename into it is durable "
+                        "only once the filesystem writes it back", path, exc.strerror)  # fmt: skip
     finally:
         os.close(fd)
 

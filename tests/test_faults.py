@@ -499,3 +499,43 @@ def test_a_checkpoint_reaches_the_disk_before_it_is_renamed_into_place(tmp_path,
     assert written <= synced, sorted(written - synced)
     assert {"state.json", "optim.pt", "model.safetensors"} <= {p.name for p in final.rglob("*")}
     assert ("fsync", str(final.parent)) in events[renamed:]
+
+
+def test_a_filesystem_that_cannot_flush_folders_still_saves_but_a_failed_file_flush_is_an_error(
+    tmp_path, tiny_model, demo_tokenizer, monkeypatch, caplog
+):
+    """fsync of a folder is EINVAL on some filesystems (CIFS before Linux 4.17; ENOTSUP on macOS SMB shares): the
+    save goes on with one warning per filesystem. A file that cannot be flushed (EIO) fails the save, as before."""
+    import errno
+    import stat
+
+    import torch
+
+    from longshort import io as lsio
+    from tasks import rl_checkpoint
+
+    real_fsync = os.fsync
+    fail = {"folder": errno.EINVAL, "file": None}
+
+    def fsync(fd: int) -> None:
+        kind = "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        if fail[kind] is not None:
+            raise OSError(fail[kind], os.strerror(fail[kind]))
+        real_fsync(fd)
+
+    monkeypatch.setattr(lsio.os, "fsync", fsync)
+    monkeypatch.setattr(lsio, "_folder_sync_warned", set())
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    models, toks, opts = {"long": tiny_model}, {"long": demo_tokenizer}, {"long": opt}
+    with caplog.at_level(logging.WARNING, logger="longshort.io"):
+        rl_checkpoint.save_checkpoint(tmp_path, 1, models, toks, opts, {"step": 1}, keep=3)
+        rl_checkpoint.save_checkpoint(tmp_path, 2, models, toks, opts, {"step": 2}, keep=3)
+    assert rl_checkpoint.last_checkpoint(tmp_path).name == "step-000002"
+    assert sum("cannot flush folders" in r.getMessage() for r in caplog.records) == 1  # once per filesystem
+    fail.update(folder=errno.EIO)  # a real I/O error on a folder is not "unsupported"
+    with pytest.raises(OSError, match="Input/output error"):
+        rl_checkpoint.save_checkpoint(tmp_path, 3, models, toks, opts, {"step": 3}, keep=3)
+    fail.update(folder=None, file=errno.EIO)
+    with pytest.raises(OSError, match="Input/output error"):
+        rl_checkpoint.save_checkpoint(tmp_path, 4, models, toks, opts, {"step": 4}, keep=3)
+    assert rl_checkpoint.last_checkpoint(tmp_path).name == "step-000002"  # the failed saves left no checkpoint
