@@ -761,6 +761,13 @@ def _blame(
     def named(keys: list[str]) -> str:
         return ", ".join(f"--set {items[k]}" for k in keys)
 
+    def _goes_away_without(key: str, e: Any) -> bool:
+        # and no other error comes instead: an override that repairs a field of the file also "removes" a
+        # cross-field error, which the field's error hid (the model's checks run once the fields are valid)
+        rest = errors_with([v for k, v in items.items() if k != key])
+        return _same_error(e) not in rest and rest <= all_errors
+
+    all_errors = {_same_error(e) for e in err.errors()}
     file_errors = errors_with([])
     origins = []
     for e in err.errors():
@@ -773,7 +780,7 @@ def _blame(
             origins.append(named(above))
         elif alone := [k for k in items if _same_error(e) in errors_with([items[k]])]:
             origins.append(named(alone))
-        elif needed := [k for k in items if _same_error(e) not in errors_with([v for j, v in items.items() if j != k])]:
+        elif needed := [k for k in items if _goes_away_without(k, e)]:
             origins.append(named(needed))
         else:
             under = [k for k in items if not field or f"{k}.".startswith(f"{field}.")]

@@ -208,6 +208,11 @@ def test_a_cross_field_error_is_blamed_on_the_file_or_override_that_causes_it(tm
     assert str(err.value).startswith(
         "--set base_model.dtype=bfloat16, --set rl.lora=null: field '(profile)': Value error, rl.lora: base_model"
     )
+    # an override that repairs the file's field is not to blame for the cross-field error it lets through
+    path = write(tmp_path, {"rl": {"group_size": 1, "lora": {"r": 4, "alpha": 8}}})
+    with pytest.raises(ConfigError) as err:
+        load_profile(path, ["run.seed=3", "rl.group_size=4", "base_model.dtype=bfloat16", "rl.lora=null"])
+    assert str(err.value).startswith("--set base_model.dtype=bfloat16, --set rl.lora=null: field '(profile)'")
     # each error on its own line, with its own origin
     path = write(tmp_path, {"rl": {"group_size": 1}})
     with pytest.raises(ConfigError) as err:
