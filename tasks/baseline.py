@@ -270,6 +270,7 @@ def train_truncation_baseline(
         )
         # The order is what a rerun relies on: the whole model (one rename), then the result file
         # (``finished_run`` takes it as the mark of a finished run), and only then the checkpoints go.
-        atomic_write_text(out_dir / RESULT_FILE, json.dumps({**asdict(out), "inputs": inputs}, indent=2))
-        retire_checkpoints(ckpt_dir)
+        if trainer.is_world_process_zero():  # one writer (under a multi-process launch, the others return)
+            atomic_write_text(out_dir / RESULT_FILE, json.dumps({**asdict(out), "inputs": inputs}, indent=2))
+            retire_checkpoints(ckpt_dir)
         return out

@@ -94,7 +94,8 @@ def save_trained(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, model_dir
 
     Under DeepSpeed ``trainer.save_model`` gathers ZeRO-3's sharded weights (the config's
     ``stage3_gather_16bit_weights_on_model_save``); ``save_pretrained`` on the wrapped model would
-    write empty placeholders. Only the main process writes. ``merge_lora`` folds LoRA adapters in.
+    write empty placeholders. Only the main process writes, and every process returns once it has.
+    ``merge_lora`` folds LoRA adapters in.
     """
     tmp = model_dir.with_name(model_dir.name + ".tmp")
     if trainer.is_world_process_zero():
@@ -110,6 +111,7 @@ def save_trained(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, model_dir
         shutil.rmtree(model_dir, ignore_errors=True)
         os.replace(tmp, model_dir)
         fsync_dir(model_dir.parent)
+    trainer.accelerator.wait_for_everyone()  # no process goes on (to retire the checkpoints) before the model is whole
 
 
 def run_train_loss(log_history: Sequence[Mapping[str, Any]]) -> float | None:
@@ -541,8 +543,9 @@ def train_sft(
         )
         # The order is what a rerun relies on: the whole model (one rename), its loss history, then the
         # result file (``finished_run`` takes it as the mark of a finished run), and only then the checkpoints go.
-        atomic_write_text(out_dir / "loss_history.json", json.dumps(history.history))
-        atomic_write_text(out_dir / "sft_result.json", json.dumps({**asdict(out), "inputs": inputs}, indent=2))
-        retire_checkpoints(ckpt_dir)
+        if trainer.is_world_process_zero():  # one writer (under a multi-process launch, the others return)
+            atomic_write_text(out_dir / "loss_history.json", json.dumps(history.history))
+            atomic_write_text(out_dir / "sft_result.json", json.dumps({**asdict(out), "inputs": inputs}, indent=2))
+            retire_checkpoints(ckpt_dir)
         return out
 
