@@ -122,7 +122,8 @@ def test_files_read_by_path_are_keyed_by_their_bytes(tmp_path):
 
 
 def _keys(profile, stages=("synthesize", "sft_base", "sft_long", "sft_short", "baseline", "evaluate")):
-    """Each stage's key as the pipeline's ``_stage`` builds it, from the profile's sections and file digests."""
+    """Each stage's key from the parts the flow's ``_stage`` builds it of: its inputs (here the whole profile) and
+    its file digests (that the flow passes them is test_the_flow_passes_each_stage_its_file_digests_and_section_dumps)."""
     from flows.pipeline import _stage_key
     from flows.stages import file_digests
 
@@ -188,3 +189,30 @@ def test_the_serving_temperature_is_in_no_stage_key():
         assert other.section_dump("generation") == base.section_dump("generation"), change
     assert load_profile("qwen2.5-7b", ["evaluate.temperature=0.9"]).generation.temperature == 0.9  # still served so
     assert load_profile("qwen2.5-7b", ["generation.batch_size=8"]).section_dump("generation") != base.section_dump("generation")
+
+
+def test_the_flow_passes_each_stage_its_file_digests_and_section_dumps():
+    """The tests above check the digests and sections the keys are made of; this one checks that the flow hands
+    them to its stages: every `_stage(...)` call of a stage that reads files by path passes `key_extra=files[<its
+    name>]`, and no stage gets a section as `model_dump` (which keys on serving-only fields) instead of
+    `section_dump`. (Before: dropping a key_extra from flows/pipeline.py left every caching test green.)"""
+    import ast
+    import inspect
+
+    from flows import pipeline
+    from flows.stages import file_digests
+    from longshort.config import load_profile
+
+    tree = ast.parse(inspect.getsource(pipeline._run_stages))
+    calls = [c for c in ast.walk(tree) if isinstance(c, ast.Call) and getattr(c.func, "id", None) == "_stage"]
+    extras = {}
+    for call in calls:
+        stage = ast.unparse(call.args[1])  # "'sft_base'", or "f'sft_{role}'" for sft_long and sft_short
+        dumps = [n for n in ast.walk(call) if isinstance(n, ast.Attribute) and n.attr == "model_dump"]
+        assert not dumps, f"{stage}: passes a model_dump, not section_dump"
+        extra = next((k.value for k in call.keywords if k.arg == "key_extra"), None)
+        if extra is not None:
+            assert ast.unparse(extra) == f"files[{stage}]", (stage, ast.unparse(extra))
+            extras[stage] = extra
+    stages = {eval(s, {}, {"role": r}) for s in extras for r in ("long", "short")}  # noqa: S307 - our own literals
+    assert stages == set(file_digests(load_profile("smoke")))  # every stage that reads files by path gets them
