@@ -33,6 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# The checkout under test, first, for this process and every child (the kill -9 pipelines, the `longshort`
+# command, dvc repro's stages): with a copy of the package installed elsewhere, a child would run that copy.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 # Property tests draw the same examples on every run and write no .hypothesis/ database;
 # a test's own @settings(max_examples=...) still applies on top of this profile.
@@ -46,6 +49,16 @@ SERVICE_ENV_PREFIXES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_S3
 
 def service_env_names() -> list[str]:
     return [k for k in os.environ if k.startswith(SERVICE_ENV_PREFIXES)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_import_this_checkout() -> None:
+    import importlib.util
+
+    for package in ("flows", "longshort", "models", "tasks"):
+        spec = importlib.util.find_spec(package)
+        where = Path(next(iter(spec.submodule_search_locations))).resolve().parent if spec else None
+        assert where == REPO, f"{package} is imported from {where}, not the checkout {REPO}: run pytest from the checkout"
 
 
 @pytest.fixture(scope="session", autouse=True)
