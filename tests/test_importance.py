@@ -178,3 +178,41 @@ def test_greedy_scores_do_not_depend_on_prefix_sharing(trained_tiny, demo_rows_s
     traces = _traces(demo_rows_small[1][:1])
     cfg = ScoreConfig(n_rollouts=2, temperature=0.0, max_new_tokens=16)
     assert score_traces(backend, traces, cfg) == score_traces(backend, traces, cfg, prefix="separate")
+
+
+class _KeyThought:
+    """A scripted rollout model: a rollout is right exactly when its prefix holds the thought "KEY", so acc_k,
+    the prefix/rollout alignment, the answer probe and the reference decide every number below."""
+
+    def chat_prompt(self, system, user):
+        return f"[{user}]"
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def generate(self, prompts, *, n=1, **kwargs):
+        from models.generation import Completion
+
+        out = []
+        for p in prompts:  # the answer probe "<answer>\boxed{" ends the prompt: the completion closes it
+            right = "KEY" in p.split("]", 1)[1]
+            answer = p[1 : p.index("]")].split("=")[1] if right else "0"
+            out.append([Completion(f"{answer}}}</answer>", 3, "stop")] * n)
+        return out
+
+
+def test_acc_follows_the_prefix_that_holds_the_key_thought():
+    """DESIGN §3 by hand: s_k = acc_k·δ(c_k) − acc_{k−1}·δ(c_{k−1}), δ(c) = exp(−c / L_δ); two traces in one shard."""
+    traces = [
+        {"id": "a", "problem": "x=7", "answer": "7", "thoughts": ["one two\n\n", "KEY three\n\n", "four"]},
+        {"id": "b", "problem": "x=5", "answer": "5", "thoughts": ["KEY\n\n", "six seven"]},
+    ]
+    cfg = ScoreConfig(n_rollouts=2, L_delta=10.0, answer_probe="<answer>\\boxed{", shard_size=2)
+    a, b = score_traces(_KeyThought(), traces, cfg)
+    assert a.acc == [0.0, 0.0, 1.0, 1.0] and b.acc == [0.0, 1.0, 1.0]
+    assert a.context_tokens == [0, 2, 4, 5] and b.context_tokens == [0, 1, 3]
+    d = lambda c: math.exp(-c / 10.0)  # noqa: E731
+    assert a.importance == pytest.approx([0.0, d(4), d(5) - d(4)])
+    assert b.importance == pytest.approx([d(1), d(3) - d(1)])
+    wrong = [{**traces[0], "answer": "8"}]  # a wrong reference makes every rollout wrong
+    assert score_traces(_KeyThought(), wrong, cfg)[0].acc == [0.0] * 4

@@ -122,6 +122,12 @@ def test_summarize_one_dict_per_benchmark_and_system() -> None:
     assert ls["turns"] == {"mean": pytest.approx((1 + 2 + 3 + 4 + 4 * 2) / 8), "max": 4,
                            "counts": {"1": 1, "2": 5, "3": 1, "4": 1}}  # fmt: skip
     assert ls["budget_accuracy"] == [{"budget": 256, "accuracy": 0.25}, {"budget": 8192, "accuracy": 0.25}]
+    # lengths of correct and wrong episodes, long + short tokens: correct 110, 210; wrong 310, 410 and 4 × 55
+    length = ls["length"]
+    assert length["all"]["n"] == 8 and length["all"]["mean"] == pytest.approx(1260 / 8)
+    assert length["correct"]["n"] == 2 and length["correct"]["mean"] == pytest.approx(160.0)
+    assert length["wrong"]["n"] == 6 and length["wrong"]["mean"] == pytest.approx((310 + 410 + 4 * 55) / 6)
+    assert sum(length["histogram"]["correct"]) == 2 and sum(length["histogram"]["wrong"]) == 6
     long = out[1]
     assert long["mean_at_k"] == 1.0 and long["budget_accuracy"][0]["accuracy"] == 0.0
     assert long["problems_digest"] == ls["problems_digest"]

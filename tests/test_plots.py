@@ -64,3 +64,27 @@ def test_results_markdown_has_one_table_per_benchmark(summary: list[dict]) -> No
 
 def test_results_json_is_stable(summary: list[dict]) -> None:
     assert results_json(summary) == results_json(json.loads(results_json(summary)))
+
+
+def test_figures_draw_the_summary_numbers(summary: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PNGs hold the summary's numbers (axes and labels alone make a large PNG): each system's budget curve,
+    its correct/wrong length histogram and its Pareto point."""
+    import tasks.plots as plots
+
+    figs, real = {}, plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.setdefault(path.name, fig) and real(fig, path))
+    plots.write_plots(summary, tmp_path)
+    rows = {s["system"]: s for s in summary if s["benchmark"] == "math500"}
+    assert len(rows) >= 2
+    budget = {line.get_label(): line for line in figs["math500_budget.png"].axes[0].lines}
+    for name, s in rows.items():
+        assert list(budget[name].get_xdata()) == [p["budget"] for p in s["budget_accuracy"]]
+        assert list(budget[name].get_ydata()) == pytest.approx([100 * p["accuracy"] for p in s["budget_accuracy"]])
+    panels = {ax.get_title(): ax for ax in figs["math500_lengths.png"].axes if ax.get_visible()}
+    for name, s in rows.items():
+        correct, wrong = panels[name].containers  # two bar containers: correct, then wrong
+        assert [b.get_height() for b in correct] == s["length"]["histogram"]["correct"]
+        assert [b.get_height() for b in wrong] == s["length"]["histogram"]["wrong"]
+    points = {c.get_label(): tuple(c.get_offsets()[0]) for c in figs["math500_pareto.png"].axes[0].collections}
+    for name, s in rows.items():
+        assert points[name] == pytest.approx((s["mean_tokens"], 100 * s["mean_at_k"]))

@@ -78,6 +78,10 @@ def test_registry_and_group_split():
     assert efficiency_reward("truncation", correct, lengths, group_size=2, length_target=20, alpha=0.5) == [
         1.0, 0.0, 0.0, 0.0,
     ]  # fmt: skip
+    # the names the config uses reach their formulas: laser = c·(1 + α[L < L_T]); laser-d adds α[wrong, L ≥ L_T]
+    three = ([True, False, False], [10, 30, 5])
+    assert efficiency_reward("laser", *three, group_size=1, length_target=20, alpha=0.5) == [1.5, 0.0, 0.0]
+    assert efficiency_reward("laser-d", *three, group_size=1, length_target=20, alpha=0.5) == [1.5, 0.5, 0.0]
 
 
 def test_combined_reward_weights_by_hand():
