@@ -115,6 +115,22 @@ def test_huge_line_is_refused_without_reading_it_whole(tmp_path):
     assert [row for _, row in iter_jsonl(path, max_line_bytes=len(b'{"a": "yyyyyyyyyy"}'))] == [{"a": "y" * 10}]
     with pytest.raises(DataError, match="longer than the limit of 18 bytes"):
         list(iter_jsonl(path, max_line_bytes=18))
+    # "without reading it whole": a 256 MiB line (a sparse file, no disk used) under a 1 KiB limit allocates
+    # about the limit, not the line
+    import tracemalloc
+
+    sparse = tmp_path / "no-newline.jsonl"
+    with open(sparse, "wb") as f:
+        f.write(b'{"problem": "')
+        f.truncate(256 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="longer than the limit of 1024 bytes"):
+            list(iter_jsonl(sparse, max_line_bytes=1024))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
 
 
 # --- configs: unknown keys and out-of-range values are in tests/test_config.py; here the cases it lacks

@@ -100,6 +100,35 @@ def test_easy_problems_samples_the_model_for_each_problem(trained_tiny, demo_row
     assert kept == [] and rates == {p["id"]: 0.0 for p in impossible}
 
 
+def test_easy_problems_keeps_those_solved_more_than_half_the_time(tiny_model, demo_tokenizer, demo_rows_small):
+    """`samples` draws per problem at the filter's temperature; a problem is kept when its pass rate is > 0.5 (the
+    real backend samples, then each problem's draws are replaced by answers right 2, 1 and 0 times of 2)."""
+    from dataclasses import replace
+
+    from models.protocol import format_response
+
+    train, _ = demo_rows_small
+    problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in train[:3]]
+    backend, calls = TransformersBackend(tiny_model, demo_tokenizer, device="cpu"), []
+    real_generate = backend.generate
+
+    def generate(prompts, **kwargs):
+        calls.append(kwargs)
+        outs = real_generate(prompts, **kwargs)
+        right = {0: 2, 1: 1, 2: 0}
+        return [
+            [replace(c, text=format_response("x", f"\\boxed{{{p['answer'] if j < right[i] else '-999'}}}")) for j, c in enumerate(out)]
+            for i, (p, out) in enumerate(zip(problems, outs, strict=True))
+        ]  # fmt: skip
+
+    backend.generate = generate
+    kept, rates = easy_problems(backend, problems, samples=2, temperature=1.0, max_new_tokens=8, seed=3)
+    assert rates == {problems[0]["id"]: 1.0, problems[1]["id"]: 0.5, problems[2]["id"]: 0.0}
+    assert kept == problems[:1]  # 0.5 is not more than half
+    (call,) = calls
+    assert call["n"] == 2 and call["temperature"] == 1.0 and call["max_new_tokens"] == 8 and call["seed"] == 3
+
+
 def test_grpo_run_saves_a_model_and_logs_each_step(base_format_tiny, demo_rows_small, tmp_path: Path):
     model, tok = load_model(ModelConfig(), path=base_format_tiny)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -260,8 +260,10 @@ def test_model_compressor_makes_valid_episodes_in_one_batched_call(demo_rows_sma
     n_unimportant = sum(s < cfg.theta for r in rows for s in r["importance"])
     assert calls == [n_unimportant]
     assert stats.n_episodes == 4 and stats.n_short == len(d_short) == 8
-    for rows_of_episode in episodes_of(d_long, d_short).values():
-        parse_transcript(TURN_SEP.join(r["completion"] for r in rows_of_episode))
+    answers = {r["id"]: r["answer"] for r in rows}
+    for pid, rows_of_episode in episodes_of(d_long, d_short).items():
+        parsed = parse_transcript(TURN_SEP.join(r["completion"] for r in rows_of_episode))
+        assert parsed[-1].kind == "final" and parsed[-1].answer == answers[pid]  # the teacher's answer survives
     assert clean_terse("<think>\nhm\n</think>\n<answer>a </rethink>b") == "a b"
 
 

@@ -245,7 +245,7 @@ def test_a_shard_still_running_when_its_block_ends_keeps_its_backend_until_it_is
         with stages._shard_backend(**model) as backend:
             seen["running"] = backend
             inside.set()
-            leave.wait(5)
+            assert leave.wait(60)
         seen["after"] = list(closed)
 
     with stages.shared_shard_backends():
@@ -255,7 +255,7 @@ def test_a_shard_still_running_when_its_block_ends_keeps_its_backend_until_it_is
 
         worker = threading.Thread(target=contextvars.copy_context().run, args=(shard,))  # as Prefect's thread runner
         worker.start()
-        inside.wait(5)
+        assert inside.wait(60)
         outsider = []
         other = threading.Thread(target=lambda: outsider.append(stages._SHARD_POOL.get()))  # no copied context
         other.start()

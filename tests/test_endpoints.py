@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import http.server
 import logging
+import socket
 import threading
+from collections.abc import Iterator
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import free_port
 from longshort.cli import app
 from longshort.config import ConfigError, load_profile
 from longshort.endpoints import RetryPolicy, ServiceUnavailable, display_url, require_reachable, retry
@@ -40,8 +41,12 @@ def attempts(caplog):
 
 
 @pytest.fixture()
-def dead_url() -> str:
-    return f"http://127.0.0.1:{free_port()}"
+def dead_url() -> Iterator[str]:
+    """A port bound for the whole test but not listening: a connection is refused, and no server started
+    meanwhile (another test's, another process's) can take the port."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
 
 
 def test_policy_defaults_env_and_backoff():

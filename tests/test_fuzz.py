@@ -129,3 +129,21 @@ def test_loaders_return_rows_or_a_data_error(fuzz_dir, content):
             assert str(exc).startswith(str(path)), exc
         else:
             assert items and all(isinstance(getattr(i, "answer", None) or i["answer"], str) for i in items)
+
+
+# The fuzzed files above are nearly always refused (a random row lacks a problem or an answer): well-formed
+# files must be read back row for row.
+nonblank = st.text(min_size=1, max_size=20).filter(lambda s: s.strip() and "\x00" not in s)
+valid_row = st.fixed_dictionaries({"problem": nonblank, "answer": nonblank | st.integers(-(10**6), 10**6)})
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(valid_row, min_size=1, max_size=4))
+def test_well_formed_rows_are_all_read(fuzz_dir, rows):
+    path = fuzz_dir / "ok.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_benchmark(str(path))
+    assert [it.problem for it in items] == [r["problem"] for r in rows]
+    assert [it.answer for it in items] == [str(r["answer"]).strip() for r in rows]  # answers are stripped
+    got = load_problems(DataConfig(source="teacher", path=str(path), teacher="t"), need_response=False)
+    assert [g["problem"] for g in got] == [r["problem"] for r in rows]
