@@ -155,9 +155,13 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
 
 
 def stop_pid(proc: subprocess.Popen, timeout_s: float = 20) -> None:
-    if proc.poll() is not None:
+    """Stop a process started in its own session, and what it started: also when it has exited itself and left
+    children behind (its group lives on while they do)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # the group is gone: nothing of it is left
+        proc.wait()
         return
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -171,9 +171,9 @@ def test_a_stage_folder_removed_by_hand_is_computed_again(smoke_runs):
     from longshort.records import StageRecord
 
     work, _, _, _, rl = smoke_runs
-    evaluations = work / "workspace" / "artifacts" / "evaluate"  # artifacts/<stage>/<key16>, one per rl setting
-    for folder in [d for d in evaluations.iterdir() if d.is_dir()]:  # the stage lock files beside them stay
-        shutil.rmtree(folder)
+    folder = Path(rl["stage_dirs"]["evaluate"])  # artifacts/evaluate/<key16>; the other runs' folders stay
+    others = sorted(d for d in folder.parent.iterdir() if d.is_dir() and d != folder)
+    shutil.rmtree(folder)  # the stage lock file beside it stays
     old = os.getcwd()
     os.chdir(work)
     try:
@@ -181,7 +181,8 @@ def test_a_stage_folder_removed_by_hand_is_computed_again(smoke_runs):
     finally:
         os.chdir(old)
     assert again["recomputed"] == ["evaluate"] and again["metrics"] == rl["metrics"]
-    assert [StageRecord.load(d) is not None for d in evaluations.iterdir() if d.is_dir()] == [True]
+    assert Path(again["stage_dirs"]["evaluate"]) == folder and StageRecord.load(folder) is not None
+    assert sorted(d for d in folder.parent.iterdir() if d.is_dir() and d != folder) == others
 
 
 def test_a_failed_run_is_an_mlflow_run_naming_the_stage_and_error(smoke_runs):

@@ -209,7 +209,7 @@ def test_the_cold_start_data_are_in_the_checkpoints_protocol_shape(real_run, hub
         assert turns[-1].kind == "final" and turns[-1].answer == answers[row["problem"]]
 
 
-def test_evaluation_counts_this_tokenizers_tokens_and_the_registered_pair_answers(real_run):
+def test_evaluation_records_every_system_and_the_registered_pair_answers(real_run):
     import mlflow
     import pandas as pd
 

@@ -111,7 +111,9 @@ def test_register_pair_links_three_versions_to_the_run(store, trained_tiny, meas
     assert (second["run_id"], second["stage_note"], second["pair.long_version"]) == (again.run_id, "second", "1")
 
 
-def test_pyfunc_pair_answers_like_the_protocol(store, trained_tiny, measured, heldout):
+def test_the_registered_pyfunc_pair_answers_as_the_pair_it_was_built_from(store, trained_tiny, measured, heldout):
+    """The MLflow round trip: the pair loaded back as a pyfunc model gives LongShortPair.solve's episodes (the
+    protocol itself is tested in tests/test_protocol.py and tests/test_pair.py)."""
     import mlflow
     import pandas as pd
 

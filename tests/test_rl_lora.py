@@ -132,9 +132,10 @@ def test_sliced_log_probs_of_the_reference_run_with_the_adapters_off(protocol_pa
     mask = mask[:, 1:]
     expected, _ = _token_logps(start, ids, attn, 0.7)
     wrapped = get_peft_model(load_model(ModelConfig(), path=protocol_pair)[0], rl.peft_lora(LORA))
+    seeded = torch.Generator().manual_seed(0)
     for name, param in wrapped.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)  # adapters that change the outputs
+            torch.nn.init.normal_(param, std=0.5, generator=seeded)  # adapters that change the outputs
     monkeypatch.setattr(rl, "_FULL_LOGITS_MAX_BYTES", 0)
     with torch.no_grad():
         ref, _ = _token_logps(rl._AdaptersOff(wrapped), ids, attn, 0.7, mask)

@@ -10,8 +10,9 @@ from the run's model registers, promotes (and is refused when it should be) and
 is served by `mlflow models serve`, and that the S3 secret leaked nowhere.
 Everything is stopped by its PID at the end, also when a test fails.
 
-The pipeline does not train a short model yet: the pair uses the run's long-CoT
-model in both roles, which exercises the registry and serving mechanics honestly.
+The pipeline registers its own trained pair (checked below); the two candidates that
+the promotion tests compare are built from the run's long-CoT model in both roles with
+two turn budgets, so that one is measurably cheaper than the other.
 """
 
 from __future__ import annotations
