@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -149,30 +149,60 @@ def evaluate(profile: ProfileOpt = "demo", set_: SetOpt = None) -> None:
 @app.command()
 def solve(
     problem: Annotated[str, typer.Argument(help="the problem text")],
-    long: Annotated[Path, typer.Option(help="long-thought model: a local folder")],
-    short: Annotated[Path, typer.Option(help="short-thought model: a local folder")],
+    long: Annotated[Optional[Path], typer.Option(help="long-thought model: a local folder (with --short)")] = None,
+    short: Annotated[Optional[Path], typer.Option(help="short-thought model: a local folder (with --long)")] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="a registered pair, e.g. models:/longshort-pair/3 (default without folders: "
+                          "longshort-pair@production, else the newest version)"),
+    ] = None,  # fmt: skip
     profile: ProfileOpt = "demo",
     set_: SetOpt = None,
 ) -> None:
     """Solve one problem with a long-thought and a short-thought model, printing each turn.
 
-    Decoding follows the profile's ``generation.temperature`` (by default its ``evaluate.temperature``; greedy at 0),
-    ``generation.top_p`` and ``run.seed``, as the served pair does.
+    Without --long/--short it runs a registered pair from the profile's MLflow registry (as ``compare`` finds it),
+    decoded with the settings registered with it, as the served pair answers. With folders, decoding follows the
+    profile's ``generation.temperature`` (by default its ``evaluate.temperature``; greedy at 0),
+    ``generation.top_p`` and ``run.seed``.
     """
     from longshort.config import ConfigError, load_profile  # noqa: PLC0415
-    from models.generation import close_backend, make_pair_backends  # noqa: PLC0415
-    from models.protocol import run_episodes  # noqa: PLC0415
 
     try:
         cfg = load_profile(profile, set_)
         if not problem.strip():
             raise ConfigError("the problem text is empty")
+        if (long is None) != (short is None):
+            raise ConfigError("--long and --short go together (or give neither, to run a registered pair)")
+        if long is not None and model is not None:
+            raise ConfigError("give --long and --short, or --model, not both")
         for option, folder in (("--long", long), ("--short", short)):
-            if not folder.is_dir():
+            if folder is not None and not folder.is_dir():
                 raise ConfigError(f"{option} {folder}: no such folder (a saved model with its tokenizer)")
     except ConfigError as exc:
         _fail(exc)
+    if long is None:
+        episode = _solve_registered(problem, model, profile, set_)
+    else:
+        episode = _solve_folders(problem, long, short, cfg)
+    for k, turn in enumerate(episode.turns, start=1):
+        style = "cyan" if turn.role == "long" else "green"
+        console.rule(f"turn {k} · {turn.role} · {turn.n_tokens} tokens", style=style)
+        console.print(turn.text, markup=False, highlight=False)
+    console.rule()
+    console.print(
+        f"answer: {episode.answer}   stop: {episode.stop_reason}   "
+        f"tokens: long {episode.tokens('long')} + short {episode.tokens('short')} = {episode.tokens()}"
+    )
+    if episode.error:
+        console.print(f"[yellow]protocol error:[/] {episode.error}")
+
+
+def _solve_folders(problem: str, long: Path, short: Path, cfg: Any) -> Any:
+    from longshort.config import ConfigError  # noqa: PLC0415
     from models.factory import ModelLoadError  # noqa: PLC0415
+    from models.generation import close_backend, make_pair_backends  # noqa: PLC0415
+    from models.protocol import run_episodes  # noqa: PLC0415
 
     seed = cfg.run.seed
     try:
@@ -200,17 +230,37 @@ def solve(
         )
     close_backend(long_backend)
     close_backend(short_backend)
-    for k, turn in enumerate(episode.turns, start=1):
-        style = "cyan" if turn.role == "long" else "green"
-        console.rule(f"turn {k} · {turn.role} · {turn.n_tokens} tokens", style=style)
-        console.print(turn.text, markup=False, highlight=False)
-    console.rule()
-    console.print(
-        f"answer: {episode.answer}   stop: {episode.stop_reason}   "
-        f"tokens: long {episode.tokens('long')} + short {episode.tokens('short')} = {episode.tokens()}"
-    )
-    if episode.error:
-        console.print(f"[yellow]protocol error:[/] {episode.error}")
+    return episode
+
+
+def _solve_registered(problem: str, model: str | None, profile: str, set_: list[str] | None) -> Any:
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+    from longshort import registry  # noqa: PLC0415
+    from longshort.config import ConfigError  # noqa: PLC0415
+    from longshort.endpoints import ServiceUnavailable  # noqa: PLC0415
+    from models.factory import ModelLoadError  # noqa: PLC0415
+    from models.pair import LongShortPair  # noqa: PLC0415
+
+    try:
+        client = registry.client_for_profile(profile, set_)
+        uri, what = registry.pair_to_solve(client, model)
+        with console.status(f"fetching {what}"):
+            long, short, settings = registry.pair_files(uri)
+    except (ConfigError, registry.RegistryError, ServiceUnavailable, MlflowException) as exc:
+        _fail(exc)
+    console.print(f"pair: {what}", highlight=False)
+    try:
+        with console.status("loading models"):
+            pair = LongShortPair().load(long, short, settings)
+    except (ValueError, ModelLoadError, OSError) as exc:  # ConfigError is a ValueError
+        _fail(exc)
+    try:
+        with console.status("solving"):
+            (episode,) = pair.solve([problem])
+    finally:
+        pair.close()
+    return episode
 
 
 @app.command()

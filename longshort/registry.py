@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -400,6 +401,40 @@ def latest_candidate(client: MlflowClient | None = None) -> Snapshot:
     if not versions:
         raise RegistryError(f"no version of {PAIR_MODEL} is registered")
     return _snapshot(client, max(versions, key=lambda v: int(v.version)))
+
+
+def pair_to_solve(client: MlflowClient, model: str | None = None) -> tuple[str, str]:
+    """The registered pair ``longshort solve`` runs when it is given no model folders, and how to name it: ``model``
+    (a ``models:/`` URI) as given; else ``longshort-pair@production``; else the newest version, which a pipeline
+    run registers before anyone promotes it."""
+    if model:
+        return model, model
+    current = production(client)
+    if current is not None:
+        return f"models:/{PAIR_MODEL}/{current.version}", f"{PAIR_MODEL} v{current.version} (@{PRODUCTION})"
+    newest = latest_candidate(client)
+    return f"models:/{PAIR_MODEL}/{newest.version}", f"{PAIR_MODEL} v{newest.version} (the newest; no @{PRODUCTION} yet)"
+
+
+def pair_files(uri: str) -> tuple[Path, Path, Path]:
+    """The long and short model folders and the settings file of the registered pair at ``uri`` (``models:/...``).
+
+    A local store's files are used where they are; a remote one's (S3, an MLflow server) are downloaded to a
+    temporary folder first."""
+    from models.pair import CONFIG_ARTIFACT, LONG_ARTIFACT, SHORT_ARTIFACT  # noqa: PLC0415
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except MlflowException as exc:
+        raise RegistryError(f"{uri}: {exc.message}") from None
+    try:
+        meta = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))
+        files = meta["flavors"]["python_function"]["artifacts"]
+        paths = tuple(local / files[name]["path"] for name in (LONG_ARTIFACT, SHORT_ARTIFACT, CONFIG_ARTIFACT))
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise RegistryError(f"{uri}: not a Long⊗Short pair (its MLmodel names no long, short and {CONFIG_ARTIFACT} "
+                            f"artifacts: {type(exc).__name__} {exc})") from None  # fmt: skip
+    return paths  # type: ignore[return-value]
 
 
 # What MLflow 3 raises when the alias lookup finds nothing: the SQL and file stores raise

@@ -133,6 +133,36 @@ def test_the_registered_pyfunc_pair_answers_as_the_pair_it_was_built_from(store,
         model.predict(pd.DataFrame({"question": ["1+1"]}))
 
 
+def test_solve_without_folders_runs_the_registered_pair(store, trained_tiny, measured, heldout, monkeypatch):
+    """`longshort solve PROBLEM` runs @production, else the newest pair version (what a pipeline run registers),
+    with the settings registered with it: the same episode as the pair it was built from."""
+    from longshort import registry
+
+    metrics, episodes = measured
+    first = _register(trained_tiny, metrics, "candidate-1")
+    second = _register(trained_tiny, {**metrics, "pair_mean_tokens": metrics["pair_mean_tokens"] + 1}, "candidate-2")
+    problem, episode = heldout[0]["problem"], episodes[0]
+    result = _cli(store, monkeypatch, "solve", problem)
+    assert result.exit_code == 0, result.output
+    assert "pair: longshort-pair v2 (the newest; no @production yet)" in result.output
+    summary = f"answer: {episode.answer}   stop: {episode.stop_reason}   "
+    summary += f"tokens: long {episode.tokens('long')} + short {episode.tokens('short')} = {episode.tokens()}"
+    assert summary in result.output
+    assert result.output.count(" tokens ─") == len(episode.turns)  # one rule per turn
+    registry.promote(first.run_id, client=store)
+    assert "pair: longshort-pair v1 (@production)" in _cli(store, monkeypatch, "solve", problem).output
+    named = _cli(store, monkeypatch, "solve", problem, "--model", f"models:/longshort-pair/{second.pair}")
+    assert f"pair: models:/longshort-pair/{second.pair}" in named.output and summary in named.output
+    for args, message in (
+        (["--model", "models:/longshort-pair/9"], "models:/longshort-pair/9: Model Version"),
+        (["--model", "models:/longshort-long/1"], "not a Long⊗Short pair"),
+        (["--long", trained_tiny], "--long and --short go together"),
+        (["--long", trained_tiny, "--short", trained_tiny, "--model", "models:/longshort-pair/1"], "not both"),
+    ):
+        failed = _cli(store, monkeypatch, "solve", problem, *args)
+        assert failed.exit_code == 2 and message in failed.output, (args, failed.output)
+
+
 def test_pair_input_forms():
     import pandas as pd
 
