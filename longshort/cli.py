@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -242,24 +243,31 @@ def _solve_registered(problem: str, model: str | None, profile: str, set_: list[
     from models.factory import ModelLoadError  # noqa: PLC0415
     from models.pair import LongShortPair  # noqa: PLC0415
 
-    try:
-        client = registry.client_for_profile(profile, set_)
-        uri, what = registry.pair_to_solve(client, model)
-        with console.status(f"fetching {what}"):
-            long, short, settings = registry.pair_files(uri)
-    except (ConfigError, registry.RegistryError, ServiceUnavailable, MlflowException) as exc:
-        _fail(exc)
-    console.print(f"pair: {what}", highlight=False)
-    try:
-        with console.status("loading models"):
-            pair = LongShortPair().load(long, short, settings)
-    except (ValueError, ModelLoadError, OSError) as exc:  # ConfigError is a ValueError
-        _fail(exc)
-    try:
-        with console.status("solving"):
-            (episode,) = pair.solve([problem])
-    finally:
-        pair.close()
+    # the registered settings decode the pair: an override of them would be silently ignored, so it is refused
+    ignored = [item for item in set_ or [] if not item.startswith(("run.workspace=", "tracking."))]
+    with contextlib.ExitStack() as stack:
+        try:
+            if ignored:
+                raise ConfigError(f"--set {', --set '.join(ignored)}: a registered pair decodes with the settings "
+                                  "registered with it (only run.workspace and tracking.* find the registry); give "
+                                  "--long and --short model folders to decode with the profile's")  # fmt: skip
+            client = registry.client_for_profile(profile, set_)
+            uri, what = registry.pair_to_solve(client, model)
+            with console.status(f"fetching {what}"):
+                long, short, settings = stack.enter_context(registry.pair_files(uri))
+        except (ConfigError, registry.RegistryError, ServiceUnavailable, MlflowException) as exc:
+            _fail(exc)
+        console.print(f"pair: {what}", highlight=False)
+        try:
+            with console.status("loading models"):
+                pair = LongShortPair().load(long, short, settings)
+        except (ValueError, ModelLoadError, OSError) as exc:  # ConfigError is a ValueError
+            _fail(exc)
+        try:
+            with console.status("solving"):
+                (episode,) = pair.solve([problem])
+        finally:
+            pair.close()
     return episode
 
 

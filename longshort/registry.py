@@ -42,7 +42,8 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -406,35 +407,71 @@ def latest_candidate(client: MlflowClient | None = None) -> Snapshot:
 def pair_to_solve(client: MlflowClient, model: str | None = None) -> tuple[str, str]:
     """The registered pair ``longshort solve`` runs when it is given no model folders, and how to name it: ``model``
     (a ``models:/`` URI) as given; else ``longshort-pair@production``; else the newest version, which a pipeline
-    run registers before anyone promotes it."""
+    run registers before anyone promotes it. Only the registry is read (not the runs, which may be gone)."""
     if model:
         return model, model
-    current = production(client)
+    try:
+        current = client.get_model_version_by_alias(PAIR_MODEL, PRODUCTION)
+    except MlflowException as exc:
+        if exc.error_code not in _NO_ALIAS_CODES:
+            raise
+        current = None
     if current is not None:
         return f"models:/{PAIR_MODEL}/{current.version}", f"{PAIR_MODEL} v{current.version} (@{PRODUCTION})"
-    newest = latest_candidate(client)
-    return f"models:/{PAIR_MODEL}/{newest.version}", f"{PAIR_MODEL} v{newest.version} (the newest; no @{PRODUCTION} yet)"
+    versions = client.search_model_versions(f"name = '{PAIR_MODEL}'")
+    if not versions:
+        raise RegistryError(f"no version of {PAIR_MODEL} is registered: run the pipeline, or give --long and --short")
+    newest = max(int(v.version) for v in versions)
+    return f"models:/{PAIR_MODEL}/{newest}", f"{PAIR_MODEL} v{newest} (the newest; no @{PRODUCTION} yet)"
 
 
-def pair_files(uri: str) -> tuple[Path, Path, Path]:
+@contextmanager
+def pair_files(uri: str) -> Iterator[tuple[Path, Path, Path]]:
     """The long and short model folders and the settings file of the registered pair at ``uri`` (``models:/...``).
 
-    A local store's files are used where they are; a remote one's (S3, an MLflow server) are downloaded to a
-    temporary folder first."""
+    A local store's files are used where they are. A remote one's (S3, an MLflow server) are downloaded to a
+    temporary folder, removed when the block ends. The pair's MLmodel and settings are read first: a model that
+    is not a pair, or a pair that decodes with vLLM on a machine without it, is refused before any weights move.
+    """
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository  # noqa: PLC0415
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository  # noqa: PLC0415
+
+    from longshort.config import ConfigError  # noqa: PLC0415
+    from models.generation import resolve_backend  # noqa: PLC0415
     from models.pair import CONFIG_ARTIFACT, LONG_ARTIFACT, SHORT_ARTIFACT  # noqa: PLC0415
 
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except MlflowException as exc:
-        raise RegistryError(f"{uri}: {exc.message}") from None
-    try:
-        meta = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))
-        files = meta["flavors"]["python_function"]["artifacts"]
-        paths = tuple(local / files[name]["path"] for name in (LONG_ARTIFACT, SHORT_ARTIFACT, CONFIG_ARTIFACT))
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
-        raise RegistryError(f"{uri}: not a Long⊗Short pair (its MLmodel names no long, short and {CONFIG_ARTIFACT} "
-                            f"artifacts: {type(exc).__name__} {exc})") from None  # fmt: skip
-    return paths  # type: ignore[return-value]
+    with tempfile.TemporaryDirectory(prefix="longshort-pair-") as tmp:
+        try:
+            repo = ModelsArtifactRepository(uri).repo  # the version's own artifacts (no registry files written)
+            dst = None if isinstance(repo, LocalArtifactRepository) else tmp
+
+            def fetch(path: str) -> Path:
+                return Path(repo.download_artifacts(path, dst))
+
+            try:
+                meta = yaml.safe_load(fetch("MLmodel").read_text(encoding="utf-8"))
+                files = {k: meta["flavors"]["python_function"]["artifacts"][k]["path"]
+                         for k in (LONG_ARTIFACT, SHORT_ARTIFACT, CONFIG_ARTIFACT)}  # fmt: skip
+            except (yaml.YAMLError, KeyError, TypeError) as exc:
+                raise RegistryError(f"{uri}: not a Long⊗Short pair (its MLmodel names no {LONG_ARTIFACT}, "
+                                    f"{SHORT_ARTIFACT} and {CONFIG_ARTIFACT} artifacts: {type(exc).__name__} {exc})") from None  # fmt: skip
+            settings_file = fetch(files[CONFIG_ARTIFACT])
+            try:
+                settings = PairSettings.model_validate_json(settings_file.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise RegistryError(f"{uri}: its {CONFIG_ARTIFACT} is not valid pair settings: {exc}") from None
+            try:
+                resolve_backend(settings.generation)
+            except ConfigError as exc:
+                raise RegistryError(f"{uri} was registered to decode with generation.backend "
+                                    f"'{settings.generation.backend}' ({exc}): run it on a GPU machine with vLLM, "
+                                    "or give --long and --short model folders") from None  # fmt: skip
+            long, short = fetch(files[LONG_ARTIFACT]), fetch(files[SHORT_ARTIFACT])
+        except MlflowException as exc:
+            raise RegistryError(f"{uri}: {exc.message}") from None
+        except OSError as exc:  # a store the user cannot read, a full disk for the download
+            raise RegistryError(f"{uri}: {exc}") from None
+        yield long, short, settings_file
 
 
 # What MLflow 3 raises when the alias lookup finds nothing: the SQL and file stores raise

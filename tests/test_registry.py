@@ -158,9 +158,23 @@ def test_solve_without_folders_runs_the_registered_pair(store, trained_tiny, mea
         (["--model", "models:/longshort-long/1"], "not a Long⊗Short pair"),
         (["--long", trained_tiny], "--long and --short go together"),
         (["--long", trained_tiny, "--short", trained_tiny, "--model", "models:/longshort-pair/1"], "not both"),
+        (["--set", "generation.temperature=0.5"], "a registered pair decodes with the settings registered with it"),
     ):
         failed = _cli(store, monkeypatch, "solve", problem, *args)
         assert failed.exit_code == 2 and message in failed.output, (args, failed.output)
+    # a pair registered to decode with vLLM (the GPU profiles) is refused on a machine without it, before its
+    # weights are fetched, and the message says what to do
+    import mlflow
+
+    from longshort.config import GenerationConfig
+    from models.pair import PairSettings
+
+    gpu = PairSettings(generation=GenerationConfig(backend="vllm"), protocol=_settings().protocol)
+    with mlflow.start_run(run_name="gpu-pair"):
+        third = registry.register_pair(trained_tiny, trained_tiny, {**metrics, "pair_mean_tokens": 1.0}, {}, settings=gpu)
+    failed = _cli(store, monkeypatch, "solve", problem, "--model", f"models:/longshort-pair/{third.pair}")
+    assert failed.exit_code == 2 and "was registered to decode with generation.backend 'vllm'" in failed.output
+    assert "give --long and --short model folders" in failed.output
 
 
 def test_pair_input_forms():

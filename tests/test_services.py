@@ -252,6 +252,7 @@ class PairRun:
     metrics: list[dict[str, float]]
     refusal: str
     answer: dict[str, Any]  # what the served model returned
+    tracking_uri: str  # the MLflow server's
 
 
 def _stage_records(stack: Stack) -> dict[str, Any]:
@@ -337,7 +338,7 @@ def pair_run(deployed_run: Stack) -> PairRun:
     finally:
         mlflow.set_tracking_uri(None)
     answer = _serve_and_ask(deployed_run, rows[0]["problem"])
-    return PairRun(versions[0], versions[1], metrics, str(refused.value), answer)
+    return PairRun(versions[0], versions[1], metrics, str(refused.value), answer, deployed_run.env["MLFLOW_TRACKING_URI"])
 
 
 def test_pair_versions_and_the_production_alias_live_in_postgres_and_s3(deployed_run: Stack, pair_run: PairRun):
@@ -387,6 +388,24 @@ def test_the_served_production_pair_answers_a_problem(pair_run: PairRun):
     assert set(row) >= {"answer", "stop_reason", "tokens", "long_tokens", "short_tokens", "transcript"}
     assert row["tokens"] == row["long_tokens"] + row["short_tokens"] > 0
     assert row["stop_reason"] in ("answer", "turn_cap", "malformed")
+
+
+def test_solve_runs_the_production_pair_through_the_server_and_leaves_no_download(pair_run: PairRun, tmp_path: Path):
+    """`longshort solve PROBLEM` against the MLflow server (artifacts through it, from S3): the @production pair,
+    downloaded to a temporary folder that is gone afterwards (a 7B pair is ~30 GB a call)."""
+    from longshort.registry import PAIR_MODEL
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"MLFLOW_TRACKING_URI": pair_run.tracking_uri, "TMPDIR": str(scratch), "COLUMNS": "200"}
+    argv = [str(Path(sys.executable).parent / "longshort"), "solve", "Start with 3. Then (1) add 2. What is the final number?",
+            "-p", "smoke"]  # fmt: skip
+    done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"pair: {PAIR_MODEL} v{pair_run.first.pair} (@production)" in done.stdout
+    assert "answer: " in done.stdout and " tokens ─" in done.stdout
+    assert list(scratch.iterdir()) == []  # the download was removed
 
 
 def test_gpu_pool_job_templates_are_accepted_by_the_server(stack: Stack):
