@@ -396,12 +396,17 @@ def candidate_for_run(run_id: str, client: MlflowClient | None = None) -> Snapsh
     return _snapshot(client, max(versions, key=lambda v: int(v.version)))
 
 
-def latest_candidate(client: MlflowClient | None = None) -> Snapshot:
-    client = client or MlflowClient()
+def _newest_version(client: MlflowClient, hint: str = "") -> Any:
+    """The highest-numbered ``longshort-pair`` version; RegistryError (with ``hint`` appended) when there is none."""
     versions = client.search_model_versions(f"name = '{PAIR_MODEL}'")
     if not versions:
-        raise RegistryError(f"no version of {PAIR_MODEL} is registered")
-    return _snapshot(client, max(versions, key=lambda v: int(v.version)))
+        raise RegistryError(f"no version of {PAIR_MODEL} is registered{hint}")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def latest_candidate(client: MlflowClient | None = None) -> Snapshot:
+    client = client or MlflowClient()
+    return _snapshot(client, _newest_version(client))
 
 
 def pair_to_solve(client: MlflowClient, model: str | None = None) -> tuple[str, str]:
@@ -410,18 +415,10 @@ def pair_to_solve(client: MlflowClient, model: str | None = None) -> tuple[str, 
     run registers before anyone promotes it. Only the registry is read (not the runs, which may be gone)."""
     if model:
         return model, model
-    try:
-        current = client.get_model_version_by_alias(PAIR_MODEL, PRODUCTION)
-    except MlflowException as exc:
-        if exc.error_code not in _NO_ALIAS_CODES:
-            raise
-        current = None
+    current = _production_version(client)
     if current is not None:
         return f"models:/{PAIR_MODEL}/{current.version}", f"{PAIR_MODEL} v{current.version} (@{PRODUCTION})"
-    versions = client.search_model_versions(f"name = '{PAIR_MODEL}'")
-    if not versions:
-        raise RegistryError(f"no version of {PAIR_MODEL} is registered: run the pipeline, or give --long and --short")
-    newest = max(int(v.version) for v in versions)
+    newest = _newest_version(client, ": run the pipeline, or give --long and --short").version
     return f"models:/{PAIR_MODEL}/{newest}", f"{PAIR_MODEL} v{newest} (the newest; no @{PRODUCTION} yet)"
 
 
@@ -481,19 +478,22 @@ def pair_files(uri: str) -> Iterator[tuple[Path, Path, Path]]:
 _NO_ALIAS_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"})
 
 
-def production(client: MlflowClient | None = None) -> Snapshot | None:
-    """The version ``@production`` points at, or None when the alias (or the model) does not exist.
-
-    Any other registry error propagates: treating it as "no production yet" would promote without the gate.
-    """
-    client = client or MlflowClient()
+def _production_version(client: MlflowClient) -> Any:
+    """The ``longshort-pair`` version ``@production`` points at, or None when the alias (or the model) does not
+    exist. Any other registry error propagates: treating it as "no production yet" would promote without the gate."""
     try:
-        version = client.get_model_version_by_alias(PAIR_MODEL, PRODUCTION)
+        return client.get_model_version_by_alias(PAIR_MODEL, PRODUCTION)
     except MlflowException as exc:
         if exc.error_code in _NO_ALIAS_CODES:
             return None
         raise
-    return _snapshot(client, version)
+
+
+def production(client: MlflowClient | None = None) -> Snapshot | None:
+    """The ``@production`` pair with its run (``_production_version``), or None when there is none."""
+    client = client or MlflowClient()
+    version = _production_version(client)
+    return None if version is None else _snapshot(client, version)
 
 
 # --- the gate --------------------------------------------------------------------------------------
