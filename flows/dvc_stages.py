@@ -51,7 +51,7 @@ def _inputs_key(name: str, cfg: Profile, data: Path) -> str:
     splits = {n: file_digest(data / n) for n in ("train.jsonl", "heldout.jsonl") if (data / n).is_file()}
     code = CODE_STAGES[name][0]
     inputs = {"profile": cfg.model_dump(mode="json"), "splits": splits, "upstream": upstream}
-    if files := st.file_digests(cfg).get(name):  # sft_base: its DeepSpeed file, a local base model folder
+    if files := st.file_digests(cfg, [name]).get(name):  # sft_base: its DeepSpeed file, a local base model folder
         inputs["files"] = files
     return stage_key(code, inputs)
 

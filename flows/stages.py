@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -265,38 +265,48 @@ def _local_dir_digest(name_or_path: str | None) -> dict[str, str]:
     return {"files": digest}
 
 
-def file_digests(cfg: Profile) -> dict[str, dict[str, str]]:
+def file_digests(cfg: Profile, stages: Collection[str] | None = None) -> dict[str, dict[str, str]]:
     """Per stage, digests of the local files it reads by path, for its cache key (the flow's ``key_extra``, the
     DVC stages' input keys): editing such a file in place recomputes what read it (and, through the upstream
-    paths in their keys, what follows). These are data.path and a local data.teacher model folder (synthesize), a local
-    base_model.name_or_path folder (sft_base, the one stage that loads it; later stages load sft_base's model),
+    paths in their keys, what follows). These are data.path and a local data.teacher model folder (synthesize), a
+    local base_model.name_or_path folder (sft_base, the one stage that loads it; later stages load sft_base's model),
     local benchmark files or folders (evaluate) and the DeepSpeed config of sft_base, sft_long, sft_short and
     baseline (the file the path names, resolved as the trainer resolves it). A hub dataset or model is keyed by
-    its config entry alone, the id and its ``revision`` (data.teacher has none): pin a commit if it may change."""
+    its config entry alone, the id and its ``revision`` (data.teacher has none): pin a commit if it may change.
+    ``stages`` limits the work to those (a DVC stage hashes only its own files); others are left out."""
     from tasks.benchmarks import is_local_source  # noqa: PLC0415
 
     def deepspeed(path: str | None) -> dict[str, str]:
         return {"deepspeed_file": tree_digest(Path(repo_file(path)))} if path else {}
 
-    data = {}
-    if cfg.data.path and Path(cfg.data.path).exists():  # the profile's paths come with ~ expanded
-        data["data_file"] = tree_digest(Path(cfg.data.path))
-    if cfg.data.source == "teacher":
-        data.update({f"teacher_{k}": v for k, v in _local_dir_digest(cfg.data.teacher).items()})
-    base = _local_dir_digest(cfg.base_model.name_or_path) if cfg.base_model.source == "pretrained" else {}
-    bench = {
-        f"benchmark_file:{b.source}": tree_digest(Path(b.source).expanduser())
-        for b in cfg.evaluate.benchmarks
-        if is_local_source(b.source) and Path(b.source).expanduser().exists()
+    def synthesize() -> dict[str, str]:
+        data = {}
+        if cfg.data.path and Path(cfg.data.path).exists():  # the profile's paths come with ~ expanded
+            data["data_file"] = tree_digest(Path(cfg.data.path))
+        if cfg.data.source == "teacher":
+            data.update({f"teacher_{k}": v for k, v in _local_dir_digest(cfg.data.teacher).items()})
+        return data
+
+    def sft_base() -> dict[str, str]:
+        base = _local_dir_digest(cfg.base_model.name_or_path) if cfg.base_model.source == "pretrained" else {}
+        return {**deepspeed(cfg.sft_base.deepspeed), **{f"base_model_{k}": v for k, v in base.items()}}
+
+    def evaluate() -> dict[str, str]:
+        return {
+            f"benchmark_file:{b.source}": tree_digest(Path(b.source).expanduser())
+            for b in cfg.evaluate.benchmarks
+            if is_local_source(b.source) and Path(b.source).expanduser().exists()
+        }
+
+    parts: dict[str, Callable[[], dict[str, str]]] = {
+        "synthesize": synthesize,
+        "evaluate": evaluate,
+        "sft_base": sft_base,
+        "sft_long": lambda: deepspeed(cfg.sft_long.deepspeed),
+        "sft_short": lambda: deepspeed(cfg.sft_short.deepspeed),
+        "baseline": lambda: deepspeed(cfg.baseline.deepspeed),
     }
-    return {
-        "synthesize": data,
-        "evaluate": bench,
-        "sft_base": {**deepspeed(cfg.sft_base.deepspeed), **{f"base_model_{k}": v for k, v in base.items()}},
-        "sft_long": deepspeed(cfg.sft_long.deepspeed),
-        "sft_short": deepspeed(cfg.sft_short.deepspeed),
-        "baseline": deepspeed(cfg.baseline.deepspeed),
-    }
+    return {stage: digest() for stage, digest in parts.items() if stages is None or stage in stages}
 
 
 def chunk_llm(cfg: Profile, model_dir: str) -> dict[str, Any]:

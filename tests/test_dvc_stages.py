@@ -104,6 +104,12 @@ def test_sft_base_is_keyed_by_the_content_of_its_deepspeed_file(tmp_path):
     zero.write_text(zero.read_text().replace("{", '{"gradient_clipping": 0.5,', 1))
     assert _inputs_key("sft_base", profile, tmp_path) != first
     assert _inputs_key("chunk", profile, tmp_path) == chunk  # it does not read the file (nor does its key)
+    from flows.stages import file_digests
+
+    # a DVC stage hashes only its own files (a local base-model folder is not read again for chunk, score, ...)
+    assert file_digests(profile, ["chunk"]) == {} and file_digests(profile, ["sft_base"]) == {
+        "sft_base": file_digests(profile)["sft_base"]
+    }
 
 
 # `longshort stage` runs only on the splits dvc.yaml's synthesize stage wrote from params.yaml's `demo` section
