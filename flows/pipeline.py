@@ -10,7 +10,6 @@ Each stage is a cached Prefect task keyed on its inputs and code
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from contextvars import ContextVar
@@ -47,7 +46,6 @@ from longshort.config import Profile, RunConfig, load_profile
 from longshort.preflight import preflight
 from longshort.records import StageRecord
 
-log = logging.getLogger(__name__)
 
 BASELINE_SYSTEM = "truncation baseline"  # single-model GRPO, reward = correct and length <= L_T
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -164,6 +165,15 @@ def fsync_tree(root: Path) -> None:
 def fsync_dir(path: Path) -> None:
     """Flush a folder's entries (a rename into it) to disk."""
     _fsync_path(Path(path), os.O_RDONLY | os.O_DIRECTORY)
+
+
+def replace_tree(src: Path, dst: Path) -> None:
+    """Put the folder ``src``, written in full, in the place of ``dst`` (removed first, if there), durably:
+    ``src`` is flushed before the rename and ``dst``'s parent after it (``fsync_tree``)."""
+    fsync_tree(src)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:

@@ -40,7 +40,6 @@ loop below is ~300 lines, typed, and scores exactly what was sampled.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import time
@@ -54,7 +53,7 @@ import torch
 import torch.utils.checkpoint
 
 from longshort.config import ConfigError, GenerationConfig, ModelConfig, ProtocolConfig, RLConfig
-from longshort.io import fsync_dir, fsync_tree
+from longshort.io import replace_tree
 from models.factory import load_model
 from models.generation import (
     Completion,
@@ -822,11 +821,8 @@ def _train(
     final_tmp = out_dir / ".tmp-final"
     shutil.rmtree(final_tmp, ignore_errors=True)
     save_models(pair.merged(), pair.tokenizers, final_tmp)
-    fsync_tree(final_tmp)
     for role in ROLES:
-        shutil.rmtree(out_dir / role, ignore_errors=True)
-        os.replace(final_tmp / role, out_dir / role)
-    fsync_dir(out_dir)
+        replace_tree(final_tmp / role, out_dir / role)
     shutil.rmtree(final_tmp, ignore_errors=True)
     return RLResult(
         long_dir=str(out_dir / "long"),

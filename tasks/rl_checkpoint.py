@@ -10,7 +10,6 @@ plain containers and is read back with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from collections.abc import Mapping, Sequence
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from longshort.io import fault_point, fsync_dir, fsync_tree
+from longshort.io import fault_point, replace_tree
 
 CHECKPOINTS = "checkpoints"
 
@@ -53,10 +52,7 @@ def save_checkpoint(
     np_state = np.random.get_state()
     rng = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     (tmp / "state.json").write_text(json.dumps(state | {"rng": rng}))
-    fsync_tree(tmp)
-    shutil.rmtree(final, ignore_errors=True)  # only when the same step is saved twice
-    os.replace(tmp, final)
-    fsync_dir(root)
+    replace_tree(tmp, final)  # a `final` is there only when the same step is saved twice
     fault_point(f"rl-checkpoint:{step}")
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -31,7 +31,7 @@ from trl import SFTTrainer
 
 from longshort.config import LoraConfig as LoraSettings
 from longshort.config import SFTConfig, repo_file
-from longshort.io import atomic_write_text, fsync_dir, fsync_tree, json_digest
+from longshort.io import atomic_write_text, json_digest, replace_tree
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +107,7 @@ def save_trained(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, model_dir
         final.save_pretrained(str(tmp), safe_serialization=True)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(tmp))
-        fsync_tree(tmp)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        os.replace(tmp, model_dir)
-        fsync_dir(model_dir.parent)
+        replace_tree(tmp, model_dir)
     trainer.accelerator.wait_for_everyone()  # no process goes on (to retire the checkpoints) before the model is whole
 
 

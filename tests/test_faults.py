@@ -487,7 +487,7 @@ def test_a_checkpoint_reaches_the_disk_before_it_is_renamed_into_place(tmp_path,
         real_replace(src, dst)
 
     monkeypatch.setattr(lsio.os, "fsync", fsync)
-    monkeypatch.setattr(rl_checkpoint.os, "replace", replace)
+    monkeypatch.setattr(lsio.os, "replace", replace)
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     final = rl_checkpoint.save_checkpoint(
         tmp_path, 3, {"long": tiny_model}, {"long": demo_tokenizer}, {"long": opt}, {"step": 3}, keep=2
