@@ -38,6 +38,7 @@ from tasks.answers import check_answer
 from tasks.evaluate import response_answer, single_model_records
 from tasks.rewards import truncation_reward
 from tasks.sft import (
+    DurableCheckpoints,
     deepspeed_scope,
     finished_run,
     inputs_digest,
@@ -251,7 +252,7 @@ def train_truncation_baseline(
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=[history],
+            callbacks=[history, DurableCheckpoints()],
         )
         trainer.remove_callback(PrinterCallback)  # each step is logged once, by ``on_step``
         last = last_complete_checkpoint(ckpt_dir, optimizer_state=not args.save_only_model, deepspeed=deepspeed)

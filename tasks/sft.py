@@ -31,7 +31,7 @@ from trl import SFTTrainer
 
 from longshort.config import LoraConfig as LoraSettings
 from longshort.config import SFTConfig, repo_file
-from longshort.io import atomic_write_text, json_digest, replace_tree
+from longshort.io import atomic_write_text, fsync_dir, fsync_tree, json_digest, replace_tree
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,25 @@ class _LossHistory(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
         if logs and "loss" in logs:
             self.history.append({"step": state.global_step, "loss": float(logs["loss"])})
+
+
+class DurableCheckpoints(TrainerCallback):
+    """Flush each Trainer checkpoint to the disk once it is saved (``fsync_tree``, then its parent folder).
+
+    transformers writes ``checkpoint-N`` with plain writes and no flush, then deletes the oldest of the
+    ``save_total_limit`` it keeps. After a power cut or a crash of the machine (not of the process), a
+    checkpoint that was never flushed can come back with files of the right names but short or empty, which
+    ``last_complete_checkpoint`` cannot tell from whole ones. Flushed at ``on_save``, every checkpoint but
+    the newest is on the disk before the next save removes anything, so with ``save_total_limit=2`` the
+    resume always has a whole checkpoint to go back to. Every process flushes the folder, so under a
+    multi-process launch each covers the files it wrote itself (DeepSpeed's per-rank optimizer states).
+    """
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            fsync_tree(folder)
+            fsync_dir(folder.parent)
 
 
 # Largest fp32 logits tensor (batch x max_length x vocab) for which the loss is taken from the full logits.
@@ -520,7 +539,7 @@ def train_sft(
             train_dataset=Dataset.from_list(examples),
             processing_class=tokenizer,
             peft_config=peft_lora(cfg.lora),
-            callbacks=[history],
+            callbacks=[history, DurableCheckpoints()],
         )
         last = last_complete_checkpoint(ckpt_dir, optimizer_state=not args.save_only_model, deepspeed=deepspeed)
         if last:

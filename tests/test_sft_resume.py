@@ -274,6 +274,48 @@ def test_a_checkpoint_that_lost_its_optimizer_state_is_skipped_for_the_earlier_c
     _assert_resumed_equals_straight(runs, out_dir, "checkpoint-2", asdict(resumed))
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_every_checkpoint_is_flushed_to_the_disk_when_it_is_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each checkpoint-N is fsynced, every file and folder of it and then the checkpoints folder, at its save:
+    before the next save's rotation removes an older one (transformers itself writes them without a flush)."""
+    from longshort import io as lsio
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def snapshot() -> None:  # the checkpoints on disk when a training step starts
+        for ckpt in sorted((tmp_path / "checkpoints").glob("checkpoint-*")):
+            on_disk[ckpt.name] = {str(p) for p in ckpt.rglob("*")} | {str(ckpt)}
+
+    on_disk: dict[str, set[str]] = {}
+    monkeypatch.setattr(lsio.os, "fsync", fsync)
+    from transformers import Trainer
+
+    real_step = Trainer.training_step
+
+    def training_step(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        snapshot()
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", training_step)
+    _train(tmp_path, None, max_steps=4, save_steps=2)
+
+    assert set(on_disk) == {"checkpoint-2"}  # checkpoint-4 is saved after the last step, then both are retired
+    written = on_disk["checkpoint-2"]
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {
+        Path(p).name for p in written
+    }
+    assert written <= set(synced), sorted(written - set(synced))
+    for step in (2, 4):
+        folder = str(tmp_path / "checkpoints" / f"checkpoint-{step}")
+        assert f"{folder}/trainer_state.json" in synced and f"{folder}/optimizer.pt" in synced
+        assert synced.index(folder) < max(i for i, p in enumerate(synced) if p == str(tmp_path / "checkpoints"))
+
+
 if __name__ == "__main__":
     _train(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
 
