@@ -323,15 +323,20 @@ def synthesize_with_teacher(
 ) -> list[dict]:
     """Answer each problem with the long-reasoning teacher ``cfg.teacher`` (or ``backend``); keep the correct
     traces. The teacher samples at ``cfg.teacher_temperature`` and ``cfg.teacher_top_p``."""
-    if backend is None:
-        from models.generation import make_backend  # noqa: PLC0415 - loads a model
+    from models.generation import close_backend, make_backend  # noqa: PLC0415 - loads a model
 
+    own = backend is None  # the teacher this call loads, it also closes (a vLLM engine holds most of the GPU)
+    if backend is None:
         backend = make_backend(cfg.teacher, model_cfg, gen_cfg, seed=seed, revision=cfg.teacher_revision)
-    prompts = [backend.chat_prompt(SYSTEM_PROMPTS["base"], r["problem"]) for r in rows]
-    outs = backend.generate(
-        prompts, max_new_tokens=cfg.teacher_max_new_tokens, stop=STOP_STRINGS["base"], seed=seed,
-        temperature=cfg.teacher_temperature, top_p=cfg.teacher_top_p,
-    )  # fmt: skip
+    try:
+        prompts = [backend.chat_prompt(SYSTEM_PROMPTS["base"], r["problem"]) for r in rows]
+        outs = backend.generate(
+            prompts, max_new_tokens=cfg.teacher_max_new_tokens, stop=STOP_STRINGS["base"], seed=seed,
+            temperature=cfg.teacher_temperature, top_p=cfg.teacher_top_p,
+        )  # fmt: skip
+    finally:
+        if own:
+            close_backend(backend)
     kept, unthought = [], 0
     for row, out in zip(rows, outs, strict=True):
         text = out[0].text

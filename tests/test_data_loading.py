@@ -370,3 +370,34 @@ def test_an_unreachable_hub_dataset_is_a_data_error_naming_the_id():
         "longshort.io.DataError: data.hub_id someone/traces: cannot load split 'train' at revision v1.0 from the hub: "
         "Couldn't reach 'someone/traces' on the Hub"
     ), done.stderr[-2000:]
+
+
+def test_a_teacher_loaded_for_synthesis_is_closed_after_it_answered_and_a_given_one_is_not(saved_tiny, monkeypatch):
+    """On a GPU the teacher is a vLLM engine holding most of the memory: the call that loads it (a real tiny
+    model from a folder here) also closes it, when the generation fails too; a backend passed in stays open."""
+    from models.generation import TransformersBackend
+
+    closed: list[TransformersBackend] = []
+    real_close = TransformersBackend.close
+
+    def close(self) -> None:
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(TransformersBackend, "close", close)
+    cfg = DataConfig(source="teacher", path="problems.jsonl", teacher=str(saved_tiny), teacher_max_new_tokens=16)
+    rows = [{"id": "0", "problem": "1+1", "answer": "2"}]
+    assert synthesize_with_teacher(rows, cfg, GenerationConfig(), ModelConfig(), 0) == []  # an untrained model: no right trace
+    assert len(closed) == 1 and closed[0].model is None
+
+    monkeypatch.setattr(TransformersBackend, "generate", lambda self, *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        synthesize_with_teacher(rows, cfg, GenerationConfig(), ModelConfig(), 0)
+    assert len(closed) == 2 and closed[1].model is None
+
+    from models.factory import load_model
+
+    given = TransformersBackend(*load_model(ModelConfig(), path=saved_tiny))
+    with pytest.raises(ZeroDivisionError):
+        synthesize_with_teacher(rows, cfg, GenerationConfig(), ModelConfig(), 0, backend=given)
+    assert len(closed) == 2 and given.model is not None
