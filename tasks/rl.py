@@ -532,13 +532,24 @@ def rollout_context_tokens(
     return longest + generated + kw["max_turns"] * _TURN_MARGIN
 
 
+def engine_context(episode_context: int, profile_limit: int | None, model_limit: int | None) -> int | None:
+    """The ``max_model_len`` of an RL engine: the longest context an episode reaches (:func:`rollout_context_tokens`),
+    or the profile's ``generation.max_model_len`` where that is shorter (it wins: a cap the user set). vLLM reserves
+    KV cache for one whole ``max_model_len`` sequence at start, so a profile's 32k (set for evaluation's long
+    episodes) would make an RL engine's share of the GPU hold 32k tokens where episodes reach ~5k. None (the
+    model's own context) when the episodes reach it anyway."""
+    if profile_limit is not None:
+        return min(episode_context, profile_limit)
+    return episode_context if model_limit is None or episode_context < model_limit else None
+
+
 def _start_engines(
     pair: _Pair,
     paths: Mapping[str, Path],
     gen: GenerationConfig,
     cfg: RLConfig,
     model_cfg: ModelConfig,
-    context: int | None,
+    context: int,
     weights_dir: Path,
 ) -> None:
     """Put a vLLM engine in front of each model: rollouts, probes and the easy filter sample from them.
@@ -559,8 +570,7 @@ def _start_engines(
     engine_gen = gen.model_copy(update={"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization})
     for role in ROLES:
         limit = getattr(pair.models[role].config, "max_position_embeddings", None)
-        # context is None only when gen.max_model_len is set, which then wins
-        max_len = gen.max_model_len or (context if limit is None or context < limit else None)
+        max_len = engine_context(context, gen.max_model_len, limit)
         pair.backends[role] = VLLMBackend(
             str(paths[role]), model_cfg, engine_gen, seed=cfg.seed, tensor_parallel_size=gen.tensor_parallel_size,
             max_model_len=max_len, weight_updates=True, sample_logprobs=cfg.vllm_importance_sampling_cap is not None,
@@ -737,9 +747,7 @@ def train_pair_rl(
         }  # fmt: skip
     if engines:
         assert generation is not None
-        context = None if generation.max_model_len else rollout_context_tokens(  # the profile's own limit wins
-            [*problems, *probe_problems], pair.tokenizers["long"], cfg, protocol
-        )
+        context = rollout_context_tokens([*problems, *probe_problems], pair.tokenizers["long"], cfg, protocol)
         try:  # inside: an engine that started is shut down when the next one fails to
             _start_engines(pair, paths, generation, cfg, model_cfg, context, out_dir / ".engine-weights")
             if ckpt and pair.adapters:  # the engines hold the starting weights; the checkpoint's adapters change them

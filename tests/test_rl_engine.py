@@ -32,7 +32,7 @@ from models.generation import (
     vllm_available,
 )
 from models.protocol import SYSTEM_PROMPTS
-from tasks.rl import _TURN_MARGIN, rollout_context_tokens, train_pair_rl
+from tasks.rl import _TURN_MARGIN, engine_context, rollout_context_tokens, train_pair_rl
 from tasks.sft import peft_lora
 
 
@@ -157,6 +157,18 @@ def test_asking_for_vllm_rollouts_without_cuda_is_a_config_error_before_loading(
     with pytest.raises(ConfigError, match="generation.backend"):
         train_pair_rl(missing, missing, problems, RLConfig(), tmp_path / "rl", generation=GenerationConfig(backend="vllm"))
     assert not (tmp_path / "rl").exists()
+
+
+
+def test_an_rl_engine_reserves_the_context_its_episodes_reach_not_the_profiles_evaluation_length():
+    """The real profiles set generation.max_model_len 32768 for evaluation's 8k-token turns; RL episodes capped at
+    L_R = 4096 reach ~4.6k, and an engine reserves KV cache for one whole max_model_len at start (4 GiB for
+    Llama-3.1-8B's 32k, out of an engine's 0.3 share of the GPU). A shorter profile limit still wins."""
+    assert engine_context(4_600, 32_768, 131_072) == 4_600
+    assert engine_context(4_600, 2_048, 131_072) == 2_048  # the user's cap
+    assert engine_context(4_600, None, 131_072) == 4_600
+    assert engine_context(4_600, None, 4_096) is None  # the model's own context is the limit anyway
+    assert engine_context(4_600, None, None) == 4_600
 
 
 # --------------------------------------------------------------------------- the RL loop with engines
