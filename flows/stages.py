@@ -40,7 +40,7 @@ from longshort.config import (
     TokenizerConfig,
     repo_file,
 )
-from longshort.memory import PeakRSS
+from longshort.memory import PeakRSS, free_accelerator_memory
 from longshort.io import ensure_dir, fault_point, file_lock, json_digest, remove_stale_temps, tree_digest, write_jsonl
 from longshort.records import StageRecord
 
@@ -112,6 +112,8 @@ def _run_body(
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only succeeds when empty; checkpoints stay for the rerun
         raise
+    finally:  # the stages share one process: what this one trained must not hold the GPU for the next one's engines
+        free_accelerator_memory()
     if rss.peak_mb is not None:
         fields = {**fields, "metrics": {**fields.get("metrics", {}), "peak_rss_mb": rss.peak_mb}}
     record = StageRecord(

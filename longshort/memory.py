@@ -10,13 +10,28 @@ few bytes from ``/proc`` ten times a second costs nothing measurable.
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import threading
 from pathlib import Path
 
 _STATM = Path("/proc/self/statm")
 _STATUS = Path("/proc/self/status")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def free_accelerator_memory() -> None:
+    """Collect garbage, then hand the CUDA caching allocator's unused blocks back to the driver.
+
+    A vLLM engine runs in its own process and counts what this process's allocator keeps cached as used: it
+    refuses to start unless its share of the GPU is free. A stage that trained in this process leaves its
+    model's blocks in that cache, and reference cycles (DeepSpeed's hooks) that only a collection frees.
+    torch is not imported for it: a process that never loaded torch has nothing to free."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def current_rss_bytes() -> int | None:

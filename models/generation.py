@@ -8,7 +8,6 @@ vLLM is imported only when it is selected, so the CPU install never needs it.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import importlib.util
 import logging
@@ -25,6 +24,7 @@ from transformers import DynamicCache, StoppingCriteriaList, StopStringCriteria
 from transformers import GenerationConfig as HFGenerationConfig
 
 from longshort.config import GenerationConfig, ModelConfig
+from longshort.memory import free_accelerator_memory
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +127,6 @@ def share_gpu_memory(gen_cfg: GenerationConfig, engines: int) -> GenerationConfi
     return gen_cfg.model_copy(update={"gpu_memory_utilization": gen_cfg.gpu_memory_utilization / engines})
 
 
-def _free_accelerator_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 @contextlib.contextmanager
 def _plain_generation_config(model: Any) -> Iterator[None]:
     """``model.generation_config`` reduced to its token ids for the duration (restored after)."""
@@ -181,7 +175,7 @@ class TransformersBackend:
         """Drop this backend's reference to the model (freeing it unless the caller holds one); idempotent."""
         if self.model is not None:
             self.model = None
-            _free_accelerator_memory()
+            free_accelerator_memory()
 
     def _single_token_id(self, text: str) -> int | None:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -448,7 +442,7 @@ def completion_from_vllm(
     return Completion(text, len(ids), "length" if finish_reason == "length" else "stop", tuple(ids), lps)
 
 
-def _shutdown_vllm(llm: Any) -> None:
+def shutdown_vllm(llm: Any) -> None:
     """Stop a ``vllm.LLM``'s engine: ``LLM.shutdown`` where a version has it, else the V1 engine's.
 
     V1's ``LLMEngine.shutdown`` and its ``engine_core`` client's ``shutdown`` end the engine-core
@@ -497,6 +491,7 @@ class VLLMBackend:
     ):
         from vllm import LLM  # noqa: PLC0415 - optional GPU dependency
 
+        free_accelerator_memory()  # what an earlier stage of this process left cached counts as used to the engine
         extra: dict[str, Any] = {} if max_model_len is None else {"max_model_len": max_model_len}
         if revision is not None:  # a hub id pinned to a commit: weights and tokenizer from the same one
             extra.update(revision=revision, tokenizer_revision=revision)
@@ -539,9 +534,9 @@ class VLLMBackend:
         llm, self.llm = self.llm, None
         if llm is None:
             return
-        _shutdown_vllm(llm)
+        shutdown_vllm(llm)
         del llm
-        _free_accelerator_memory()
+        free_accelerator_memory()
 
     def generate(
         self,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallba
 
 from longshort.config import BaselineConfig, ConfigError
 from longshort.io import atomic_write_text
-from models.generation import GenerationBackend, vllm_available
+from models.generation import GenerationBackend, shutdown_vllm, vllm_available
 from models.protocol import SYSTEM_PROMPTS
 from tasks.answers import check_answer
 from tasks.evaluate import response_answer, single_model_records
@@ -43,6 +44,7 @@ from tasks.sft import (
     finished_run,
     inputs_digest,
     last_complete_checkpoint,
+    release_trainer,
     retire_checkpoints,
     save_trained,
 )
@@ -134,6 +136,31 @@ def easy_problems_once(
     easy, rates = draw(problems)
     atomic_write_text(path, json.dumps({"asked": asked, "rates": rates}))
     return easy, rates, False
+
+
+# What TRL's colocated vLLM engine sets in os.environ for the whole process: its rank variables, and vLLM's
+# in-process mode, which ``distributed_executor_backend="external_launcher"`` turns on and nothing turns off.
+_COLOCATE_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
+def close_colocated_vllm(trainer: Any, env_before: Mapping[str, str | None]) -> None:
+    """Shut down the vLLM engine TRL colocates with a GRPO trainer (``vllm_mode="colocate"``), which TRL never does,
+    and put back the environment it changed (``env_before``: :data:`_COLOCATE_ENV` before the trainer was made).
+
+    That engine runs inside this process and froze the garbage collector's view of every object alive when it
+    started (vLLM's ``gc.freeze``), the policy model included: until its ``shutdown`` (which unfreezes, tears down
+    vLLM's distributed state and empties the CUDA cache) none of that memory comes back, and the evaluation's
+    engines, started next in this process, would also run in-process. Nothing to shut down without vLLM."""
+    generation = getattr(trainer, "vllm_generation", None)
+    llm = getattr(generation, "llm", None)
+    if llm is not None:
+        shutdown_vllm(llm)
+        generation.llm = None
+    for name, value in env_before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 class _History(TrainerCallback):
@@ -246,6 +273,7 @@ def train_truncation_baseline(
             ]
         )
         history = _History(on_step)
+        env_before = {name: os.environ.get(name) for name in _COLOCATE_ENV}
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=[reward],
@@ -254,24 +282,28 @@ def train_truncation_baseline(
             processing_class=tokenizer,
             callbacks=[history, DurableCheckpoints()],
         )
-        trainer.remove_callback(PrinterCallback)  # each step is logged once, by ``on_step``
-        last = last_complete_checkpoint(ckpt_dir, optimizer_state=not args.save_only_model, deepspeed=deepspeed)
-        if last:
-            log.info("resuming the truncation baseline from %s", last)
-        result = trainer.train(resume_from_checkpoint=last)
-        model_dir = out_dir / "model"
-        save_trained(trainer, tokenizer, model_dir)
-        out = BaselineResult(
-            model_dir=str(model_dir),
-            steps=int(result.global_step),
-            n_problems=len(problems),
-            history=[history_row(int(h["step"]), h) for h in trainer.state.log_history if "reward" in h],
-            runtime_s=round(time.perf_counter() - start, 2),
-            resumed_from=last,
-        )
-        # The order is what a rerun relies on: the whole model (one rename), then the result file
-        # (``finished_run`` takes it as the mark of a finished run), and only then the checkpoints go.
-        if trainer.is_world_process_zero():  # one writer (under a multi-process launch, the others return)
-            atomic_write_text(out_dir / RESULT_FILE, json.dumps({**asdict(out), "inputs": inputs}, indent=2))
-            retire_checkpoints(ckpt_dir)
-        return out
+        try:
+            trainer.remove_callback(PrinterCallback)  # each step is logged once, by ``on_step``
+            last = last_complete_checkpoint(ckpt_dir, optimizer_state=not args.save_only_model, deepspeed=deepspeed)
+            if last:
+                log.info("resuming the truncation baseline from %s", last)
+            result = trainer.train(resume_from_checkpoint=last)
+            model_dir = out_dir / "model"
+            save_trained(trainer, tokenizer, model_dir)
+            out = BaselineResult(
+                model_dir=str(model_dir),
+                steps=int(result.global_step),
+                n_problems=len(problems),
+                history=[history_row(int(h["step"]), h) for h in trainer.state.log_history if "reward" in h],
+                runtime_s=round(time.perf_counter() - start, 2),
+                resumed_from=last,
+            )
+            # The order is what a rerun relies on: the whole model (one rename), then the result file
+            # (``finished_run`` takes it as the mark of a finished run), and only then the checkpoints go.
+            if trainer.is_world_process_zero():  # one writer (under a multi-process launch, the others return)
+                atomic_write_text(out_dir / RESULT_FILE, json.dumps({**asdict(out), "inputs": inputs}, indent=2))
+                retire_checkpoints(ckpt_dir)
+            return out
+        finally:  # the stages after this one run in this process (DeepSpeed's engine goes before vLLM's process group)
+            release_trainer(trainer)
+            close_colocated_vllm(trainer, env_before)

@@ -54,6 +54,7 @@ import torch.utils.checkpoint
 
 from longshort.config import ConfigError, GenerationConfig, ModelConfig, ProtocolConfig, RLConfig
 from longshort.io import replace_tree
+from longshort.memory import free_accelerator_memory
 from models.factory import load_model
 from models.generation import (
     Completion,
@@ -565,8 +566,7 @@ def _start_engines(
     pair.devices = {r: next(m.parameters()).device for r, m in pair.models.items()}
     for model in pair.models.values():
         model.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_accelerator_memory()
     engine_gen = gen.model_copy(update={"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization})
     for role in ROLES:
         limit = getattr(pair.models[role].config, "max_position_embeddings", None)

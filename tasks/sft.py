@@ -111,6 +111,16 @@ def save_trained(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, model_dir
     trainer.accelerator.wait_for_everyone()  # no process goes on (to retire the checkpoints) before the model is whole
 
 
+def release_trainer(trainer: Trainer) -> None:
+    """Free what a finished Trainer holds on the accelerator, for the stages that run after it in this process.
+
+    ``accelerator.free_memory`` destroys a DeepSpeed engine (removing the hooks ZeRO put on the model) and drops
+    the accelerator's references to the prepared model, optimizer and scheduler, as accelerate advises between
+    two trainings; transformers itself calls it only when a training starts. The trainer goes when its caller
+    returns, and the stage runner then collects and empties the CUDA cache (``free_accelerator_memory``)."""
+    trainer.accelerator.free_memory()
+
+
 def run_train_loss(log_history: Sequence[Mapping[str, Any]]) -> float | None:
     """The mean training loss over every logged step of a run, from the Trainer's ``log_history``.
 
@@ -563,5 +573,6 @@ def train_sft(
             atomic_write_text(out_dir / "loss_history.json", json.dumps(history.history))
             atomic_write_text(out_dir / "sft_result.json", json.dumps({**asdict(out), "inputs": inputs}, indent=2))
             retire_checkpoints(ckpt_dir)
+        release_trainer(trainer)
         return out
 

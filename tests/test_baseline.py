@@ -15,7 +15,14 @@ from longshort.config import BaselineConfig, ConfigError, ModelConfig
 from models.factory import load_model
 from models.generation import TransformersBackend
 from models.protocol import format_response
-from tasks.baseline import easy_problems, keep_easy, make_truncation_reward, response_correct, train_truncation_baseline
+from tasks.baseline import (
+    close_colocated_vllm,
+    easy_problems,
+    keep_easy,
+    make_truncation_reward,
+    response_correct,
+    train_truncation_baseline,
+)
 
 EOS = 2
 
@@ -212,3 +219,28 @@ def test_the_easy_filter_is_drawn_once_per_stage_folder(tmp_path):
     assert again == easy and same_rates == rates and reused and len(draws) == 1
     fewer, _, reused = easy_problems_once(tmp_path, problems[:3], draw)  # other problems: drawn again
     assert not reused and draws[-1] == ["0", "1", "2"] and fewer == []
+
+
+def test_the_colocated_vllm_engine_is_shut_down_and_the_environment_it_changed_put_back(monkeypatch):
+    """TRL leaves its colocated engine running, in this process, with vLLM's in-process mode and rank variables set
+    process-wide. The engine here stands in for vLLM 0.31's LLM (not installed on CPU machines): LLM and LLMEngine
+    have no shutdown there, the in-process engine-core client has (``shutdown_vllm`` finds it)."""
+    import os
+
+    shut: list[str] = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29500")  # set before the trainer (by a launcher): stays
+    before = {name: os.environ.get(name) for name in ("RANK", "VLLM_ENABLE_V1_MULTIPROCESSING", "MASTER_PORT")}
+    os.environ.update(RANK="0", VLLM_ENABLE_V1_MULTIPROCESSING="0", MASTER_PORT="41234")  # what the engine set
+    core = SimpleNamespace(shutdown=lambda: shut.append("engine_core"))
+    generation = SimpleNamespace(llm=SimpleNamespace(llm_engine=SimpleNamespace(engine_core=core)))
+
+    close_colocated_vllm(SimpleNamespace(vllm_generation=generation), before)
+
+    assert shut == ["engine_core"] and generation.llm is None
+    assert "RANK" not in os.environ and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    assert os.environ["MASTER_PORT"] == "29500"
+    close_colocated_vllm(SimpleNamespace(vllm_generation=generation), before)  # again: nothing left to shut down
+    close_colocated_vllm(SimpleNamespace(), {})  # a trainer without vLLM (this machine's)
+    assert shut == ["engine_core"]

@@ -445,6 +445,41 @@ def test_a_rerun_removes_what_a_killed_atomic_write_left(tmp_path: Path):
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["record.json", "weights.bin"]
 
 
+def test_what_a_stage_left_in_reference_cycles_is_freed_before_the_next_stage_starts(tmp_path: Path):
+    """The stages share one process; on a GPU the next one may start a vLLM engine, which refuses to start unless
+    its share is free. A trainer's objects form reference cycles (callbacks, hooks) that only a collection frees:
+    the stage runner collects (and empties the CUDA cache) as each stage ends, failed ones included."""
+    import gc
+    import weakref
+
+    from flows.stages import _run_stage
+
+    class Trained:  # stands for a model held in a cycle with its trainer
+        pass
+
+    left: list[weakref.ref] = []
+
+    def body(folder: Path) -> dict:
+        model = Trained()
+        model.trainer = {"model": model}  # a cycle: dropping the names does not free it
+        left.append(weakref.ref(model))
+        return {}
+
+    def failing(folder: Path) -> dict:
+        body(folder)
+        raise RuntimeError("out of memory")
+
+    gc.disable()  # no automatic collection: only the runner's
+    try:
+        _run_stage("demo", "key", str(tmp_path / "ok"), body)
+        assert left[0]() is None
+        with pytest.raises(RuntimeError):
+            _run_stage("demo", "key", str(tmp_path / "failed"), failing)
+        assert left[1]() is None
+    finally:
+        gc.enable()
+
+
 def _main(profile: str, workspace: str, summary_path: str, *overrides: str) -> None:
     """Child body: one pipeline run with its workspace in ``workspace``; the summary as JSON."""
     import torch
