@@ -193,6 +193,12 @@ def test_gate_rules_on_their_edges():
 
     prod = {"pair_accuracy": 0.50, "pair_mean_tokens": 100.0}
     assert gate({"pair_accuracy": 0.48, "pair_mean_tokens": 100.0}, prod, 0.02) == []  # exactly the tolerance
+    n = 300  # exactly the tolerance in problems of a 300-problem split, whatever the float rounding of each share
+    ties = [(k - 6, k) for k in range(6, n + 1) if gate({"pair_accuracy": (k - 6) / n, "pair_mean_tokens": 1.0},
+                                                         {"pair_accuracy": k / n, "pair_mean_tokens": 1.0}, 0.02)]
+    assert ties == []
+    assert gate({"pair_accuracy": 53 / n, "pair_mean_tokens": 1.0}, {"pair_accuracy": 60 / n, "pair_mean_tokens": 1.0},
+                0.02)  # one problem more: refused
     worse = gate({"pair_accuracy": 0.47, "pair_mean_tokens": 90.0}, prod, 0.02)
     assert len(worse) == 1 and "0.4700" in worse[0] and "0.5000" in worse[0]
     longer = gate({"pair_accuracy": 0.60, "pair_mean_tokens": 100.5}, prod, 0.02)
