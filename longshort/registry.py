@@ -685,7 +685,7 @@ def comparison_table(decision: Decision) -> Any:
     if not decision.passed:
         verdict = "[red]would be refused:[/] " + "; ".join(decision.reasons)
     elif p is None:
-        verdict = "no production yet: promote would set it"
+        verdict = "no production yet: nothing to compare with, the gate passes"
     elif decision.is_production:
         verdict = f"already at @{PRODUCTION}"
     else:
