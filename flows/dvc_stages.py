@@ -14,6 +14,8 @@ than ``params.yaml``'s. Such a profile runs with ``longshort run``.
 from __future__ import annotations
 
 import logging
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 
 from flows import stages as st
@@ -56,7 +58,7 @@ def _inputs_key(name: str, cfg: Profile, data: Path) -> str:
     return stage_key(code, inputs)
 
 
-def require_dvc_data(cfg: Profile, params_file: Path, profile: str) -> None:
+def require_dvc_data(cfg: Profile, params_file: Path, profile: str, overrides: Sequence[str] = ()) -> None:
     """Raise ConfigError, in one line with what to do instead, when the splits that ``dvc repro`` synthesizes
     from ``params_file`` are not the data profile ``cfg`` describes (``tasks.versioning.demo_params_mismatch``).
 
@@ -68,7 +70,8 @@ def require_dvc_data(cfg: Profile, params_file: Path, profile: str) -> None:
     reason = demo_params_mismatch(cfg.data, params_file)
     if reason is None:
         return
-    instead = f"run `longshort run -p {profile}` instead"
+    sets = "".join(f" -s {shlex.quote(item)}" for item in overrides)  # the --set items that made ``cfg``
+    instead = f"run `longshort run -p {profile}{sets}` instead"
     if cfg.data.source == "demo":
         instead += f", or set {params_file}'s 'demo' section to the profile's data.demo"
     raise ConfigError(
@@ -84,6 +87,12 @@ def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
         raise ValueError(f"unknown data stage '{name}'; known: {', '.join(DATA_STAGES)}")
     seed, base_model = cfg.run.seed, cfg.section_dump("base_model")
     train, heldout = str(data / "train.jsonl"), str(data / "heldout.jsonl")
+    needed = (train, heldout) if name == "chunk" else (train,)
+    if missing := [Path(p).name for p in needed if not Path(p).is_file()]:
+        raise FileNotFoundError(
+            f"{data}: no {' or '.join(missing)}, the splits dvc.yaml's synthesize stage writes; run `dvc repro "
+            f"synthesize` (or `longshort synthesize --out {data}`) first, or point --data at them"
+        )
     out = str(data / name)
     key = _inputs_key(name, cfg, data)
     if name == "sft_base":

@@ -311,7 +311,7 @@ def stage(
 
     try:
         cfg = load_profile(profile, set_)
-        require_dvc_data(cfg, params, profile)
+        require_dvc_data(cfg, params, profile, set_ or [])
         record = run_data_stage(name, cfg, data)
     except (ValueError, OSError) as exc:  # ConfigError, DataError, ModelLoadError; OutputError, a missing file
         _fail(exc)

@@ -167,12 +167,23 @@ def test_stage_refuses_demo_settings_other_than_params_yaml(demo_split):
              "data.demo.min_ops, data.demo.n_heldout, data.demo.n_train, data.demo.seed differ from "
              "params.yaml's 'demo' section", "`longshort run -p smoke`",
              "or set params.yaml's 'demo' section to the profile's data.demo")  # fmt: skip
-    _refused(_cli_stage("chunk", "--set", "data.demo.seed=1", "--data", str(demo_split)),
-             "profile 'demo': data.demo.seed differ")  # fmt: skip
+    _refused(_cli_stage("chunk", "--set", "data.demo.seed=1", "-s", "run.name=my run", "--data", str(demo_split)),
+             "profile 'demo': data.demo.seed differ",
+             "`longshort run -p demo -s data.demo.seed=1 -s 'run.name=my run'` instead")  # the same settings
     missing = demo_split / "none.yaml"
     _refused(_cli_stage("chunk", "--params", str(missing), "--data", str(demo_split)),
              f"{missing} has no valid 'demo' section")  # fmt: skip
     assert sorted(p.name for p in demo_split.iterdir()) == ["heldout.jsonl", "train.jsonl"]
+
+
+def test_stage_without_the_splits_says_how_to_make_them(in_tmp_repo):
+    for name in ("sft_base", "chunk"):
+        _refused(_cli_stage(name, "--data", "data/none"), "data/none: no train.jsonl",
+                 "run `dvc repro synthesize` (or `longshort synthesize --out data/none`) first")  # fmt: skip
+    (in_tmp_repo / "data" / "half").mkdir(parents=True)
+    (in_tmp_repo / "data" / "half" / "train.jsonl").write_text("")
+    _refused(_cli_stage("chunk", "--data", "data/half"), "data/half: no heldout.jsonl, the splits")
+    assert sorted(p.name for p in (in_tmp_repo / "data" / "half").iterdir()) == ["train.jsonl"]  # nothing written
 
 
 def test_stage_runs_the_profile_whose_demo_params_yaml_holds(demo_split, in_tmp_repo):
