@@ -152,22 +152,33 @@ class _LossHistory(TrainerCallback):
             self.history.append({"step": state.global_step, "loss": float(logs["loss"])})
 
 
-class DurableCheckpoints(TrainerCallback):
-    """Flush each Trainer checkpoint to the disk once it is saved (``fsync_tree``, then its parent folder).
+DURABLE_MARK = ".durable"  # in a Trainer checkpoint once all of it is on the disk (DurableCheckpoints)
 
-    transformers writes ``checkpoint-N`` with plain writes and no flush, then deletes the oldest of the
-    ``save_total_limit`` it keeps. After a power cut or a crash of the machine (not of the process), a
-    checkpoint that was never flushed can come back with files of the right names but short or empty, which
-    ``last_complete_checkpoint`` cannot tell from whole ones. Flushed at ``on_save``, every checkpoint but
-    the newest is on the disk before the next save removes anything, so with ``save_total_limit=2`` the
-    resume always has a whole checkpoint to go back to. Every process flushes the folder, so under a
-    multi-process launch each covers the files it wrote itself (DeepSpeed's per-rank optimizer states).
+
+class DurableCheckpoints(TrainerCallback):
+    """Flush each Trainer checkpoint to the disk once it is saved, then mark it so (``DURABLE_MARK``).
+
+    transformers writes ``checkpoint-N`` with plain writes and no flush. After a power cut or a crash of the
+    machine (not of the process), a checkpoint that was not flushed can come back with files of the right names
+    but short or zero-filled, which a resume loads and fails on, at every rerun. Here every process flushes the
+    folder at ``on_save`` (``fsync_tree``: under a multi-process launch each covers the files it wrote itself,
+    DeepSpeed's per-rank states), waits for the others, and the main process then writes the mark, flushed with
+    the folder. ``checkpoint_problem`` counts a checkpoint without the mark as incomplete, so the resume goes back
+    to the one before, which is whole: transformers calls ``on_save`` after its rotation, which with
+    ``save_total_limit=2`` removes only checkpoints older than that one. A process killed between the save and
+    the mark costs the steps since that earlier checkpoint.
     """
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+        from accelerate import PartialState  # noqa: PLC0415
+
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             fsync_tree(folder)
+        PartialState().wait_for_everyone()  # every process's files are on the disk before the mark
+        if state.is_world_process_zero and folder.is_dir():
+            atomic_write_text(folder / DURABLE_MARK, "")
+            fsync_dir(folder)
             fsync_dir(folder.parent)
 
 
@@ -274,7 +285,8 @@ def checkpoint_problem(
     """What a Trainer checkpoint folder lacks for a faithful resume, or None when it is whole.
 
     What transformers 5 (``Trainer._save_checkpoint``) writes, and reads back on resume:
-    - always ``trainer_state.json`` (written last) and, unless DeepSpeed saved the run, the weights:
+    - always ``trainer_state.json`` (written last), and ``DURABLE_MARK`` (ours: the whole folder was flushed to
+      the disk, :class:`DurableCheckpoints`), and, unless DeepSpeed saved the run, the weights:
       ``model.safetensors``, ``adapter_model.safetensors`` (LoRA) or a ``*.index.json`` with its shards;
     - with optimizer state (``save_only_model`` False): ``optimizer.pt`` and ``scheduler.pt``, and
       ``rng_state.pth`` (one process) or ``rng_state_{rank}.pth`` (one per process);
@@ -286,6 +298,8 @@ def checkpoint_problem(
     problem = _trainer_state_problem(folder / "trainer_state.json")
     if problem is not None:
         return problem
+    if not (folder / DURABLE_MARK).is_file():
+        return f"no {DURABLE_MARK} mark: its save was not flushed to the disk to the end"
     ds = _deepspeed_settings(deepspeed)
     # The processes that saved it: one wrote rng_state.pth, several one rng_state_{rank}.pth each.
     ranks = sorted(int(r) for p in folder.glob("rng_state_*.pth") if (r := p.stem.rsplit("_", 1)[1]).isdigit())

@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 MAX_STEPS = 8
 SAVE_STEPS = 2
 CHILD_TIMEOUT_S = 120
-# Where a child stops (and is then killed): after transformers' _save_checkpoint for step 4 has returned, i.e.
-# between checkpoints; or inside the save of step 6, after its weights and before its optimizer/RNG/trainer state.
+# Where a child stops (and is then killed): after step 4's checkpoint is saved (its on_save callbacks included),
+# i.e. between checkpoints; or inside the save of step 6, after its weights and before its optimizer/RNG/trainer state.
 AFTER_SAVE_4 = "after-save-4"
 INSIDE_SAVE_6 = "inside-save-6"
 
@@ -70,7 +70,8 @@ def _pause_at(out_dir: Path, pause: str) -> None:
     from transformers import Trainer
 
     where, step = pause.rsplit("-", 1)
-    name = {"after-save": "_save_checkpoint", "inside-save": "_save_optimizer_and_scheduler"}[where]
+    # after-save: after the step's log/save/evaluate, i.e. its checkpoint saved, flushed and marked (on_save)
+    name = {"after-save": "_maybe_log_save_evaluate", "inside-save": "_save_optimizer_and_scheduler"}[where]
     original = getattr(Trainer, name)
 
     def run_then_wait(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
@@ -275,10 +276,12 @@ def test_a_checkpoint_that_lost_its_optimizer_state_is_skipped_for_the_earlier_c
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_every_checkpoint_is_flushed_to_the_disk_when_it_is_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Each checkpoint-N is fsynced, every file and folder of it and then the checkpoints folder, at its save:
-    before the next save's rotation removes an older one (transformers itself writes them without a flush)."""
+def test_every_checkpoint_is_flushed_and_marked_before_training_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each checkpoint-N is fsynced, every file and folder of it, and marked (.durable, itself flushed) at its own
+    save, before the next training step and so before the next save's rotation can remove the one before it
+    (transformers itself writes checkpoints without a flush)."""
     from longshort import io as lsio
+    from tasks.sft import DURABLE_MARK
 
     synced: list[str] = []
     real_fsync = os.fsync
@@ -287,33 +290,35 @@ def test_every_checkpoint_is_flushed_to_the_disk_when_it_is_saved(tmp_path: Path
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    def snapshot() -> None:  # the checkpoints on disk when a training step starts
-        for ckpt in sorted((tmp_path / "checkpoints").glob("checkpoint-*")):
-            on_disk[ckpt.name] = {str(p) for p in ckpt.rglob("*")} | {str(ckpt)}
+    at_step: dict[int, tuple[set[str], list[str]]] = {}  # step about to train: (newest checkpoint's files, synced)
 
-    on_disk: dict[str, set[str]] = {}
-    monkeypatch.setattr(lsio.os, "fsync", fsync)
     from transformers import Trainer
 
     real_step = Trainer.training_step
 
     def training_step(self, *args, **kwargs):  # noqa: ANN001, ANN202
-        snapshot()
+        ckpts = sorted((tmp_path / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        if ckpts:
+            at_step[self.state.global_step + 1] = ({str(p) for p in ckpts[-1].rglob("*")} | {str(ckpts[-1])},
+                                                   list(synced))  # fmt: skip
         return real_step(self, *args, **kwargs)
 
+    monkeypatch.setattr(lsio.os, "fsync", fsync)
     monkeypatch.setattr(Trainer, "training_step", training_step)
-    _train(tmp_path, None, max_steps=4, save_steps=2)
+    _train(tmp_path, None, max_steps=6, save_steps=2)
 
-    assert set(on_disk) == {"checkpoint-2"}  # checkpoint-4 is saved after the last step, then both are retired
-    written = on_disk["checkpoint-2"]
-    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {
-        Path(p).name for p in written
-    }
-    assert written <= set(synced), sorted(written - set(synced))
-    for step in (2, 4):
-        folder = str(tmp_path / "checkpoints" / f"checkpoint-{step}")
-        assert f"{folder}/trainer_state.json" in synced and f"{folder}/optimizer.pt" in synced
-        assert synced.index(folder) < max(i for i, p in enumerate(synced) if p == str(tmp_path / "checkpoints"))
+    assert sorted(at_step) == [3, 4, 5, 6]
+    for step, ckpt in ((3, "checkpoint-2"), (5, "checkpoint-4")):  # the step right after each save
+        files, order = at_step[step]
+        names = {Path(p).name for p in files}
+        assert ckpt in names and DURABLE_MARK in names
+        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= names
+        folder = str(tmp_path / "checkpoints" / ckpt)
+        saved = files - {f"{folder}/{DURABLE_MARK}"}  # the mark was flushed under its temporary name, then renamed
+        assert saved <= set(order), sorted(saved - set(order))
+        mark = max(i for i, p in enumerate(order) if p.startswith(f"{folder}/.{DURABLE_MARK}."))
+        assert all(order.index(p) < mark for p in saved)  # marked only once the whole folder was flushed
+        assert folder in order[mark + 1 :] and str(tmp_path / "checkpoints") in order[mark + 1 :]
 
 
 if __name__ == "__main__":
@@ -323,14 +328,21 @@ if __name__ == "__main__":
 RESUME_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
 
 
-def _checkpoint(folder: Path, files: tuple[str, ...] = RESUME_FILES, state: str | None = '{"global_step": 1}') -> Path:
-    """A checkpoint folder laid out as transformers writes it (the files' contents are not read)."""
+def _checkpoint(
+    folder: Path, files: tuple[str, ...] = RESUME_FILES, state: str | None = '{"global_step": 1}', durable: bool = True
+) -> Path:
+    """A checkpoint folder laid out as transformers writes it, with DurableCheckpoints' mark (the files' contents
+    are not read)."""
+    from tasks.sft import DURABLE_MARK
+
     folder.mkdir(parents=True)
     for name in files:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"x")
     if state is not None:
         (folder / "trainer_state.json").write_text(state)
+    if durable:
+        (folder / DURABLE_MARK).write_text("")
     return folder
 
 
@@ -343,9 +355,11 @@ def test_only_whole_checkpoints_are_resumed_from(tmp_path: Path, caplog: pytest.
         _checkpoint(tmp_path / f"checkpoint-{step}", state=state)
     _checkpoint(tmp_path / "checkpoint-400", ("model.safetensors", "scheduler.pt", "rng_state.pth"))
     _checkpoint(tmp_path / "checkpoint-500", ("optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_2.pth"))
+    _checkpoint(tmp_path / "checkpoint-600", durable=False)  # every file, but a machine crash came before the flush
     with caplog.at_level("WARNING", logger="tasks.sft"):
         assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-100")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100"]
+    assert "checkpoint-600 (no .durable mark: its save was not flushed to the disk to the end)" in caplog.text
     assert "checkpoint-400 (missing optimizer.pt)" in caplog.text
     assert "checkpoint-500 (missing model weights" in caplog.text and "rng_state_<rank>.pth of ranks [1]" in caplog.text
     # none complete: start from scratch
