@@ -11,6 +11,7 @@ few bytes from ``/proc`` ten times a second costs nothing measurable.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 import threading
@@ -31,7 +32,10 @@ def free_accelerator_memory() -> None:
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - a CUDA error is sticky: it raises here again, and must not replace the first
+            logging.getLogger(__name__).warning("could not empty the CUDA cache", exc_info=True)
 
 
 def current_rss_bytes() -> int | None:

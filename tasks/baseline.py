@@ -143,6 +143,15 @@ def easy_problems_once(
 _COLOCATE_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING")
 
 
+def _cleanup(what: str, step: Callable[..., None], *args: Any) -> None:
+    """Run one clean-up step of a finished (or failed) training; its failure (a sticky CUDA error raises again) is
+    logged, so it neither skips the next step nor replaces the training's own error."""
+    try:
+        step(*args)
+    except Exception:  # noqa: BLE001
+        log.warning("baseline: could not %s", what, exc_info=True)
+
+
 def close_colocated_vllm(trainer: Any, env_before: Mapping[str, str | None]) -> None:
     """Shut down the vLLM engine TRL colocates with a GRPO trainer (``vllm_mode="colocate"``), which TRL never does,
     and put back the environment it changed (``env_before``: :data:`_COLOCATE_ENV` before the trainer was made).
@@ -150,7 +159,14 @@ def close_colocated_vllm(trainer: Any, env_before: Mapping[str, str | None]) -> 
     That engine runs inside this process and froze the garbage collector's view of every object alive when it
     started (vLLM's ``gc.freeze``), the policy model included: until its ``shutdown`` (which unfreezes, tears down
     vLLM's distributed state and empties the CUDA cache) none of that memory comes back, and the evaluation's
-    engines, started next in this process, would also run in-process. Nothing to shut down without vLLM."""
+    engines, started next in this process, would also run in-process. Nothing to shut down without vLLM
+    (``trainer`` None: the trainer was never made; the environment is put back all the same).
+
+    vLLM's teardown also destroys torch's default process group, which it shares with accelerate and DeepSpeed
+    (they made it first): call this after the training's last collective (``save_trained``'s barrier). A
+    DeepSpeed training started later in the same process would find accelerate's state saying "distributed"
+    with no group behind it; in the pipeline only evaluate (vLLM in its own processes) and the MLflow run
+    follow the baseline."""
     generation = getattr(trainer, "vllm_generation", None)
     llm = getattr(generation, "llm", None)
     if llm is not None:
@@ -274,15 +290,16 @@ def train_truncation_baseline(
         )
         history = _History(on_step)
         env_before = {name: os.environ.get(name) for name in _COLOCATE_ENV}
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=[reward],
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[history, DurableCheckpoints()],
-        )
+        trainer = None
         try:
+            trainer = GRPOTrainer(  # with use_vllm, TRL changes the environment and starts its engine here
+                model=model,
+                reward_funcs=[reward],
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                callbacks=[history, DurableCheckpoints()],
+            )
             trainer.remove_callback(PrinterCallback)  # each step is logged once, by ``on_step``
             last = last_complete_checkpoint(ckpt_dir, optimizer_state=not args.save_only_model, deepspeed=deepspeed)
             if last:
@@ -305,5 +322,6 @@ def train_truncation_baseline(
                 retire_checkpoints(ckpt_dir)
             return out
         finally:  # the stages after this one run in this process (DeepSpeed's engine goes before vLLM's process group)
-            release_trainer(trainer)
-            close_colocated_vllm(trainer, env_before)
+            if trainer is not None:
+                _cleanup("release the trainer", release_trainer, trainer)
+            _cleanup("shut down TRL's vLLM engine", close_colocated_vllm, trainer, env_before)
