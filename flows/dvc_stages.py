@@ -71,13 +71,25 @@ def require_dvc_data(cfg: Profile, params_file: Path, profile: str, overrides: S
     if reason is None:
         return
     sets = "".join(f" -s {shlex.quote(item)}" for item in overrides)  # the --set items that made ``cfg``
-    instead = f"run `longshort run -p {profile}{sets}` instead"
+    instead = f"run `longshort run -p {shlex.quote(profile)}{sets}` instead"
     if cfg.data.source == "demo":
         instead += f", or set {params_file}'s 'demo' section to the profile's data.demo"
     raise ConfigError(
         f"profile '{profile}': {reason}; `longshort stage` (dvc repro) reads only the splits that dvc.yaml's "
         f"synthesize stage writes from {params_file}'s 'demo' section: {instead}"
     )
+
+
+def require_splits(name: str, data: Path, params_file: Path) -> None:
+    """Raise FileNotFoundError, saying how to make them, when the splits stage ``name`` reads are not in ``data``."""
+    needed = {"chunk": ("train.jsonl", "heldout.jsonl"), "score": ()}.get(name, ("train.jsonl",))  # score: chunk's
+    if missing := [n for n in needed if not (Path(data) / n).is_file()]:
+        params = "" if Path(params_file) == Path("params.yaml") else f" --params {shlex.quote(str(params_file))}"
+        raise FileNotFoundError(
+            f"{data}: no {' or '.join(missing)}, the splits dvc.yaml's synthesize stage writes; run `dvc repro "
+            f"synthesize` (or `longshort synthesize{params} --out {shlex.quote(str(data))}`) first, or point "
+            "--data at them"
+        )
 
 
 def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
@@ -87,12 +99,6 @@ def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
         raise ValueError(f"unknown data stage '{name}'; known: {', '.join(DATA_STAGES)}")
     seed, base_model = cfg.run.seed, cfg.section_dump("base_model")
     train, heldout = str(data / "train.jsonl"), str(data / "heldout.jsonl")
-    needed = (train, heldout) if name == "chunk" else (train,)
-    if missing := [Path(p).name for p in needed if not Path(p).is_file()]:
-        raise FileNotFoundError(
-            f"{data}: no {' or '.join(missing)}, the splits dvc.yaml's synthesize stage writes; run `dvc repro "
-            f"synthesize` (or `longshort synthesize --out {data}`) first, or point --data at them"
-        )
     out = str(data / name)
     key = _inputs_key(name, cfg, data)
     if name == "sft_base":

@@ -306,12 +306,13 @@ def stage(
     Only for a profile whose data are the demo splits that dvc.yaml's synthesize stage writes (data.source demo,
     data.demo equal to params.yaml's 'demo' section); any other profile runs with `longshort run`.
     """
-    from flows.dvc_stages import require_dvc_data, run_data_stage  # noqa: PLC0415
+    from flows.dvc_stages import require_dvc_data, require_splits, run_data_stage  # noqa: PLC0415
     from longshort.config import load_profile  # noqa: PLC0415
 
     try:
         cfg = load_profile(profile, set_)
         require_dvc_data(cfg, params, profile, set_ or [])
+        require_splits(name, data, params)
         record = run_data_stage(name, cfg, data)
     except (ValueError, OSError) as exc:  # ConfigError, DataError, ModelLoadError; OutputError, a missing file
         _fail(exc)

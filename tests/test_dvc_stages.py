@@ -183,6 +183,9 @@ def test_stage_without_the_splits_says_how_to_make_them(in_tmp_repo):
     (in_tmp_repo / "data" / "half").mkdir(parents=True)
     (in_tmp_repo / "data" / "half" / "train.jsonl").write_text("")
     _refused(_cli_stage("chunk", "--data", "data/half"), "data/half: no heldout.jsonl, the splits")
+    (in_tmp_repo / "my params.yaml").write_text((in_tmp_repo / "params.yaml").read_text())
+    _refused(_cli_stage("sft_base", "--data", "data/none", "--params", "my params.yaml"),
+             "(or `longshort synthesize --params 'my params.yaml' --out data/none`)")  # fmt: skip
     assert sorted(p.name for p in (in_tmp_repo / "data" / "half").iterdir()) == ["train.jsonl"]  # nothing written
 
 
