@@ -448,7 +448,8 @@ class RLConfig(Section):
     prompts_per_step: int = Field(8, ge=1)
     group_size: int = Field(8, ge=2)  # G rollouts per problem
     learning_rate: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)  # AdamW; 0 as TRL's GRPO default, so a zero-advantage step moves nothing
+    weight_decay: float = Field(0.0, ge=0)  # AdamW; 0 as TRL's GRPO default (a zero-advantage step still moves the
+    # weights by AdamW's momentum, as in TRL)
     kl_coef: float = Field(0.0, ge=0)  # β; 0 disables the reference model
     efficiency: Efficiency = "laser"
     length_target: int = Field(512, ge=1)  # L_T, in tokens

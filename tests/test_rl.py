@@ -28,6 +28,7 @@ from tasks.rl import (
     trained_turn_sequences,
     train_pair_rl,
     turn_completions,
+    zero_spread_share,
 )
 
 PROTOCOL = ProtocolConfig(max_turns=2, max_new_tokens_long=16, max_new_tokens_short=16)
@@ -69,6 +70,16 @@ def test_group_advantages_by_hand():
     assert got == pytest.approx([0.75 / d, -0.25 / d, -0.25 / d, -0.25 / d, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages([1.0, 2.0], group_size=4)
+
+
+def test_groups_without_signal_are_counted_by_equal_rewards_not_by_a_float32_std():
+    """With the default weights a group of eight correct short episodes scores 1 + 0.1 + 0.5 = 2.6 each; in float32
+    their std is 2.6e-7, and such groups were counted as carrying signal (the qwen2.5-7b profile has G = 8)."""
+    r = 1.0 + 0.1 * 1.0 + 1.0 * 0.5
+    assert float(torch.tensor([r] * 8).std()) != 0.0  # what the old metric tested
+    rewards = [r] * 8 + [2.1] * 8 + [0.1] * 8 + [2.6] * 7 + [2.1]
+    assert zero_spread_share(rewards, 8) == 0.75
+    assert zero_spread_share([1, 0, 0, 0, 2, 2, 2, 2], 4) == 0.5
 
 
 def test_phase_schedule_alternates_long_then_short():
