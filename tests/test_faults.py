@@ -445,14 +445,16 @@ def test_a_rerun_removes_what_a_killed_atomic_write_left(tmp_path: Path):
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["record.json", "weights.bin"]
 
 
-def test_what_a_stage_left_in_reference_cycles_is_freed_before_the_next_stage_starts(tmp_path: Path):
+def test_what_a_stage_left_in_reference_cycles_is_freed_before_the_next_stage_starts(tmp_path: Path, monkeypatch):
     """The stages share one process; on a GPU the next one may start a vLLM engine, which refuses to start unless
     its share is free. A trainer's objects form reference cycles (callbacks, hooks) that only a collection frees:
-    the stage runner collects (and empties the CUDA cache) as each stage ends, failed ones included."""
+    the stage runner collects (and empties the CUDA cache) as each stage ends, failed ones included. A process
+    that never started CUDA skips the collection (it only costs time there)."""
     import gc
     import weakref
 
     from flows.stages import _run_stage
+    from longshort import memory
 
     class Trained:  # stands for a model held in a cycle with its trainer
         pass
@@ -471,11 +473,14 @@ def test_what_a_stage_left_in_reference_cycles_is_freed_before_the_next_stage_st
 
     gc.disable()  # no automatic collection: only the runner's
     try:
+        _run_stage("demo", "key", str(tmp_path / "cpu"), body)
+        assert left[0]() is not None  # this machine never started CUDA: nothing collected
+        monkeypatch.setattr(memory, "_accelerator_in_use", lambda: True)  # as after a stage trained on a GPU
         _run_stage("demo", "key", str(tmp_path / "ok"), body)
-        assert left[0]() is None
+        assert left[0]() is None and left[1]() is None
         with pytest.raises(RuntimeError):
             _run_stage("demo", "key", str(tmp_path / "failed"), failing)
-        assert left[1]() is None
+        assert left[2]() is None
     finally:
         gc.enable()
 
