@@ -193,16 +193,19 @@ def stage_deepspeed(args, profile, torch, work: Path, config: str) -> dict[str, 
         model, tokenizer = load_model(profile.base_model, path=args.base)
         examples = pair_sft_examples(tokenizer, read_split(args.d_long), "long")
 
-        def on_save(self, a, state, control, **kwargs):  # noqa: ANN001
+        durable = sft_module.DurableCheckpoints.on_save
+
+        def on_save(self, a, state, control, **kwargs):  # noqa: ANN001 - once the checkpoint is whole and marked
+            durable(self, a, state, control, **kwargs)
             raise _Interrupted(f"stopped after the checkpoint of step {state.global_step}")
 
         if interrupt:
-            sft_module._LossHistory.on_save = on_save
+            sft_module.DurableCheckpoints.on_save = on_save
         try:
             return sft_module.train_sft(examples, model.train(), tokenizer, cfg, work / name, seed=0)
         finally:
             if interrupt:
-                del sft_module._LossHistory.on_save
+                sft_module.DurableCheckpoints.on_save = durable
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -217,6 +220,9 @@ def stage_deepspeed(args, profile, torch, work: Path, config: str) -> dict[str, 
     start = time.perf_counter()
     resumed = run("resumed", interrupt=False)
     out["resumed_run_s"] = round(time.perf_counter() - start, 2)
+    if resumed.resumed_from is None or Path(resumed.resumed_from).name != f"checkpoint-{half}":
+        # a run from scratch with the same seed would end with the same weights: it must not pass for a resume
+        raise RuntimeError(f"the rerun did not resume from checkpoint-{half}: resumed_from={resumed.resumed_from}")
     start = time.perf_counter()
     whole = run("uninterrupted", interrupt=False)
     out["uninterrupted_run_s"] = round(time.perf_counter() - start, 2)

@@ -82,7 +82,10 @@ def require_dvc_data(cfg: Profile, params_file: Path, profile: str, overrides: S
 
 def require_splits(name: str, data: Path, params_file: Path) -> None:
     """Raise FileNotFoundError, saying how to make them, when the splits stage ``name`` reads are not in ``data``."""
-    needed = {"chunk": ("train.jsonl", "heldout.jsonl"), "score": ()}.get(name, ("train.jsonl",))  # score: chunk's
+    if name not in DATA_STAGES:
+        raise ValueError(f"unknown data stage '{name}'; known: {', '.join(DATA_STAGES)}")
+    # score reads chunk's folder, but its key holds the splits' digests (as every data stage's): keep them there
+    needed = ("train.jsonl", "heldout.jsonl") if name == "chunk" else ("train.jsonl",)
     if missing := [n for n in needed if not (Path(data) / n).is_file()]:
         params = "" if Path(params_file) == Path("params.yaml") else f" --params {shlex.quote(str(params_file))}"
         raise FileNotFoundError(

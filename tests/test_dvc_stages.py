@@ -177,7 +177,8 @@ def test_stage_refuses_demo_settings_other_than_params_yaml(demo_split):
 
 
 def test_stage_without_the_splits_says_how_to_make_them(in_tmp_repo):
-    for name in ("sft_base", "chunk"):
+    _refused(_cli_stage("sft_basse", "--data", "data/none"), "unknown data stage 'sft_basse'")
+    for name in ("sft_base", "chunk", "score"):
         _refused(_cli_stage(name, "--data", "data/none"), "data/none: no train.jsonl",
                  "run `dvc repro synthesize` (or `longshort synthesize --out data/none`) first")  # fmt: skip
     (in_tmp_repo / "data" / "half").mkdir(parents=True)
