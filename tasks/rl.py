@@ -430,15 +430,18 @@ class _Pair:
     adapters: dict[str, Any] = field(default_factory=dict)  # with LoRA: peft's wrapper of each model
     engine_weights_dir: Path | None = None  # with vLLM engines: where a trained model's weights pass to its engine
     devices: dict[str, torch.device] = field(default_factory=dict)  # with engines: where each model trains
+    refs: dict[str, Any] = field(default_factory=dict)  # full-weight reference models (kl_coef > 0), placed as models
 
     def place(self, role: Role, optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
         """With vLLM engines only the trained model needs the accelerator: its partner plays through its
         engine, so its weights (and optimizer state) wait in host memory until its own phase (15 GB of a
-        7B pair's GPU memory)."""
+        7B pair's GPU memory), and so does its full-weight reference model when there is one."""
         if self.engine_weights_dir is None:
             return
         for r, model in self.models.items():
             want = self.devices[r] if r == role else torch.device("cpu")
+            if r in self.refs and next(self.refs[r].parameters()).device != want:
+                self.refs[r].to(want)  # the KL term runs the reference next to the model it holds back
             if next(model.parameters()).device != want:
                 model.to(want)  # the same Parameter objects: the optimizer keeps its references
                 for state in optimizers[r].state.values():  # as Optimizer.load_state_dict places it: all but "step"
@@ -572,7 +575,7 @@ def _start_engines(
     # an engine refuses to start unless its share is free: the models wait in host memory meanwhile, and
     # ``_Pair.place`` brings back only the one a step trains
     pair.devices = {r: next(m.parameters()).device for r, m in pair.models.items()}
-    for model in pair.models.values():
+    for model in [*pair.models.values(), *pair.refs.values()]:
         model.to("cpu")
     free_accelerator_memory()
     engine_gen = gen.model_copy(update={"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization})
@@ -752,6 +755,7 @@ def train_pair_rl(
             else load_model(model_cfg, path=p, device=next(pair.models[r].parameters()).device)[0]
             for r, p in zip(ROLES, (long_dir, short_dir), strict=True)
         }  # fmt: skip
+        pair.refs = {r: m for r, m in refs.items() if isinstance(m, torch.nn.Module)}  # not _AdaptersOff: no own weights
     if engines:
         assert generation is not None
         context = rollout_context_tokens([*problems, *probe_problems], pair.tokenizers["long"], cfg, protocol)

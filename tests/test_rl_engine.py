@@ -32,7 +32,7 @@ from models.generation import (
     vllm_available,
 )
 from models.protocol import SYSTEM_PROMPTS
-from tasks.rl import _TURN_MARGIN, engine_context, rollout_context_tokens, train_pair_rl
+from tasks.rl import _TURN_MARGIN, _Pair, engine_context, rollout_context_tokens, train_pair_rl
 from tasks.sft import peft_lora
 
 
@@ -169,6 +169,32 @@ def test_an_rl_engine_reserves_the_context_its_episodes_reach_not_the_profiles_e
     assert engine_context(4_600, None, 131_072) == 4_600
     assert engine_context(4_600, None, 4_096) is None  # the model's own context is the limit anyway
     assert engine_context(4_600, None, None) == 4_600
+
+
+
+def test_with_engines_a_full_weight_reference_model_follows_its_model_to_the_accelerator_and_back(
+    tiny_model, demo_tokenizer
+):
+    """With kl_coef > 0 and no LoRA, each model has a reference copy of its weights. With vLLM engines only the
+    trained model sits on the accelerator; its reference must too (the KL term runs them side by side), and the
+    partner's reference must not (it was left there: 2 x 15 GB of a 7B pair next to the engines). The meta
+    device stands in for the accelerator of a machine without one."""
+    import copy
+
+    models = {"long": tiny_model, "short": copy.deepcopy(tiny_model)}
+    refs = {r: copy.deepcopy(m) for r, m in models.items()}
+    optimizers = {r: torch.optim.AdamW(m.parameters()) for r, m in models.items()}
+    meta = torch.device("meta")
+    pair = _Pair(models=models, tokenizers={r: demo_tokenizer for r in models}, engine_weights_dir=Path("unused"),
+                 devices={"long": meta, "short": meta}, refs=refs)  # fmt: skip
+
+    pair.place("long", optimizers)
+
+    def device(module) -> str:
+        return next(module.parameters()).device.type
+
+    assert (device(models["long"]), device(refs["long"])) == ("meta", "meta")
+    assert (device(models["short"]), device(refs["short"])) == ("cpu", "cpu")
 
 
 # --------------------------------------------------------------------------- the RL loop with engines
