@@ -80,10 +80,14 @@ def require_dvc_data(cfg: Profile, params_file: Path, profile: str, overrides: S
     )
 
 
-def require_splits(name: str, data: Path, params_file: Path) -> None:
-    """Raise FileNotFoundError, saying how to make them, when the splits stage ``name`` reads are not in ``data``."""
+def _require_known(name: str) -> None:
     if name not in DATA_STAGES:
         raise ValueError(f"unknown data stage '{name}'; known: {', '.join(DATA_STAGES)}")
+
+
+def require_splits(name: str, data: Path, params_file: Path) -> None:
+    """Raise FileNotFoundError, saying how to make them, when the splits stage ``name`` reads are not in ``data``."""
+    _require_known(name)
     # score reads chunk's folder, but its key holds the splits' digests (as every data stage's): keep them there
     needed = ("train.jsonl", "heldout.jsonl") if name == "chunk" else ("train.jsonl",)
     if missing := [n for n in needed if not (Path(data) / n).is_file()]:
@@ -98,8 +102,7 @@ def require_splits(name: str, data: Path, params_file: Path) -> None:
 def run_data_stage(name: str, cfg: Profile, data: Path) -> StageRecord:
     """Run one data stage for profile ``cfg``, reading upstream outputs from ``data``."""
     data = Path(data)
-    if name not in DATA_STAGES:
-        raise ValueError(f"unknown data stage '{name}'; known: {', '.join(DATA_STAGES)}")
+    _require_known(name)
     seed, base_model = cfg.run.seed, cfg.section_dump("base_model")
     train, heldout = str(data / "train.jsonl"), str(data / "heldout.jsonl")
     out = str(data / name)
