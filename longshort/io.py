@@ -13,7 +13,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,16 @@ def replace_tree(src: Path, dst: Path) -> None:
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(src, dst)
     fsync_dir(Path(dst).parent)
+
+
+def restore_environ(before: Mapping[str, str | None]) -> None:
+    """Put environment variables back as ``before`` has them (``{name: os.environ.get(name)}`` taken earlier):
+    a value is set again, None removes the variable."""
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from longshort.config import HELDOUT, ConfigError, Profile, TrackingConfig, check_tracking_uri
 from longshort.endpoints import require_reachable
-from longshort.io import file_lock
+from longshort.io import file_lock, restore_environ
 from longshort.records import StageRecord
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,7 @@ def use_store(uri: str) -> None:
     before = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    restore_environ(before)
 
 
 def configure(profile: Profile) -> str:

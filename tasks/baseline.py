@@ -32,7 +32,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 
 from longshort.config import BaselineConfig, ConfigError
-from longshort.io import atomic_write_text
+from longshort.io import atomic_write_text, restore_environ
 from models.generation import GenerationBackend, shutdown_vllm, vllm_available
 from models.protocol import SYSTEM_PROMPTS
 from tasks.answers import check_answer
@@ -172,11 +172,7 @@ def close_colocated_vllm(trainer: Any, env_before: Mapping[str, str | None]) -> 
     if llm is not None:
         shutdown_vllm(llm)
         generation.llm = None
-    for name, value in env_before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    restore_environ(env_before)
 
 
 class _History(TrainerCallback):
