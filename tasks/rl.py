@@ -54,7 +54,6 @@ import torch.utils.checkpoint
 
 from longshort.config import ConfigError, GenerationConfig, ModelConfig, ProtocolConfig, RLConfig
 from longshort.io import replace_tree
-from longshort.memory import free_accelerator_memory
 from models.factory import load_model
 from models.generation import (
     Completion,
@@ -576,8 +575,7 @@ def _start_engines(
     # ``_Pair.place`` brings back only the one a step trains
     pair.devices = {r: next(m.parameters()).device for r, m in pair.models.items()}
     for model in [*pair.models.values(), *pair.refs.values()]:
-        model.to("cpu")
-    free_accelerator_memory()
+        model.to("cpu")  # VLLMBackend frees what they leave in the CUDA cache before the engine starts
     engine_gen = gen.model_copy(update={"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization})
     for role in ROLES:
         limit = getattr(pair.models[role].config, "max_position_embeddings", None)
