@@ -292,8 +292,10 @@ def checkpoint_problem(
       ``rng_state.pth`` (one process) or ``rng_state_{rank}.pth`` (one per process);
     - under DeepSpeed, instead of the weights and ``optimizer.pt``, the engine's ``save_checkpoint``: a
       ``latest`` file naming a ``global_stepN/`` folder of ``*model_states.pt`` and, with ZeRO (stage >= 1),
-      one ``*optim_states.pt`` per data-parallel rank. ``scheduler.pt`` is still written unless the
-      DeepSpeed config has its own ``scheduler`` (then it lives in the engine's states).
+      one ``*optim_states.pt`` per data-parallel rank. ``scheduler.pt`` is still written unless the engine
+      runs the LR scheduler (then it lives in the engine's states): when the DeepSpeed config has its own
+      ``scheduler``, or its own ``optimizer`` (``integrations.deepspeed.deepspeed_optim_sched`` then hands the
+      Trainer's scheduler to the engine), as ``infra/deepspeed/zero3_offload.json`` does.
     """
     problem = _trainer_state_problem(folder / "trainer_state.json")
     if problem is not None:
@@ -340,12 +342,17 @@ def weights_missing(folder: Path) -> list[str]:
 
 
 def _deepspeed_settings(deepspeed: str | Mapping[str, Any] | None) -> tuple[int, bool] | None:
-    """(ZeRO stage, whether DeepSpeed runs the LR scheduler) of a DeepSpeed config path or dict."""
+    """(ZeRO stage, whether DeepSpeed runs the LR scheduler) of a DeepSpeed config path or dict.
+
+    The engine runs the scheduler when the config names a ``scheduler``, and also when it names an ``optimizer``:
+    transformers then builds its own scheduler inside ``deepspeed.initialize`` and the Trainer holds a
+    ``DeepSpeedSchedulerWrapper``, which ``Trainer._save_optimizer_and_scheduler`` does not write to
+    ``scheduler.pt``."""
     if deepspeed is None:
         return None
     cfg = deepspeed if isinstance(deepspeed, Mapping) else json.loads(Path(deepspeed).read_text(encoding="utf-8"))
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    return (int(stage) if str(stage).isdigit() else 0), "scheduler" in cfg
+    return (int(stage) if str(stage).isdigit() else 0), "scheduler" in cfg or "optimizer" in cfg
 
 
 def _deepspeed_missing(folder: Path, zero_stage: int, world: int | None) -> list[str]:

@@ -405,6 +405,14 @@ def test_what_a_checkpoint_needs_depends_on_how_it_was_saved(tmp_path: Path):
     ds_file.write_text(json.dumps({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}))
     (ds / "latest").write_text("global_step4\n")
     assert checkpoint_problem(ds, deepspeed=str(ds_file)) == lost_rank
+    # so does one with its own optimizer and no scheduler (the profiles' zero3_offload.json): transformers hands
+    # its scheduler to the engine, and no scheduler.pt is written (seen on an H200: every such checkpoint was
+    # taken for incomplete and removed, so a killed SFT started over)
+    offload = json.loads((REPO / "infra" / "deepspeed" / "zero3_offload.json").read_text())
+    assert "optimizer" in offload and "scheduler" not in offload
+    (ds / "global_step4" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    assert checkpoint_problem(ds, deepspeed=offload) is None
+    assert checkpoint_problem(ds, deepspeed=zero3) == "missing scheduler.pt"
 
 
 def test_the_run_loss_weights_each_logged_window_by_the_steps_it_covers():
