@@ -15,7 +15,8 @@ Three stages, each with the demo profile's settings (configs/demo.yaml) unless a
    ``--rl-dtypes`` is one run with the pair loaded in that dtype; a half-precision one trains fp32 LoRA
    adapters (r=16 unless the profile sets ``rl.lora``), as a profile with such weights must. The models go to CUDA through
    ``models.generation.TransformersBackend`` (cuda when available). Reports seconds per step and each
-   step's logged reward, accuracy and tokens.
+   step's logged reward, accuracy and tokens. ``--rl-kl-coef`` > 0 adds the KL term and its reference models
+   (a frozen copy next to each full-weight model, the adapters switched off for a LoRA one).
 3. ``baseline``: ``--baseline-steps`` steps of ``tasks.baseline.train_truncation_baseline`` (TRL
    GRPOTrainer, ``model.generate`` rollouts: no vLLM) from the base model, bf16 on CUDA, on the first
    ``baseline.n_problems`` training problems *without* the easy filter (it would cost a sampling pass).
@@ -29,6 +30,9 @@ Three stages, each with the demo profile's settings (configs/demo.yaml) unless a
    then once without a stop. Reports where it resumed, whether the saved model is whole (ZeRO-3 gathers its
    shards on save) and finite, and how far the resumed weights are from the uninterrupted ones.
 
+After each stage, the pipeline's clean-up between stages runs (garbage collection, the CUDA cache emptied) and
+what the stage left allocated on the GPU is recorded (``left_allocated_mib`` and the largest live CUDA tensors):
+stages share one process in a worker, so a stage that leaves memory behind takes it from the next.
 Every stage runs even if an earlier one failed (its error is recorded). With ``--budget-s`` a stage
 that would start after that many seconds of the script is skipped. The results go, as JSON, to
 ``--json`` (default ``$OUT/gpu_check.json`` when ``OUT`` is set), rewritten after every stage.
@@ -100,6 +104,44 @@ def _cuda_memory(torch) -> dict[str, float]:  # noqa: ANN001
     if not torch.cuda.is_available():
         return {}
     return {"peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+
+
+def _left_allocated(torch) -> dict[str, Any]:  # noqa: ANN001
+    """What a finished stage left on the GPU once the pipeline's own clean-up between stages has run
+    (``longshort.memory.free_accelerator_memory``): the memory still allocated, and the largest CUDA tensors
+    the garbage collector still sees (what holds them is for a debugger; this says whether anything does)."""
+    if not torch.cuda.is_available():
+        return {}
+    import gc  # noqa: PLC0415
+
+    from longshort.memory import free_accelerator_memory  # noqa: PLC0415
+
+    free_accelerator_memory()
+    live = []
+    for obj in gc.get_objects():
+        try:
+            if torch.is_tensor(obj) and obj.is_cuda:
+                live.append(obj)
+        except Exception:  # noqa: BLE001, S112 - a proxy object that fails isinstance-like checks: not a tensor
+            continue
+    live.sort(key=lambda t: t.untyped_storage().nbytes(), reverse=True)
+    return {
+        "left_allocated_mib": round(torch.cuda.memory_allocated() / 2**20, 1),
+        "left_reserved_mib": round(torch.cuda.memory_reserved() / 2**20, 1),
+        "left_cuda_tensors": len(live),
+        "left_largest": [
+            f"{type(t).__name__}{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} "
+            f"{t.untyped_storage().nbytes() / 2**20:.1f} MiB"
+            for t in live[:5]
+        ],
+    }
+
+
+def _brief(stage: dict[str, Any]) -> str:
+    if "left_allocated_mib" not in stage:
+        return "no CUDA"
+    return (f"{stage['left_allocated_mib']} MiB allocated in {stage['left_cuda_tensors']} tensors the collector sees, "
+            f"largest {stage['left_largest'][:3]}")  # fmt: skip
 
 
 def stage_sft(args, profile, torch, work: Path) -> dict[str, Any]:  # noqa: ANN001
@@ -261,6 +303,7 @@ def stage_rl(args, profile, torch, work: Path, dtype: str) -> dict[str, Any]:  #
             "prompts_per_step": args.rl_prompts,
             "group_size": args.rl_group,
             "checkpoint_every": 10**6,  # only the final checkpoint
+            "kl_coef": profile.rl.kl_coef if args.rl_kl_coef is None else args.rl_kl_coef,
             # as a profile must: half-precision weights train fp32 LoRA adapters (AdamW would round updates away)
             "lora": profile.rl.lora or ({"r": 16, "alpha": 32, "dropout": 0.0} if dtype != "float32" else None),
         }
@@ -298,11 +341,12 @@ def stage_rl(args, profile, torch, work: Path, dtype: str) -> dict[str, Any]:  #
     )  # fmt: skip
     wall = time.perf_counter() - start
     keys = ("step", "role", "reward/total", "reward/correctness", "reward/format", "reward/efficiency", "accuracy",
-            "tokens/total", "tokens/long", "tokens/short", "turns", "trained_tokens", "loss", "grad_norm")  # fmt: skip
+            "tokens/total", "tokens/long", "tokens/short", "turns", "trained_tokens", "loss", "kl", "grad_norm")  # fmt: skip
     out = {
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "weights_dtype": dtype,
         "lora": cfg.lora.model_dump() if cfg.lora else None,
+        "kl_coef": cfg.kl_coef,
         "steps": result.steps,
         **_step_times(times),
         "runtime_s": round(result.runtime_s, 2),
@@ -403,6 +447,8 @@ def main() -> None:
     ap.add_argument("--rl-group", type=int, default=4)
     ap.add_argument("--rl-dtypes", default=None, help="comma-separated weight dtypes for RL runs "
                     "(default: bfloat16,float32 on CUDA, float32 on CPU); runs after the first go last")
+    ap.add_argument("--rl-kl-coef", type=float, default=None, help="the RL's KL coefficient (default: the "
+                    "profile's; > 0 adds the reference models: frozen copies, or the adapters switched off)")
     ap.add_argument("--baseline-steps", type=int, default=4)
     ap.add_argument("--baseline-prompts", type=int, default=8)
     ap.add_argument("--baseline-group", type=int, default=4)
@@ -497,6 +543,11 @@ def main() -> None:
                 traceback.print_exc()
                 report.data["stages"][name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
             report.data["stages"][name]["stage_wall_s"] = round(time.perf_counter() - start, 2)
+            try:
+                report.data["stages"][name] |= _left_allocated(torch)
+            except Exception as exc:  # noqa: BLE001 - a reading, not a stage: record why it is missing
+                report.data["stages"][name]["left_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"[{name}] left on the GPU after clean-up: {_brief(report.data['stages'][name])}", flush=True)
             report.save()
     finally:
         if tmp is not None:

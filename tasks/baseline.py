@@ -40,6 +40,7 @@ from tasks.evaluate import response_answer, single_model_records
 from tasks.rewards import truncation_reward
 from tasks.sft import (
     DurableCheckpoints,
+    cleanup_step,
     deepspeed_scope,
     finished_run,
     inputs_digest,
@@ -141,15 +142,6 @@ def easy_problems_once(
 # What TRL's colocated vLLM engine sets in os.environ for the whole process: its rank variables, and vLLM's
 # in-process mode, which ``distributed_executor_backend="external_launcher"`` turns on and nothing turns off.
 _COLOCATE_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING")
-
-
-def _cleanup(what: str, step: Callable[..., None], *args: Any) -> None:
-    """Run one clean-up step of a finished (or failed) training; its failure (a sticky CUDA error raises again) is
-    logged, so it neither skips the next step nor replaces the training's own error."""
-    try:
-        step(*args)
-    except Exception:  # noqa: BLE001
-        log.warning("baseline: could not %s", what, exc_info=True)
 
 
 def close_colocated_vllm(trainer: Any, env_before: Mapping[str, str | None]) -> None:
@@ -319,5 +311,5 @@ def train_truncation_baseline(
             return out
         finally:  # the stages after this one run in this process (DeepSpeed's engine goes before vLLM's process group)
             if trainer is not None:
-                _cleanup("release the trainer", release_trainer, trainer)
-            _cleanup("shut down TRL's vLLM engine", close_colocated_vllm, trainer, env_before)
+                cleanup_step("release the baseline trainer", release_trainer, trainer)
+            cleanup_step("shut down TRL's vLLM engine", close_colocated_vllm, trainer, env_before)

@@ -321,6 +321,108 @@ def test_every_checkpoint_is_flushed_and_marked_before_training_goes_on(tmp_path
         assert folder in order[mark + 1 :] and str(tmp_path / "checkpoints") in order[mark + 1 :]
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_failed_sft_releases_its_trainer_and_keeps_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A training that fails still hands the accelerator back (a Prefect retry runs in the same process), keeps
+    the checkpoints it wrote, and raises its own error, also when the release itself fails."""
+    from transformers import Trainer
+
+    import tasks.sft as sft
+
+    real_step = Trainer.training_step
+
+    def training_step(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        if self.state.global_step == 3:
+            raise RuntimeError("CUDA out of memory (simulated at step 4)")
+        return real_step(self, *args, **kwargs)
+
+    released: list[object] = []
+    real_release = sft.release_trainer
+
+    def release(trainer: Trainer) -> None:
+        released.append(trainer)
+        real_release(trainer)
+
+    monkeypatch.setattr(Trainer, "training_step", training_step)
+    monkeypatch.setattr(sft, "release_trainer", release)
+    with pytest.raises(RuntimeError, match="simulated at step 4"):
+        _train(tmp_path / "a", None, max_steps=6, save_steps=2)
+    assert len(released) == 1 and released[0].accelerator._models == []  # free_memory dropped the prepared model
+    assert [p.name for p in (tmp_path / "a" / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+
+    def failing_release(trainer: Trainer) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(sft, "release_trainer", failing_release)
+    with caplog.at_level("WARNING", logger="tasks.sft"), pytest.raises(RuntimeError, match="simulated at step 4"):
+        _train(tmp_path / "b", None, max_steps=6, save_steps=2)
+    assert "could not release the SFT trainer" in caplog.text and "illegal memory access" in caplog.text
+
+
+def test_release_drops_what_deepspeed_zero3_keeps_of_a_destroyed_engine(monkeypatch: pytest.MonkeyPatch):
+    """DeepSpeed 0.19.8 keeps a ZeRO-3 model alive after its engine's destroy(): on its module stack and in a method's
+    lru_cache (see tasks.sft._forget_zero3_module). The two places, laid out as in that release (the cache behind
+    its NVTX wrapper), are emptied of the model, and nothing else of the stack goes."""
+    import functools
+    import gc
+    import types
+    import weakref
+
+    import torch
+
+    from tasks.sft import _forget_zero3_module
+
+    def instrument_w_nvtx(func):  # noqa: ANN001, ANN202 - deepspeed.utils.nvtx's wrapper: no functools.wraps
+        def wrapped_fn(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            return func(*args, **kwargs)
+
+        return wrapped_fn
+
+    class PartitionedParameterCoordinator:
+        @instrument_w_nvtx
+        @functools.lru_cache(maxsize=None)  # noqa: B019 - the leak under test
+        def __params_to_release(self, submodule: torch.nn.Module, step_id: int) -> set[int]:
+            return {id(p) for p in submodule.parameters()}
+
+        def release(self, submodule: torch.nn.Module, step_id: int) -> set[int]:
+            return self.__params_to_release(submodule, step_id)
+
+    model, other = torch.nn.Linear(2, 2), torch.nn.Linear(3, 3)
+    offload = types.ModuleType("deepspeed.runtime.zero.parameter_offload")
+    offload.FWD_MODULE_STACK = [other, model]
+    coordinator = types.ModuleType("deepspeed.runtime.zero.partitioned_param_coordinator")
+    coordinator.PartitionedParameterCoordinator = PartitionedParameterCoordinator
+    monkeypatch.setitem(sys.modules, offload.__name__, offload)
+    monkeypatch.setitem(sys.modules, coordinator.__name__, coordinator)
+    PartitionedParameterCoordinator().release(model, 0)
+    alive = weakref.ref(model)
+
+    _forget_zero3_module(model, None)
+    del model
+    gc.collect()
+    assert alive() is None
+    assert offload.FWD_MODULE_STACK == [other]
+    _forget_zero3_module()  # no DeepSpeed imported, or nothing of ours left: nothing happens
+    monkeypatch.delitem(sys.modules, offload.__name__)
+    _forget_zero3_module(other)
+
+
+def test_the_deepspeed_installed_keeps_zero3_models_where_release_looks():
+    """Where DeepSpeed is installed (the GPU extra), its ZeRO-3 internals are still where the release clears them:
+    a DeepSpeed upgrade that moves them fails here instead of leaking a model per SFT stage."""
+    pytest.importorskip("deepspeed")
+    import importlib
+
+    offload = importlib.import_module("deepspeed.runtime.zero.parameter_offload")
+    coordinator = importlib.import_module("deepspeed.runtime.zero.partitioned_param_coordinator")
+    assert isinstance(offload.FWD_MODULE_STACK, list)
+    method = vars(coordinator.PartitionedParameterCoordinator)["_PartitionedParameterCoordinator__params_to_release"]
+    cached = [method, *(c.cell_contents for c in method.__closure__ or ())]
+    assert any(callable(getattr(c, "cache_clear", None)) for c in cached)
+
+
 if __name__ == "__main__":
     _train(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
 
