@@ -140,7 +140,8 @@ def _forget_zero3_module(*modules: Any) -> None:
 
     DeepSpeed (0.19.8) holds a ZeRO-3 model in two process-wide places that ``destroy`` leaves alone:
     - ``FWD_MODULE_STACK`` (``deepspeed.runtime.zero.parameter_offload``): each engine pushes its model when it sets
-      up its hooks and never pops it (forwards push and pop sub-modules above it). ``modules`` are taken off.
+      up its hooks and never pops it (forwards push and pop sub-modules above it; a forward that raised leaves
+      them). ``modules`` and their sub-modules are taken off.
     - the ``functools.lru_cache`` of ``PartitionedParameterCoordinator.__params_to_release``, a method's cache keyed
       by the coordinator and the sub-modules: emptied (for every coordinator: a live engine only recomputes it).
     Through its parameters the model keeps the ZeRO-3 optimizer alive, with its reduce bucket (5e8 elements unless
@@ -149,7 +150,7 @@ def _forget_zero3_module(*modules: Any) -> None:
     offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
     stack = getattr(offload, "FWD_MODULE_STACK", None)
     if isinstance(stack, list):
-        ids = {id(m) for m in modules if m is not None}
+        ids = {id(sub) for m in modules if isinstance(m, torch.nn.Module) for sub in m.modules()}
         stack[:] = [m for m in stack if id(m) not in ids]
     coordinator = getattr(sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator"),
                           "PartitionedParameterCoordinator", None)  # fmt: skip

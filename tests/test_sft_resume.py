@@ -389,9 +389,9 @@ def test_release_drops_what_deepspeed_zero3_keeps_of_a_destroyed_engine(monkeypa
         def release(self, submodule: torch.nn.Module, step_id: int) -> set[int]:
             return self.__params_to_release(submodule, step_id)
 
-    model, other = torch.nn.Linear(2, 2), torch.nn.Linear(3, 3)
+    model, other = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()), torch.nn.Linear(3, 3)
     offload = types.ModuleType("deepspeed.runtime.zero.parameter_offload")
-    offload.FWD_MODULE_STACK = [other, model]
+    offload.FWD_MODULE_STACK = [other, model, model[0]]  # model[0]: left by a forward that raised
     coordinator = types.ModuleType("deepspeed.runtime.zero.partitioned_param_coordinator")
     coordinator.PartitionedParameterCoordinator = PartitionedParameterCoordinator
     monkeypatch.setitem(sys.modules, offload.__name__, offload)
