@@ -117,27 +117,28 @@ def _left_allocated(torch) -> dict[str, Any]:  # noqa: ANN001
     from longshort.memory import free_accelerator_memory  # noqa: PLC0415
 
     free_accelerator_memory()
-    live = []
+    live: list[tuple[int, Any]] = []  # (bytes of its storage, tensor)
     for obj in gc.get_objects():
         try:
             if torch.is_tensor(obj) and obj.is_cuda:
-                live.append(obj)
-        except Exception:  # noqa: BLE001, S112 - a proxy object that fails isinstance-like checks: not a tensor
+                live.append((obj.untyped_storage().nbytes(), obj))
+        except Exception:  # noqa: BLE001, S112 - a proxy that fails the checks, or a tensor without a storage (sparse)
             continue
-    live.sort(key=lambda t: t.untyped_storage().nbytes(), reverse=True)
+    live.sort(key=lambda item: item[0], reverse=True)
     return {
         "left_allocated_mib": round(torch.cuda.memory_allocated() / 2**20, 1),
         "left_reserved_mib": round(torch.cuda.memory_reserved() / 2**20, 1),
         "left_cuda_tensors": len(live),
         "left_largest": [
-            f"{type(t).__name__}{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} "
-            f"{t.untyped_storage().nbytes() / 2**20:.1f} MiB"
-            for t in live[:5]
+            f"{type(t).__name__}{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} {size / 2**20:.1f} MiB"
+            for size, t in live[:5]
         ],
     }
 
 
 def _brief(stage: dict[str, Any]) -> str:
+    if "left_error" in stage:
+        return f"not read: {stage['left_error']}"
     if "left_allocated_mib" not in stage:
         return "no CUDA"
     return (f"{stage['left_allocated_mib']} MiB allocated in {stage['left_cuda_tensors']} tensors the collector sees, "

@@ -113,8 +113,9 @@ def save_trained(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, model_dir
 
 
 def release_trainer(trainer: Trainer) -> None:
-    """Free what a finished (or failed) Trainer holds on the accelerator, for the stages that run after it in this
-    process, a retry of the same stage included.
+    """Free what a finished (or failed) Trainer holds on the accelerator, for what runs after it in this process: the
+    next stages, or after a failure a caller that catches the error and goes on (``bench/gpu_check.py``'s stopped
+    runs; the pipeline itself sets no retries on SFT, and its failed flow ends).
 
     ``accelerator.free_memory`` destroys a DeepSpeed engine (removing the hooks ZeRO put on the model) and drops
     the accelerator's references to the prepared model, optimizer and scheduler, as accelerate advises between
@@ -122,8 +123,11 @@ def release_trainer(trainer: Trainer) -> None:
     ZeRO-3 module stack (:func:`_forget_zero3_module`). The trainer goes when its caller returns, and the stage
     runner then collects and empties the CUDA cache (``free_accelerator_memory``)."""
     engine_module = getattr(getattr(trainer, "model_wrapped", None), "module", None)  # before the engine goes
-    trainer.accelerator.free_memory()
-    _forget_zero3_module(trainer.model, engine_module)
+    try:
+        trainer.accelerator.free_memory()
+    finally:  # a sticky CUDA error raises from the engine's destroy: DeepSpeed's references go all the same
+        # GRPO's reference model under ZeRO-3 is an engine of its own (TRL's prepare_deepspeed), outside accelerate
+        _forget_zero3_module(trainer.model, engine_module, getattr(trainer, "ref_model", None))
 
 
 def cleanup_step(what: str, step: Callable[..., None], *args: Any) -> None:
@@ -635,6 +639,6 @@ def train_sft(
                 atomic_write_text(out_dir / "sft_result.json", json.dumps({**asdict(out), "inputs": inputs}, indent=2))
                 retire_checkpoints(ckpt_dir)
             return out
-        finally:  # after a failure too: a retry in this process (Prefect's) gets the accelerator's memory back
+        finally:  # after a failure too: a caller that catches the error gets the accelerator's memory back
             cleanup_step("release the SFT trainer", release_trainer, trainer)
 

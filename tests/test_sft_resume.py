@@ -405,6 +405,20 @@ def test_release_drops_what_deepspeed_zero3_keeps_of_a_destroyed_engine(monkeypa
     assert alive() is None
     assert offload.FWD_MODULE_STACK == [other]
     _forget_zero3_module()  # no DeepSpeed imported, or nothing of ours left: nothing happens
+
+    # release_trainer drops them also when the engine's destroy raises (a sticky CUDA error), and the error stands
+    from tasks.sft import release_trainer
+
+    def destroy_fails() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    ref = torch.nn.Linear(4, 4)  # TRL's GRPO reference engine under ZeRO-3
+    offload.FWD_MODULE_STACK[:] = [other, ref]
+    trainer = types.SimpleNamespace(model=other, model_wrapped=None, ref_model=ref,
+                                    accelerator=types.SimpleNamespace(free_memory=destroy_fails))  # fmt: skip
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        release_trainer(trainer)
+    assert offload.FWD_MODULE_STACK == []
     monkeypatch.delitem(sys.modules, offload.__name__)
     _forget_zero3_module(other)
 
