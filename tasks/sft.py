@@ -151,17 +151,24 @@ def _forget_zero3_module(*modules: Any) -> None:
     Through its parameters the model keeps the ZeRO-3 optimizer alive, with its reduce bucket (5e8 elements unless
     the config sets ``reduce_bucket_size``): on an H200 each ZeRO-3 SFT of the demo model left 1 GiB allocated, and
     a 7B model would keep its weights and optimizer state too. Nothing to do when DeepSpeed was never imported."""
-    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
-    stack = getattr(offload, "FWD_MODULE_STACK", None)
-    if isinstance(stack, list):
+    stack, cache_clear = _zero3_holders()
+    if stack is not None:
         ids = {id(sub) for m in modules if isinstance(m, torch.nn.Module) for sub in m.modules()}
         stack[:] = [m for m in stack if id(m) not in ids]
+    if cache_clear is not None:
+        cache_clear()
+
+
+def _zero3_holders() -> tuple[list[Any] | None, Callable[[], None] | None]:
+    """The two places of :func:`_forget_zero3_module` in the DeepSpeed this process imported: its module stack, and
+    the ``cache_clear`` of the coordinator's cache (behind DeepSpeed's NVTX wrapper); None for one not found."""
+    stack = getattr(sys.modules.get("deepspeed.runtime.zero.parameter_offload"), "FWD_MODULE_STACK", None)
     coordinator = getattr(sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator"),
                           "PartitionedParameterCoordinator", None)  # fmt: skip
     method = vars(coordinator).get("_PartitionedParameterCoordinator__params_to_release") if coordinator else None
-    for candidate in (method, *(c.cell_contents for c in getattr(method, "__closure__", None) or ())):  # nvtx-wrapped
-        if callable(getattr(candidate, "cache_clear", None)):
-            candidate.cache_clear()
+    candidates = (method, *(c.cell_contents for c in getattr(method, "__closure__", None) or ()))
+    cache_clear = next((c.cache_clear for c in candidates if callable(getattr(c, "cache_clear", None))), None)
+    return (stack if isinstance(stack, list) else None), cache_clear
 
 
 def run_train_loss(log_history: Sequence[Mapping[str, Any]]) -> float | None:

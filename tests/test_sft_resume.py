@@ -429,12 +429,13 @@ def test_the_deepspeed_installed_keeps_zero3_models_where_release_looks():
     pytest.importorskip("deepspeed")
     import importlib
 
+    from tasks.sft import _zero3_holders
+
     offload = importlib.import_module("deepspeed.runtime.zero.parameter_offload")
-    coordinator = importlib.import_module("deepspeed.runtime.zero.partitioned_param_coordinator")
-    assert isinstance(offload.FWD_MODULE_STACK, list)
-    method = vars(coordinator.PartitionedParameterCoordinator)["_PartitionedParameterCoordinator__params_to_release"]
-    cached = [method, *(c.cell_contents for c in method.__closure__ or ())]
-    assert any(callable(getattr(c, "cache_clear", None)) for c in cached)
+    importlib.import_module("deepspeed.runtime.zero.partitioned_param_coordinator")
+    stack, cache_clear = _zero3_holders()
+    assert stack is offload.FWD_MODULE_STACK
+    assert cache_clear is not None
 
 
 if __name__ == "__main__":
