@@ -463,6 +463,9 @@ class RLConfig(Section):
     temperature: float = Field(1.0, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(16, ge=1)  # sequences per forward pass
+    # with β = 0, turns of episodes whose advantage is 0 (a group whose G rewards are all equal) add nothing to the
+    # gradient: leave them out of the forward/backward (the same update; ``entropy`` is then over the turns kept)
+    skip_zero_advantage: bool = True
     checkpoint_every: int = Field(10, ge=1)  # steps
     keep_checkpoints: int = Field(2, ge=1)
     n_problems: int = Field(512, ge=1)  # training problems the pool is drawn from (before the easy filter)

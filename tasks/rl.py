@@ -170,21 +170,28 @@ def trained_turn_sequences(
     return seqs
 
 
-def group_advantages(rewards: Sequence[float], group_size: int) -> list[float]:
-    """A_i = (r_i − mean_g) / (std_g + 1e-4) over consecutive groups of ``group_size`` (unbiased std)."""
+def _zero_spread(rewards: Sequence[float], group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards as [groups, G] (float64) and which groups' rewards are all equal (to 1e-9)."""
     if len(rewards) % group_size:
         raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
     r = torch.tensor(rewards, dtype=torch.float64).view(-1, group_size)
+    return r, (r.amax(dim=1) - r.amin(dim=1)) <= 1e-9
+
+
+def group_advantages(rewards: Sequence[float], group_size: int) -> list[float]:
+    """A_i = (r_i − mean_g) / (std_g + 1e-4) over consecutive groups of ``group_size`` (unbiased std).
+
+    A group whose rewards are all equal gets exactly 0, not the rounding of its mean divided by 1e-4."""
+    r, flat = _zero_spread(rewards, group_size)
     adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + ADV_EPS)
-    return adv.flatten().tolist()
+    return adv.masked_fill(flat.unsqueeze(1), 0.0).flatten().tolist()
 
 
 def zero_spread_share(rewards: Sequence[float], group_size: int) -> float:
     """The share of groups whose G rewards are all equal: no signal, every advantage 0 (``group_advantages``).
 
     Equal rewards, not a zero standard deviation: in float32 eight rewards of 2.6 have a std of 2.6e-7."""
-    r = torch.tensor(rewards, dtype=torch.float64).view(-1, group_size)
-    return float(((r.amax(dim=1) - r.amin(dim=1)) <= 1e-9).double().mean())
+    return float(_zero_spread(rewards, group_size)[1].double().mean())
 
 
 def pass_rates(
@@ -358,9 +365,17 @@ def policy_update(
     min(π_θ(t) / π_sampler(t), ``rl.vllm_importance_sampling_cap``), detached (truncated importance
     sampling, Yao et al. 2025; TRL's ``vllm_importance_sampling_mode="token_truncate"``): vLLM's kernels
     sample from a slightly different distribution than the one trained. Then ``is_ratio`` (the mean
-    ratio before the cap) and ``is_capped`` (the share capped), over the tokens corrected, are reported too."""
+    ratio before the cap) and ``is_capped`` (the share capped), over the tokens corrected, are reported too.
+
+    With β = 0 (or no reference model) and ``rl.skip_zero_advantage``, turns whose advantage is 0 are left out of
+    the forward/backward: their terms are 0, so the gradient is the same (the mean still divides by every trained
+    token), and ``updated_tokens`` counts the tokens that went through. ``entropy`` is the mean over those."""
     n_tokens = sum(sum(s.loss_mask) for s in seqs)
-    stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "trained_tokens": float(n_tokens)}
+    kl_on = ref_model is not None and cfg.kl_coef > 0
+    if cfg.skip_zero_advantage and not kl_on:
+        seqs = [s for s in seqs if advantages[s.episode] != 0.0]
+    n_updated = sum(sum(s.loss_mask) for s in seqs)
+    stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "trained_tokens": float(n_tokens), "updated_tokens": float(n_updated)}
     if n_tokens == 0:
         return stats | {"grad_norm": 0.0}
     device = next(model.parameters()).device
@@ -384,7 +399,7 @@ def policy_update(
             is_sums["ratio"] += float((ratio * counted).sum())
             is_sums["capped"] += float(((ratio > cap).float() * counted).sum())
             is_sums["tokens"] += float(counted.sum())
-        if ref_model is not None and cfg.kl_coef > 0:
+        if kl_on:
             with torch.no_grad():
                 ref_logps, _ = _token_logps(ref_model, ids, attn, cfg.temperature, mask)
             delta = ref_logps - logps
@@ -394,7 +409,11 @@ def policy_update(
         loss = (per_token * mask).sum() / n_tokens
         loss.backward()
         stats["loss"] += float(loss.detach())
-        stats["entropy"] += float((entropy * mask).sum()) / n_tokens
+        stats["entropy"] += float((entropy * mask).sum()) / n_updated
+    if not seqs:  # every turn skipped: the zero gradient they would have given, so that the optimizer steps as it
+        for param in model.parameters():  # would have (AdamW's momentum still moves the weights)
+            if param.requires_grad:
+                param.grad = torch.zeros_like(param)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     optimizer.step()
     model.eval()
@@ -721,7 +740,7 @@ def train_pair_rl(
     (a string), ``reward/{correctness,format,efficiency,total,zero_std_groups}``, ``accuracy``,
     ``tokens/{long,short,total}`` (means per episode), ``tokens/{correct,wrong}`` (when there
     are such episodes), ``turns``, ``loss``, ``kl`` (when β > 0), ``entropy``,
-    ``trained_tokens``, ``grad_norm``. Final models: ``out_dir/long``, ``out_dir/short``.
+    ``trained_tokens``, ``updated_tokens``, ``grad_norm``. Final models: ``out_dir/long``, ``out_dir/short``.
 
     With ``cap_rollout_at_length_target`` an episode stops generating at L_T tokens, its turns
     together (``run_episodes``' ``max_episode_tokens``); one cut off there has no answer and is wrong.

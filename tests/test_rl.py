@@ -187,6 +187,63 @@ def test_policy_update_gradient_is_a_token_mean_over_trained_tokens(tiny_model):
     assert _same(tiny_model.state_dict(), moved)
 
 
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage():
+    # 0.1 three times: the float mean is 0.1 + 2.8e-17 and (r − mean) / 1e-4 was −2.8e-13, not 0
+    r = torch.tensor([0.1] * 3, dtype=torch.float64)
+    assert float(r[0] - r.mean()) != 0.0
+    got = group_advantages([0.1] * 3 + [1.0, 0.0, 0.0], group_size=3)
+    assert got[:3] == [0.0, 0.0, 0.0]
+    d = math.sqrt(1 / 3) + 1e-4  # mean 1/3, unbiased std sqrt(1/3)
+    assert got[3:] == pytest.approx([(2 / 3) / d, -(1 / 3) / d, -(1 / 3) / d])
+
+
+def test_turns_with_zero_advantage_are_skipped_without_changing_the_update(tiny_model):
+    """β = 0: episodes of a group without signal (A = 0) go through no forward/backward; the gradient, the loss and
+    the step are those of the full batch. With β > 0 their KL term counts, so nothing is skipped."""
+    seqs = [TurnSequence([5, 6, 7, 8], [0, 0, 1, 1], 0), TurnSequence([9, 10, 11], [0, 1, 1], 1),
+            TurnSequence([12, 13, 14, 15, 16], [0, 1, 1, 1, 1], 2), TurnSequence([17, 18, 19], [0, 0, 1], 3)]  # fmt: skip
+    advantages = [1.0, -2.0, 0.0, 0.0]
+
+    def update(cfg, adv, ref=None):
+        model = copy.deepcopy(tiny_model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        stats = policy_update(model, ref, opt, seqs, adv, pad_id=0, cfg=cfg)
+        return [p.grad.clone() for p in model.parameters()], stats, model, opt
+
+    base = RLConfig(temperature=0.7, kl_coef=0.0, learning_rate=1e-2, max_grad_norm=1e6, micro_batch_size=2)
+    kept, kept_stats, _, _ = update(base.model_copy(update={"skip_zero_advantage": False}), advantages)
+    skipped, skipped_stats, _, _ = update(base, advantages)
+    for g, k in zip(skipped, kept):
+        torch.testing.assert_close(g, k, rtol=1e-5, atol=1e-8)
+    assert skipped_stats["trained_tokens"] == kept_stats["trained_tokens"] == 9
+    assert skipped_stats["updated_tokens"] == 4 and kept_stats["updated_tokens"] == 9
+    assert skipped_stats["loss"] == pytest.approx(kept_stats["loss"]) == pytest.approx(-(2 * 1.0 + 2 * -2.0) / 9)
+    assert skipped_stats["grad_norm"] == pytest.approx(kept_stats["grad_norm"], rel=1e-5)
+
+    # every advantage 0: nothing goes through, and the optimizer still steps on a zero gradient (AdamW's momentum
+    # from the step before moves the weights exactly as without skipping)
+    runs = []
+    for skip in (False, True):
+        cfg = base.model_copy(update={"skip_zero_advantage": skip})
+        _, _, model, opt = update(cfg, advantages)
+        stats = policy_update(model, None, opt, seqs, [0.0] * 4, pad_id=0, cfg=cfg)
+        runs.append((stats, {k: v.clone() for k, v in model.state_dict().items()}))
+    assert runs[1][0]["updated_tokens"] == 0 and runs[0][0]["updated_tokens"] == 9
+    assert runs[0][0]["grad_norm"] == runs[1][0]["grad_norm"] == 0.0
+    for k, v in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][k], v, rtol=1e-5, atol=1e-7)
+
+    # β > 0: the zero-advantage turns carry the KL term, so they are not skipped
+    ref = copy.deepcopy(tiny_model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    kl = base.model_copy(update={"kl_coef": 0.1})
+    _, kl_stats, _, _ = update(kl, advantages, ref)
+    assert kl_stats["updated_tokens"] == 9 and kl_stats["kl"] > 0
+
+
 @pytest.fixture(scope="module")
 def full_run(protocol_pair, problems, tmp_path_factory):
     out = tmp_path_factory.mktemp("rl-full")
