@@ -14,6 +14,10 @@ randomly initialised Qwen2 sized for the tokenizer (what it generates does not m
 same ``--max-new-tokens`` greedy tokens for one prompt). Each of ``--calls`` calls is timed twice, alternating:
 with the backend's criterion cache cleared before the call (the old cost, built per call) and kept (built once,
 before the first timed call). Prints the median milliseconds per call of each and their ratio, measured in one run.
+
+``--cut-tokens N`` (0: off) then times how a completion of N tokens that ends with the last of ``--stops`` is cut
+after it (``models.generation.cut_at_stop``, the fewest ids covering the stop, found by bisection) against the
+scan it replaced (decode every prefix until one covers it), checks they agree, and prints both and their ratio.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def main() -> None:
     ap.add_argument("--stops", default="</think>,</rethink>,</answer>", help="comma-separated stop strings")
     ap.add_argument("--calls", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--cut-tokens", type=int, default=4096, help="length of the completion cut at a stop (0: off)")
     args = ap.parse_args()
 
     import torch  # noqa: PLC0415
@@ -98,6 +103,36 @@ def main() -> None:
     print("|---|---|")
     print(f"| built per call (generate(stop_strings=...)) | {a * 1e3:.1f} |")
     print(f"| built once per backend | {b * 1e3:.1f} |")
+    print(f"ratio: {a / b:.1f}x")
+    if args.cut_tokens:
+        cut_timing(tok, stops[-1], args.cut_tokens)
+
+
+def cut_timing(tok, stop: str, n_tokens: int) -> None:
+    """A completion of ``n_tokens`` ids whose text ends with ``stop``, cut by bisection and by the old scan."""
+    from models.generation import cut_at_stop  # noqa: PLC0415
+
+    def scan(ids: list[int]) -> tuple[str, int] | None:  # the code cut_at_stop replaced
+        text = tok.decode(ids, skip_special_tokens=False)
+        at = text.find(stop)
+        if at == -1:
+            return None
+        text = text[: at + len(stop)]
+        return text, next(k for k in range(1, len(ids) + 1) if len(tok.decode(ids[:k])) >= len(text))
+
+    sentence = "Let me verify the sum again: 12 + 35 = 47, and 47 - 9 = 38, so the running value is 38. "
+    stop_ids = tok(stop, add_special_tokens=False)["input_ids"]
+    body = tok(sentence * (n_tokens // 10), add_special_tokens=False)["input_ids"][: n_tokens - len(stop_ids)]
+    ids = body + stop_ids
+    timed = {}
+    for name, fn in (("scan", scan), ("bisect", lambda x: cut_at_stop(tok, x, [stop]))):
+        start = time.perf_counter()
+        timed[name] = (fn(ids), time.perf_counter() - start)
+    if timed["scan"][0] != timed["bisect"][0]:
+        raise SystemExit(f"the two cuts differ: {timed['scan'][0][1]} vs {timed['bisect'][0][1]} ids")
+    a, b = timed["scan"][1], timed["bisect"][1]
+    print(f"cut a {len(ids)}-token completion after {stop!r} ({len(stop_ids)} tokens): both keep {timed['bisect'][0][1]} ids")
+    print(f"| cut | ms |\n|---|---|\n| decode every prefix (before) | {a * 1e3:.1f} |\n| bisection | {b * 1e3:.1f} |")
     print(f"ratio: {a / b:.1f}x")
 
 

@@ -17,6 +17,7 @@ model and ``baseline_result.json`` were written returns the stored result.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,12 +30,19 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    StoppingCriteriaList,
+    StopStringCriteria,
+    TrainerCallback,
+)
 
 from longshort.config import BaselineConfig, ConfigError
 from longshort.io import atomic_write_text, restore_environ
-from models.generation import GenerationBackend, shutdown_vllm, vllm_available
-from models.protocol import SYSTEM_PROMPTS
+from models.generation import GenerationBackend, cut_at_stop, shutdown_vllm, vllm_available
+from models.protocol import STOP_STRINGS, SYSTEM_PROMPTS
 from tasks.answers import check_answer
 from tasks.evaluate import response_answer, single_model_records
 from tasks.rewards import truncation_reward
@@ -185,6 +193,34 @@ def _prompt(problem: Mapping[str, Any]) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPTS["base"]}, {"role": "user", "content": problem["problem"]}]
 
 
+def stopping_at(trainer_cls: type, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> type:
+    """``trainer_cls`` (TRL's ``GRPOTrainer``) whose ``model.generate`` rollouts stop at the multi-token ``stops``
+    and whose completions end after the first of them, as the evaluation's and vLLM's do.
+
+    TRL's transformers path stops at end ids only (``generate`` builds a stop-string criterion only when handed the
+    tokenizer, which TRL does not pass). With a tokenizer that splits ``</answer>`` (Qwen2.5, Llama-3.1: ``</``,
+    ``answer``, ``>``) a rollout went on past its answer up to L_R, and that text after the answer made the
+    response malformed: a correct answer scored 0. The criterion is built once (it reads the whole vocabulary)."""
+    criteria = StoppingCriteriaList([StopStringCriteria(tokenizer, list(stops))])
+
+    class StopAtAnswer(trainer_cls):  # type: ignore[misc, valid-type]
+        def _generate_single_turn(self, *args: Any, **kwargs: Any) -> tuple[list[list[int]], Any]:
+            model = self.accelerator.unwrap_model(self.model_wrapped)  # the module TRL's generation unwraps
+            model.generate = functools.partial(type(model).generate, model, stopping_criteria=criteria)
+            try:
+                completion_ids, logprobs = super()._generate_single_turn(*args, **kwargs)
+            finally:
+                del model.generate
+            # a row that stopped there is padded while the batch goes on: keep up to the stop
+            kept = [cut[1] if (cut := cut_at_stop(tokenizer, ids, stops)) else len(ids) for ids in completion_ids]
+            completion_ids = [ids[:n] for ids, n in zip(completion_ids, kept, strict=True)]
+            if logprobs is not None:
+                logprobs = [lp[:n] for lp, n in zip(logprobs, kept, strict=True)]
+            return completion_ids, logprobs
+
+    return StopAtAnswer
+
+
 def train_truncation_baseline(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -220,11 +256,17 @@ def train_truncation_baseline(
     use_cuda = torch.cuda.is_available()
     if use_vllm and not vllm_available():
         raise RuntimeError("baseline: use_vllm needs CUDA and the vllm package")
-    # The model stops at </answer> as the evaluation does, not only at end-of-sequence.
+    # The model stops at </answer> as the evaluation does, not only at end-of-sequence: a one-token stop is an
+    # end id; a longer one, a stop-string criterion (``stopping_at``)
     eos = [tokenizer.eos_token_id]
-    stop_ids = tokenizer("</answer>", add_special_tokens=False)["input_ids"]
-    if len(stop_ids) == 1:
-        eos.append(stop_ids[0])
+    stops = STOP_STRINGS["base"]
+    string_stops = []
+    for stop in stops:
+        stop_ids = tokenizer(stop, add_special_tokens=False)["input_ids"]
+        if len(stop_ids) == 1:
+            eos.append(stop_ids[0])
+        else:
+            string_stops.append(stop)
     model.generation_config.eos_token_id = eos
     reward = make_truncation_reward(cfg.length_target, tokenizer.eos_token_id)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -239,7 +281,7 @@ def train_truncation_baseline(
             "vllm_gpu_memory_utilization": cfg.vllm_gpu_memory_utilization,
             "vllm_max_model_length": longest_prompt + cfg.length_target,  # not the model's 128k context
             "vllm_enable_sleep_mode": True,  # frees the KV cache while the policy trains
-            "generation_kwargs": {"stop": ["</answer>"], "include_stop_str_in_output": True},
+            "generation_kwargs": {"stop": list(stops), "include_stop_str_in_output": True},
         }
     with deepspeed_scope(cfg.deepspeed) as deepspeed:
         args = GRPOConfig(
@@ -280,7 +322,9 @@ def train_truncation_baseline(
         env_before = {name: os.environ.get(name) for name in _COLOCATE_ENV}
         trainer = None
         try:
-            trainer = GRPOTrainer(  # with use_vllm, TRL changes the environment and starts its engine here
+            # (vLLM's engine stops at them itself: SamplingParams.stop)
+            trainer_cls = stopping_at(GRPOTrainer, tokenizer, string_stops) if string_stops and not use_vllm else GRPOTrainer
+            trainer = trainer_cls(  # with use_vllm, TRL changes the environment and starts its engine here
                 model=model,
                 reward_funcs=[reward],
                 args=args,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,8 +14,9 @@ from safetensors.torch import load_file
 from conftest import chat_prompt, fit_completions
 from longshort.config import BaselineConfig, ConfigError, ModelConfig
 from models.factory import load_model
-from models.generation import TransformersBackend
+from models.generation import TransformersBackend, cut_at_stop
 from models.protocol import format_response
+from tasks.evaluate import response_answer
 from tasks.baseline import (
     close_colocated_vllm,
     easy_problems,
@@ -159,6 +161,66 @@ def test_grpo_run_saves_a_model_and_logs_each_step(base_format_tiny, demo_rows_s
     assert (Path(result.model_dir) / "tokenizer.json").is_file()
     assert not (tmp_path / "checkpoints").exists()  # removed once the model is saved
     json.dumps(result.history)  # JSON-able, as history.jsonl stores it
+
+
+def test_rollouts_stop_at_a_multi_token_stop_and_end_right_after_it(
+    base_format_tiny, demo_rows_small, tmp_path: Path, monkeypatch
+):
+    """With a tokenizer that splits the response's last tag (Qwen2.5 and Llama-3.1 split ``</answer>``), TRL's
+    ``model.generate`` stopped at end ids only: a rollout went on past its answer, and the text after it made a
+    correct response malformed (reward 0). The demo tokenizer's tags are single tokens, so the stop here is
+    ``}</answer>``, two of them: generation stops there (the row is padded, no end token sampled) and the
+    completion the reward scores ends with it."""
+    import tasks.baseline as baseline
+
+    stop = "}</answer>"
+    model, tok = load_model(ModelConfig(), path=base_format_tiny)
+    assert len(tok(stop, add_special_tokens=False)["input_ids"]) == 2
+    monkeypatch.setattr(baseline, "STOP_STRINGS", {"base": (stop,)})
+
+    rows_out: list[list[int]] = []
+    generate = type(model).generate
+
+    def recording_generate(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        rows_out.extend(out[:, kwargs["input_ids"].shape[1] :].tolist())
+        return out
+
+    monkeypatch.setattr(type(model), "generate", recording_generate)
+    scored: list[tuple[str, list[int]]] = []
+    make_reward = baseline.make_truncation_reward
+
+    def recording_reward(*args, **kwargs):
+        reward = make_reward(*args, **kwargs)
+
+        @functools.wraps(reward)
+        def truncation(completions, completion_ids, **rest):
+            scored.extend((c[-1]["content"], ids) for c, ids in zip(completions, completion_ids))
+            return reward(completions=completions, completion_ids=completion_ids, **rest)
+
+        return truncation
+
+    monkeypatch.setattr(baseline, "make_truncation_reward", recording_reward)
+    train, _ = demo_rows_small
+    problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in train[:4]]
+    cfg = BaselineConfig(steps=1, prompts_per_step=2, group_size=4, learning_rate=1e-3, length_target=64,
+                         temperature=0.7, checkpoint_every=1)  # fmt: skip
+    result = train_truncation_baseline(model, tok, problems, cfg, tmp_path)
+    assert result.steps == 1 and len(rows_out) == len(scored) == 8
+    stopped = 0
+    for raw, (text, ids) in zip(rows_out, scored):
+        cut = cut_at_stop(tok, raw, [stop])
+        if cut is None:  # ended by the end token or at L_R: as before
+            assert ids == raw[: len(ids)] and stop not in text
+            continue
+        stopped += 1
+        n = cut[1]
+        assert raw[n:] == [tok.pad_token_id] * (len(raw) - n)  # stopped there, not at an end token
+        assert ids == raw[:n] and text.endswith("</answer>")  # the reward scored up to the stop
+        assert response_answer(text)[1]  # well formed
+    assert stopped >= 4
+    # the batch ended when its last row stopped, short of L_R
+    assert len(rows_out[0]) < cfg.length_target
 
 
 def test_a_rerun_after_the_baseline_finished_returns_its_result_without_training(
