@@ -139,7 +139,8 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            stats = rl.policy_update(model, None, optimizer, seqs, adv, 0, cfg.model_copy(update={"skip_zero_advantage": skip}))
+            skip_cfg = cfg.model_copy(update={"skip_zero_advantage": skip})
+            stats = rl.policy_update(model, None, optimizer, seqs, adv, 0, skip_cfg)
             if cuda:
                 torch.cuda.synchronize()
             row = {"skip_zero_advantage": skip, "trained_tokens": trained, "sequences": len(seqs), "zero_advantage": n_zero,

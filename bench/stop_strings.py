@@ -131,7 +131,8 @@ def cut_timing(tok, stop: str, n_tokens: int) -> None:
     if timed["scan"][0] != timed["bisect"][0]:
         raise SystemExit(f"the two cuts differ: {timed['scan'][0][1]} vs {timed['bisect'][0][1]} ids")
     a, b = timed["scan"][1], timed["bisect"][1]
-    print(f"cut a {len(ids)}-token completion after {stop!r} ({len(stop_ids)} tokens): both keep {timed['bisect'][0][1]} ids")
+    kept = timed["bisect"][0][1]
+    print(f"cut a {len(ids)}-token completion after {stop!r} ({len(stop_ids)} tokens): both keep {kept} ids")
     print(f"| cut | ms |\n|---|---|\n| decode every prefix (before) | {a * 1e3:.1f} |\n| bisection | {b * 1e3:.1f} |")
     print(f"ratio: {a / b:.1f}x")
 

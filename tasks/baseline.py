@@ -323,7 +323,8 @@ def train_truncation_baseline(
         trainer = None
         try:
             # (vLLM's engine stops at them itself: SamplingParams.stop)
-            trainer_cls = stopping_at(GRPOTrainer, tokenizer, string_stops) if string_stops and not use_vllm else GRPOTrainer
+            stopping = string_stops and not use_vllm
+            trainer_cls = stopping_at(GRPOTrainer, tokenizer, string_stops) if stopping else GRPOTrainer
             trainer = trainer_cls(  # with use_vllm, TRL changes the environment and starts its engine here
                 model=model,
                 reward_funcs=[reward],
