@@ -79,6 +79,12 @@ def response_correct(text: str, reference: str, kind: str = "math") -> bool:
     return well_formed and check_answer(answer, kind, reference)
 
 
+def _upto_stop(text: str) -> str:
+    """``text`` up to and with the first of the base model's stop strings (all of it when there is none)."""
+    ends = [at + len(s) for s in STOP_STRINGS["base"] if (at := text.find(s)) != -1]
+    return text[: min(ends)] if ends else text
+
+
 def make_truncation_reward(length_target: int, eos_token_id: int | None = None) -> Callable[..., list[float]]:
     """A TRL reward function: 1 for a correct response of at most ``length_target`` tokens, else 0.
 
@@ -86,10 +92,13 @@ def make_truncation_reward(length_target: int, eos_token_id: int | None = None) 
     completion token ids; a trailing ``eos_token_id`` is not counted. That is the
     tokenizer's end-of-sequence token only: a rollout that stops on a one-token
     ``</answer>`` counts it, as the evaluation counts the stop string it generated.
+
+    The text is read up to its first ``</answer>``, as the evaluation's backends cut it: the token that completes a
+    multi-token stop can carry more text (Qwen2.5's ``>.``), and ``…</answer>.`` would otherwise be malformed.
     """
 
     def truncation(completions: list[Any], completion_ids: list[list[int]], answer: list[str], **_: Any) -> list[float]:
-        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        texts = [_upto_stop(c if isinstance(c, str) else c[-1]["content"]) for c in completions]
         lengths = [len(ids) - (1 if ids and ids[-1] == eos_token_id else 0) for ids in completion_ids]
         correct = [response_correct(t, ref) for t, ref in zip(texts, answer, strict=True)]
         return truncation_reward(correct, lengths, length_target)
@@ -200,7 +209,11 @@ def stopping_at(trainer_cls: type, tokenizer: PreTrainedTokenizerBase, stops: Se
     TRL's transformers path stops at end ids only (``generate`` builds a stop-string criterion only when handed the
     tokenizer, which TRL does not pass). With a tokenizer that splits ``</answer>`` (Qwen2.5, Llama-3.1: ``</``,
     ``answer``, ``>``) a rollout went on past its answer up to L_R, and that text after the answer made the
-    response malformed: a correct answer scored 0. The criterion is built once (it reads the whole vocabulary)."""
+    response malformed: a correct answer scored 0. The criterion is built once (it reads the whole vocabulary).
+
+    A completion cut there ends without an end token, so TRL logs it as clipped (``completions/clipped_ratio``,
+    ``completions/mean_terminated_length``), as it does on its vLLM path: read ``completions/mean_length``
+    against L_R instead, and leave ``mask_truncated_completions`` off (it would drop every such completion)."""
     criteria = StoppingCriteriaList([StopStringCriteria(tokenizer, list(stops))])
 
     class StopAtAnswer(trainer_cls):  # type: ignore[misc, valid-type]

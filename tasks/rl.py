@@ -369,7 +369,8 @@ def policy_update(
 
     With β = 0 (or no reference model) and ``rl.skip_zero_advantage``, turns whose advantage is 0 are left out of
     the forward/backward: their terms are 0, so the gradient is the same (the mean still divides by every trained
-    token), and ``updated_tokens`` counts the tokens that went through. ``entropy`` is the mean over those."""
+    token), and ``updated_tokens`` counts the tokens that went through. ``entropy`` is the mean over those, and is left
+    out when there are none."""
     n_tokens = sum(sum(s.loss_mask) for s in seqs)
     kl_on = ref_model is not None and cfg.kl_coef > 0
     if cfg.skip_zero_advantage and not kl_on:
@@ -411,6 +412,8 @@ def policy_update(
         loss.backward()
         stats["loss"] += float(loss.detach())
         stats["entropy"] += float((entropy * mask).sum()) / n_updated
+    if not n_updated:
+        del stats["entropy"]  # no token went through: not measured (0 would read as a collapse)
     if not seqs:  # every turn skipped: the zero gradient they would have given, so that the optimizer steps as it
         for param in model.parameters():  # would have (AdamW's momentum still moves the weights)
             if param.requires_grad:

@@ -85,6 +85,15 @@ def test_truncation_reward_counts_the_stop_token_as_the_evaluation_does(demo_tok
         assert under(completions=[text], completion_ids=[completion_ids], answer=["7"]) == [0.0]
 
 
+def test_truncation_reward_reads_the_text_up_to_the_stop():
+    """The token that completes a multi-token ``</answer>`` can carry more text (Qwen2.5 has ``>.``, ``>,``);
+    the evaluation's backends cut the text at the stop, so the reward does too."""
+    reward = make_truncation_reward(length_target=8, eos_token_id=EOS)
+    right = format_response("3 + 4 = 7", "\\boxed{7}")
+    texts = [right + ".", right + ",\nmore", right, right.replace("</answer>", "")]
+    assert reward(completions=texts, completion_ids=[[9] * 8] * 4, answer=["7"] * 4) == [1.0, 1.0, 1.0, 0.0]
+
+
 def test_response_correct_needs_a_well_formed_response():
     assert response_correct(format_response("x", "The final number is \\boxed{12}."), "12")
     assert not response_correct("<think>\nx\n</think>\n<answer>\\boxed{12}", "12")  # no </answer>

@@ -229,6 +229,7 @@ def test_turns_with_zero_advantage_are_skipped_without_changing_the_update(tiny_
         stats = policy_update(model, None, opt, seqs, [0.0] * 4, pad_id=0, cfg=cfg)
         runs.append((stats, {k: v.clone() for k, v in model.state_dict().items()}))
     assert runs[1][0]["updated_tokens"] == 0 and runs[0][0]["updated_tokens"] == 9
+    assert "entropy" not in runs[1][0] and runs[0][0]["entropy"] > 0  # not measured, rather than a false 0
     assert runs[0][0]["grad_norm"] == runs[1][0]["grad_norm"] == 0.0
     for k, v in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][k], v, rtol=1e-5, atol=1e-7)
