@@ -33,6 +33,8 @@ from models.protocol import extract_boxed
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 REPO_DIR = CONFIG_DIR.parent
+# vLLM refuses a sampling temperature above 2 (SamplingParams): a profile is refused at load, not on a GPU hours in
+MAX_TEMPERATURE = 2.0
 
 
 def repo_file(path: str) -> str:
@@ -165,7 +167,7 @@ class DataConfig(Section):
     teacher_revision: str | None = None
     teacher_max_new_tokens: int = Field(16384, ge=16)
     # DeepSeek's advice for R1 models: sample at 0.5-0.7 (0.6, top-p 0.95); greedy decoding loops
-    teacher_temperature: float = Field(0.6, ge=0.0)
+    teacher_temperature: float = Field(0.6, ge=0.0, le=MAX_TEMPERATURE)
     teacher_top_p: float = Field(0.95, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
@@ -284,7 +286,7 @@ class GenerationConfig(Section):
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(512, ge=1)
     # `longshort solve` and the served pair (a profile's default: evaluate.temperature); stages sample at their own
-    temperature: float = Field(0.0, ge=0.0)
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)  # vLLM's share of the GPU (a pair splits it)
     enable_prefix_caching: bool = True
@@ -334,7 +336,7 @@ class EvaluateConfig(Section):
     n_problems: int = Field(300, ge=1)  # of the held-out split
     max_new_tokens: int = Field(512, ge=1)  # a single long-CoT model's whole response
     k: int = Field(1, ge=1)  # samples per problem (Mean@k, Pass@k)
-    temperature: float = Field(0.0, ge=0.0)  # > 0 when k > 1
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)  # > 0 when k > 1
     budgets: list[int] = [2048, 4096, 8192, 16384, 32768]  # token budgets for budget accuracy
     benchmarks: list[BenchmarkSource] = []
 
@@ -375,7 +377,7 @@ class ChunkConfig(Section):
     # per answer; a trace of n steps gets at least 32·n (a block takes ~25 tokens of JSON), so a long trace's
     # block list is not cut off. An answer cut off at its cap is not retried (a retry would end the same way).
     llm_max_new_tokens: int = Field(2048, ge=16)
-    llm_temperature: float = Field(0.6, gt=0.0)  # > 0 so that a retry can answer differently
+    llm_temperature: float = Field(0.6, gt=0.0, le=MAX_TEMPERATURE)  # > 0 so that a retry can answer differently
 
     @field_validator("markers")
     @classmethod
@@ -397,7 +399,7 @@ class ScoreConfig(Section):
     # vocabulary), so 512 keeps a whole trace at δ ≈ 0.6; real profiles should scale it with their
     # trace length (about twice the median thinking tokens, e.g. 8192 for R1-style traces).
     L_delta: float = Field(512.0, gt=0)
-    temperature: float = Field(0.7, ge=0.0)
+    temperature: float = Field(0.7, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(32, ge=1)  # the forced answer turn (and the probe's completion)
     # The start of the forced answer turn after P_k: "" lets the model open it; the demo uses
@@ -460,7 +462,7 @@ class RLConfig(Section):
     efficiency_weight: float = Field(1.0, ge=0)
     easy_filter: bool = False  # keep problems whose pass rate under the starting pair is > 0.5
     cap_rollout_at_length_target: bool = False  # L_R = L_T: an episode stops generating there (cut off: wrong)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, le=MAX_TEMPERATURE)
     max_grad_norm: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(16, ge=1)  # sequences per forward pass
     # with β = 0, turns of episodes whose advantage is 0 (a group whose G rewards are all equal) add nothing to the
@@ -504,7 +506,7 @@ class BaselineConfig(Section):
     length_target: int = Field(4096, ge=1)  # L_T = L_R, in tokens
     easy_filter: bool = True  # keep problems the base model solves > half the time
     easy_samples: int = Field(4, ge=2)  # draws per problem to estimate that pass rate
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, le=MAX_TEMPERATURE)
     checkpoint_every: int = Field(10, ge=1)  # steps
     n_problems: int = Field(512, ge=1)  # training problems the pool is drawn from (before the easy filter)
     micro_batch_size: int | None = Field(None, ge=1)  # sequences per forward/backward (None: the whole step's batch)

@@ -523,7 +523,7 @@ class VLLMBackend:
             enable_prefix_caching=gen_cfg.enable_prefix_caching,
             gpu_memory_utilization=gen_cfg.gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
-            seed=seed,
+            seed=seed % 2**32,  # the workers seed NumPy with it, which takes [0, 2**32) only (a negative seed too)
             **extra,
         )
         self.tokenizer = self.llm.get_tokenizer()
@@ -543,7 +543,9 @@ class VLLMBackend:
         if self.llm is None:
             raise RuntimeError("load_weights: this backend was closed")
         self.llm.collective_rpc("load_weights_file", args=(str(path),))
-        self.llm.reset_prefix_cache()
+        if self.llm.reset_prefix_cache() is False:  # vLLM keeps the cache (with a warning) while a block is held
+            raise RuntimeError("load_weights: vLLM did not reset its prefix cache after the weight load, so its "
+                               "KV blocks from the old weights would be reused")
 
     def close(self) -> None:
         """Shut the engine down and free its GPU memory; idempotent."""

@@ -270,8 +270,10 @@ def train_truncation_baseline(
     if use_vllm and not vllm_available():
         raise RuntimeError("baseline: use_vllm needs CUDA and the vllm package")
     # The model stops at </answer> as the evaluation does, not only at end-of-sequence: a one-token stop is an
-    # end id; a longer one, a stop-string criterion (``stopping_at``)
-    eos = [tokenizer.eos_token_id]
+    # end id; a longer one, a stop-string criterion (``stopping_at``). The model's own end ids stay (Qwen2.5-Instruct
+    # ends at <|im_end|> or <|endoftext|>, Llama-3.1 at three): the saved config is what vLLM stops the model at later.
+    own = model.generation_config.eos_token_id
+    eos = [tokenizer.eos_token_id, *([] if own is None else [own] if isinstance(own, int) else own)]
     stops = STOP_STRINGS["base"]
     string_stops = []
     for stop in stops:
@@ -280,7 +282,7 @@ def train_truncation_baseline(
             eos.append(stop_ids[0])
         else:
             string_stops.append(stop)
-    model.generation_config.eos_token_id = eos
+    model.generation_config.eos_token_id = list(dict.fromkeys(eos))
     reward = make_truncation_reward(cfg.length_target, tokenizer.eos_token_id)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     batch = cfg.prompts_per_step * cfg.group_size

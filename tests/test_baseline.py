@@ -149,6 +149,8 @@ def test_easy_problems_keeps_those_solved_more_than_half_the_time(tiny_model, de
 
 def test_grpo_run_saves_a_model_and_logs_each_step(base_format_tiny, demo_rows_small, tmp_path: Path):
     model, tok = load_model(ModelConfig(), path=base_format_tiny)
+    # a model with two end ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>, its pad): both stay in what is saved
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.pad_token_id]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train, _ = demo_rows_small
     problems = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"]} for r in train[:4]]
@@ -168,6 +170,9 @@ def test_grpo_run_saves_a_model_and_logs_each_step(base_format_tiny, demo_rows_s
     changed = [k for k in saved if not torch.equal(saved[k], before[k])]
     assert "model.embed_tokens.weight" in changed and len(changed) > len(saved) // 2
     assert (Path(result.model_dir) / "tokenizer.json").is_file()
+    saved_config = json.loads((Path(result.model_dir) / "generation_config.json").read_text())
+    answer_close = tok.convert_tokens_to_ids("</answer>")
+    assert saved_config["eos_token_id"] == [tok.eos_token_id, tok.pad_token_id, answer_close]
     assert not (tmp_path / "checkpoints").exists()  # removed once the model is saved
     json.dumps(result.history)  # JSON-able, as history.jsonl stores it
 

@@ -251,6 +251,16 @@ def test_a_key_given_twice_is_an_error_naming_the_file_line_and_key(tmp_path):
     assert (cfg.sft_base.epochs, cfg.sft_long.epochs, cfg.sft_long.bf16) == (2.0, 1.0, True)
 
 
+def test_a_temperature_vllm_would_refuse_is_refused_at_load():
+    """vLLM's SamplingParams refuses a temperature above 2: the profile is refused when it is read, naming the
+    field, rather than on a GPU at the first vLLM call of the stage that samples with it."""
+    for field in ("rl.temperature", "baseline.temperature", "score.temperature", "evaluate.temperature",
+                  "generation.temperature", "chunk.llm_temperature", "data.teacher_temperature"):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(f"{field}") + ".*less than or equal to 2"):
+            load_profile("smoke", [f"{field}=2.5"])
+        load_profile("smoke", [f"{field}=2.0"])
+
+
 def test_deepspeed_configs_are_found_from_anywhere_and_a_missing_one_is_named(tmp_path, monkeypatch):
     from longshort.config import repo_file
 

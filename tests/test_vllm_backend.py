@@ -367,3 +367,47 @@ def test_vllm_engine_samples_seeds_prompt_ids_and_release(tmp_path, bos_tokenize
     free_before = torch.cuda.mem_get_info()[0]
     backend.close()
     assert torch.cuda.mem_get_info()[0] > free_before
+
+
+class _RecordingLLM:
+    """Stands in for ``vllm.LLM`` (not installed here) with the parts ``VLLMBackend`` calls, as vllm 0.31 has them:
+    ``reset_prefix_cache`` returns False when a KV block is still held (v1/core/block_pool.py)."""
+
+    made: list[dict] = []
+    reset_ok = True
+
+    def __init__(self, **kwargs):
+        self.made.append(kwargs)
+        self.calls: list[tuple] = []
+
+    def get_tokenizer(self):
+        return None
+
+    def collective_rpc(self, method, args=()):
+        self.calls.append((method, args))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+        return self.reset_ok
+
+
+def test_engine_seed_fits_numpy_and_a_weight_load_without_a_cache_reset_fails(monkeypatch, tmp_path):
+    """The engine's workers seed NumPy with ``LLM(seed=...)``, which refuses a negative seed or one ≥ 2**32; and a
+    weight load whose prefix cache was not reset would serve KV blocks computed with the old weights."""
+    import sys
+    import types
+
+    from models.generation import VLLMBackend
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=_RecordingLLM))
+    monkeypatch.setattr(_RecordingLLM, "made", [])
+    cfg = GenerationConfig(backend="vllm")
+    for seed, engine_seed in ((0, 0), (-1, 2**32 - 1), (2**32 + 5, 5)):
+        VLLMBackend(str(tmp_path), ModelConfig(), cfg, seed=seed)
+        assert _RecordingLLM.made[-1]["seed"] == engine_seed
+    backend = VLLMBackend(str(tmp_path), ModelConfig(), cfg, weight_updates=True)
+    backend.load_weights(tmp_path / "w.safetensors")
+    assert backend.llm.calls == [("load_weights_file", (str(tmp_path / "w.safetensors"),)), ("reset_prefix_cache",)]
+    monkeypatch.setattr(_RecordingLLM, "reset_ok", False)
+    with pytest.raises(RuntimeError, match="did not reset its prefix cache"):
+        backend.load_weights(tmp_path / "w.safetensors")
