@@ -178,8 +178,7 @@ class TransformersBackend:
             free_accelerator_memory()
 
     def _single_token_id(self, text: str) -> int | None:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids[0] if len(ids) == 1 else None
+        return single_token_id(self.tokenizer, text)
 
     def _stop_string_criteria(self, stops: tuple[str, ...]) -> StopStringCriteria:
         """The criterion ``generate(stop_strings=...)`` builds, built once per set of stops: building it reads every
@@ -225,15 +224,12 @@ class TransformersBackend:
         # Stops that are one token become extra EOS ids (cheap); others use stop_strings. The model's own
         # end ids (a generation_config may list several: Qwen2.5-Instruct's <|im_end|> and <|endoftext|>)
         # end a turn as they do on vLLM.
-        stop_ids = {s: self._single_token_id(s) for s in stop}
-        model_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        model_eos = [] if model_eos is None else [model_eos] if isinstance(model_eos, int) else list(model_eos)
-        eos_ids = list(dict.fromkeys([tok.eos_token_id, *model_eos, *(i for i in stop_ids.values() if i is not None)]))
+        model_eos = model_end_ids(self.model)
+        eos_ids, string_stops = end_ids_and_string_stops(tok, model_eos, stop)
         # an end id that is a special token is counted but has no text (vLLM skips special tokens); one that is not
         # (a stop tag saved as an end id, as the baseline's GRPO saves </answer>) keeps its text, as on vLLM
         eos_set = set(eos_ids)
         silent = {tok.eos_token_id} | (set(model_eos) & set(tok.all_special_ids))
-        string_stops = [s for s, i in stop_ids.items() if i is None]
         encoded = prompt_token_ids(tok, prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         results: list[list[Completion]] = [[] for _ in prompts]
@@ -342,6 +338,33 @@ class TransformersBackend:
         return Completion(text, n_tok, "stop", tuple(ids[:n_tok]))
 
 
+def single_token_id(tokenizer, text: str) -> int | None:
+    """The id of ``text`` when the tokenizer writes it as one token, else None."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
+def model_end_ids(model) -> list[int]:
+    """The model's own end ids: its generation config's ``eos_token_id`` (none, one, or several: Qwen2.5-Instruct
+    ends at <|im_end|> or <|endoftext|>, Llama-3.1 at three)."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
+def end_ids_and_string_stops(tokenizer, model_eos: Sequence[int], stops: Sequence[str]) -> tuple[list[int], list[str]]:
+    """How a ``model.generate`` stops at ``stops``: the end ids (the tokenizer's end-of-sequence, the model's own,
+    and the stops that are one token: cheap), and the stops that are longer (a stop-string criterion's)."""
+    stop_ids = {s: single_token_id(tokenizer, s) for s in stops}
+    eos_ids = [tokenizer.eos_token_id, *model_eos, *(i for i in stop_ids.values() if i is not None)]
+    return list(dict.fromkeys(eos_ids)), [s for s, i in stop_ids.items() if i is None]
+
+
+def stop_end(text: str, stops: Sequence[str]) -> int | None:
+    """Where the stop string that ends first in ``text`` ends, or None when none occurs."""
+    ends = [at + len(s) for s in stops if (at := text.find(s)) != -1]
+    return min(ends) if ends else None
+
+
 def cut_at_stop(tokenizer, ids: Sequence[int], stops: Sequence[str]) -> tuple[str, int] | None:
     """``ids`` cut after the stop string that ends first in their text: (the text up to and with it, the fewest
     leading ids whose text covers it), or None when no stop occurs.
@@ -349,10 +372,9 @@ def cut_at_stop(tokenizer, ids: Sequence[int], stops: Sequence[str]) -> tuple[st
     The fewest ids are found by bisection (a prefix's text grows with the prefix): a few decodes, where trying
     every prefix decoded one per id, quadratic in the turn's length (a 4,096-token turn: 4,096 decodes)."""
     text = tokenizer.decode(ids, skip_special_tokens=False)
-    ends = [at + len(s) for s in stops if (at := text.find(s)) != -1]
-    if not ends:
+    end = stop_end(text, stops)
+    if end is None:
         return None
-    end = min(ends)
     lo, hi = 1, len(ids)
     while lo < hi:
         mid = (lo + hi) // 2

@@ -41,7 +41,15 @@ from transformers import (
 
 from longshort.config import BaselineConfig, ConfigError
 from longshort.io import atomic_write_text, restore_environ
-from models.generation import GenerationBackend, cut_at_stop, shutdown_vllm, vllm_available
+from models.generation import (
+    GenerationBackend,
+    cut_at_stop,
+    end_ids_and_string_stops,
+    model_end_ids,
+    shutdown_vllm,
+    stop_end,
+    vllm_available,
+)
 from models.protocol import STOP_STRINGS, SYSTEM_PROMPTS
 from tasks.answers import check_answer
 from tasks.evaluate import response_answer, single_model_records
@@ -81,8 +89,8 @@ def response_correct(text: str, reference: str, kind: str = "math") -> bool:
 
 def _upto_stop(text: str) -> str:
     """``text`` up to and with the first of the base model's stop strings (all of it when there is none)."""
-    ends = [at + len(s) for s in STOP_STRINGS["base"] if (at := text.find(s)) != -1]
-    return text[: min(ends)] if ends else text
+    end = stop_end(text, STOP_STRINGS["base"])
+    return text if end is None else text[:end]
 
 
 def make_truncation_reward(length_target: int, eos_token_id: int | None = None) -> Callable[..., list[float]]:
@@ -272,17 +280,9 @@ def train_truncation_baseline(
     # The model stops at </answer> as the evaluation does, not only at end-of-sequence: a one-token stop is an
     # end id; a longer one, a stop-string criterion (``stopping_at``). The model's own end ids stay (Qwen2.5-Instruct
     # ends at <|im_end|> or <|endoftext|>, Llama-3.1 at three): the saved config is what vLLM stops the model at later.
-    own = model.generation_config.eos_token_id
-    eos = [tokenizer.eos_token_id, *([] if own is None else [own] if isinstance(own, int) else own)]
     stops = STOP_STRINGS["base"]
-    string_stops = []
-    for stop in stops:
-        stop_ids = tokenizer(stop, add_special_tokens=False)["input_ids"]
-        if len(stop_ids) == 1:
-            eos.append(stop_ids[0])
-        else:
-            string_stops.append(stop)
-    model.generation_config.eos_token_id = list(dict.fromkeys(eos))
+    eos, string_stops = end_ids_and_string_stops(tokenizer, model_end_ids(model), stops)
+    model.generation_config.eos_token_id = eos
     reward = make_truncation_reward(cfg.length_target, tokenizer.eos_token_id)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     batch = cfg.prompts_per_step * cfg.group_size

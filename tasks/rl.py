@@ -376,8 +376,8 @@ def policy_update(
     if cfg.skip_zero_advantage and not kl_on:
         seqs = [s for s in seqs if advantages[s.episode] != 0.0]
     n_updated = sum(sum(s.loss_mask) for s in seqs)
-    stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "trained_tokens": float(n_tokens)}
-    stats["updated_tokens"] = float(n_updated)
+    stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0,
+             "trained_tokens": float(n_tokens), "updated_tokens": float(n_updated)}  # fmt: skip
     if n_tokens == 0:
         return stats | {"grad_norm": 0.0}
     device = next(model.parameters()).device
