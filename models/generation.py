@@ -497,6 +497,19 @@ def shutdown_vllm(llm: Any) -> None:
             return
 
 
+def use_spawned_engine_process() -> None:
+    """Have vLLM start its engine-core process with ``spawn``, unless ``VLLM_WORKER_MULTIPROC_METHOD`` says otherwise.
+
+    vLLM forks that process unless torch has initialized CUDA in this one. But ``torch.cuda.is_available()``
+    (:func:`vllm_available`, the device pick of the transformers path) already starts the CUDA driver here without
+    torch's own initialization, and torch then refuses every CUDA call in a forked child ("Cannot re-initialize
+    CUDA in forked subprocess"): without this, the first engine of a process that had only asked whether CUDA is
+    there died at start-up (seen on an H200 with vllm 0.26). vLLM itself switches to spawn once CUDA is
+    initialized, so a process that trained before its engines started was spawning them already.
+    """
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
 class VLLMBackend:
     """vLLM with prefix caching; used on CUDA machines with the ``gpu`` extra.
 
@@ -530,6 +543,7 @@ class VLLMBackend:
         from vllm import LLM  # noqa: PLC0415 - optional GPU dependency
 
         free_accelerator_memory()  # what an earlier stage of this process left cached counts as used to the engine
+        use_spawned_engine_process()
         extra: dict[str, Any] = {} if max_model_len is None else {"max_model_len": max_model_len}
         if revision is not None:  # a hub id pinned to a commit: weights and tokenizer from the same one
             extra.update(revision=revision, tokenizer_revision=revision)

@@ -392,8 +392,10 @@ class _RecordingLLM:
 
 
 def test_engine_seed_fits_numpy_and_a_weight_load_without_a_cache_reset_fails(monkeypatch, tmp_path):
-    """The engine's workers seed NumPy with ``LLM(seed=...)``, which refuses a negative seed or one ≥ 2**32; and a
-    weight load whose prefix cache was not reset would serve KV blocks computed with the old weights."""
+    """The engine's workers seed NumPy with ``LLM(seed=...)``, which refuses a negative seed or one ≥ 2**32; the
+    engine process is spawned; and a weight load whose prefix cache was not reset would serve KV blocks computed
+    with the old weights."""
+    import os
     import sys
     import types
 
@@ -401,11 +403,16 @@ def test_engine_seed_fits_numpy_and_a_weight_load_without_a_cache_reset_fails(mo
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=_RecordingLLM))
     monkeypatch.setattr(_RecordingLLM, "made", [])
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
     cfg = GenerationConfig(backend="vllm")
     for seed, engine_seed in ((0, 0), (-1, 2**32 - 1), (2**32 + 5, 5)):
         VLLMBackend(str(tmp_path), ModelConfig(), cfg, seed=seed)
         assert _RecordingLLM.made[-1]["seed"] == engine_seed
+    # a forked engine process cannot use CUDA once torch.cuda.is_available() has run here: spawned, unless set
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")
     backend = VLLMBackend(str(tmp_path), ModelConfig(), cfg, weight_updates=True)
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
     backend.load_weights(tmp_path / "w.safetensors")
     assert backend.llm.calls == [("load_weights_file", (str(tmp_path / "w.safetensors"),)), ("reset_prefix_cache",)]
     monkeypatch.setattr(_RecordingLLM, "reset_ok", False)
