@@ -13,16 +13,25 @@ Three stages, each with the demo profile's settings (configs/demo.yaml) unless a
    ``--rl-steps-per-round`` steps) from the given SFT pair. ``tasks.rl`` has no autocast: its precision
    is the weights' dtype, ``base_model.dtype`` (the GPU profiles set ``bfloat16``), so each DTYPE of
    ``--rl-dtypes`` is one run with the pair loaded in that dtype; a half-precision one trains fp32 LoRA
-   adapters (r=16 unless the profile sets ``rl.lora``), as a profile with such weights must. The models go to CUDA through
-   ``models.generation.TransformersBackend`` (cuda when available). Reports seconds per step and each
+   adapters (r=16 unless the profile sets ``rl.lora``), as a profile with such weights must. The rollouts run on
+   ``--backend`` (``auto``: vLLM engines when CUDA and vllm are there, as the pipeline's ``generation.backend``
+   default; ``transformers``: the models on CUDA through ``models.generation.TransformersBackend``). Reports seconds per step and each
    step's logged reward, accuracy and tokens. ``--rl-kl-coef`` > 0 adds the KL term and its reference models
    (a frozen copy next to each full-weight model, the adapters switched off for a LoRA one).
 3. ``baseline``: ``--baseline-steps`` steps of ``tasks.baseline.train_truncation_baseline`` (TRL
-   GRPOTrainer, ``model.generate`` rollouts: no vLLM) from the base model, bf16 on CUDA, on the first
-   ``baseline.n_problems`` training problems *without* the easy filter (it would cost a sampling pass).
-   Reports seconds per step and the logged reward and completion length.
+   GRPOTrainer) from the base model, bf16 on CUDA, on the first ``baseline.n_problems`` training problems
+   *without* the easy filter (it would cost a sampling pass). Its rollouts come from TRL's colocated vLLM
+   engine when ``--backend`` resolves to ``vllm``, else from ``model.generate``. Reports seconds per step and
+   the logged reward and completion length.
 
-4. ``deepspeed[CONFIG]`` (asked for with ``--stages ...,deepspeed``): the ``sft`` stage's training under each
+4. ``episodes`` (asked for with ``--stages ...,episodes``): the SFT pair's Long⊗Short episodes on the first
+   ``--episode-problems`` training problems, once per backend of ``--episode-backends`` (default
+   ``transformers,vllm``), as the evaluate stage plays them (``tasks.evaluate.pair_records``): greedy, then
+   ``--episode-samples`` samples per problem at the RL temperature. Reports, per backend, accuracy, mean tokens
+   (long, short), well-formed share, turns and seconds (engine start-up apart), and for the greedy episodes
+   how many transcripts are the same, token for token, under every backend.
+
+5. ``deepspeed[CONFIG]`` (asked for with ``--stages ...,deepspeed``): the ``sft`` stage's training under each
    DeepSpeed config of ``--deepspeed-configs`` (default: ``infra/deepspeed/zero3_offload.json``, the one the
    real profiles name), in this process, as a Prefect worker runs it (``tasks.sft.deepspeed_config`` sets up a
    one-process group). Each config runs ``--ds-steps`` steps three times: stopped by an exception right after
@@ -315,7 +324,7 @@ def stage_rl(args, profile, torch, work: Path, dtype: str) -> dict[str, Any]:  #
     print(
         f"[rl {dtype}] {len(problems)} problems, {2 * cfg.steps_per_round} steps (long then short), "
         f"{cfg.prompts_per_step} prompts x {cfg.group_size} episodes per step, weights {dtype}, "
-        f"max_turns {profile.protocol.max_turns}",
+        f"max_turns {profile.protocol.max_turns}, rollouts on {_rollout_backend(args, profile)}",
         flush=True,
     )
     if torch.cuda.is_available():
@@ -338,14 +347,16 @@ def stage_rl(args, profile, torch, work: Path, dtype: str) -> dict[str, Any]:  #
     start = time.perf_counter()
     result = train_pair_rl(
         args.long_model, args.short_model, problems, cfg, work / f"rl-{dtype}", on_step,
-        protocol=profile.protocol, model_cfg=model_cfg,
+        protocol=profile.protocol, model_cfg=model_cfg, generation=_generation(args, profile),
     )  # fmt: skip
     wall = time.perf_counter() - start
     keys = ("step", "role", "reward/total", "reward/correctness", "reward/format", "reward/efficiency", "accuracy",
-            "tokens/total", "tokens/long", "tokens/short", "turns", "trained_tokens", "loss", "kl", "grad_norm")  # fmt: skip
+            "tokens/total", "tokens/long", "tokens/short", "turns", "trained_tokens", "loss", "kl", "grad_norm",
+            "is_ratio")  # fmt: skip
     out = {
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "weights_dtype": dtype,
+        "rollouts": _rollout_backend(args, profile),
         "lora": cfg.lora.model_dump() if cfg.lora else None,
         "kl_coef": cfg.kl_coef,
         "steps": result.steps,
@@ -383,9 +394,11 @@ def stage_baseline(args, profile, torch, work: Path) -> dict[str, Any]:  # noqa:
     problems = problems[: cfg.n_problems]
     model, tokenizer = load_model(profile.base_model, path=args.base)
     bf16 = cfg.bf16 and torch.cuda.is_available()
+    use_vllm = _rollout_backend(args, profile) == "vllm"
     print(
         f"[baseline] {len(problems)} problems (no easy filter), {cfg.steps} steps, {cfg.prompts_per_step} prompts x "
-        f"{cfg.group_size} completions, L_T = L_R = {cfg.length_target}, bf16 autocast {bf16}, no vLLM",
+        f"{cfg.group_size} completions, L_T = L_R = {cfg.length_target}, bf16 autocast {bf16}, "
+        f"rollouts on {'TRL colocated vLLM' if use_vllm else 'model.generate'}",
         flush=True,
     )
     if torch.cuda.is_available():
@@ -407,14 +420,15 @@ def stage_baseline(args, profile, torch, work: Path) -> dict[str, Any]:  # noqa:
         )
 
     start = time.perf_counter()
-    result = train_truncation_baseline(model, tokenizer, problems, cfg, work / "baseline", use_vllm=False, on_step=on_step)
+    result = train_truncation_baseline(model, tokenizer, problems, cfg, work / "baseline", use_vllm=use_vllm,
+                                       on_step=on_step)  # fmt: skip
     wall = time.perf_counter() - start
     keys = ("step", "reward", "reward_std", "completions/mean_length", "completions/clipped_ratio", "loss",
             "entropy", "grad_norm", "step_time")  # fmt: skip
     out = {
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "bf16_autocast": bf16,
-        "vllm": False,
+        "vllm": use_vllm,
         "steps": result.steps,
         **_step_times(times),
         "runtime_s": result.runtime_s,
@@ -430,6 +444,76 @@ def stage_baseline(args, profile, torch, work: Path) -> dict[str, Any]:  # noqa:
     return out
 
 
+def _generation(args, profile, backend: str | None = None):  # noqa: ANN001, ANN202
+    """The profile's generation settings with the backend this check asks for."""
+    return profile.generation.model_copy(update={"backend": backend or args.backend})
+
+
+def _rollout_backend(args, profile) -> str:  # noqa: ANN001
+    from models.generation import resolve_backend  # noqa: PLC0415
+
+    return resolve_backend(_generation(args, profile))
+
+
+def _episode_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(records)
+    return {
+        "episodes": n,
+        "accuracy": round(sum(r["correct"] for r in records) / n, 4),
+        "well_formed": round(sum(r["well_formed"] for r in records) / n, 4),
+        "tokens_long": round(sum(r["tokens_long"] for r in records) / n, 2),
+        "tokens_short": round(sum(r["tokens_short"] for r in records) / n, 2),
+        "tokens_total": round(sum(r["tokens_long"] + r["tokens_short"] for r in records) / n, 2),
+        "turns": round(sum(r["turns"] for r in records) / n, 3),
+    }
+
+
+def stage_episodes(args, profile, torch, work: Path) -> dict[str, Any]:  # noqa: ANN001, ARG001
+    from models.generation import make_pair_backends, resolve_backend  # noqa: PLC0415
+    from tasks.evaluate import pair_records  # noqa: PLC0415
+    from tasks.synthesize import read_split  # noqa: PLC0415
+
+    rows = read_split(args.train)[: args.episode_problems]
+    backends = [b.strip() for b in args.episode_backends.split(",") if b.strip()]
+    out: dict[str, Any] = {"problems": len(rows), "samples": args.episode_samples,
+                           "temperature": profile.rl.temperature, "backends": {}}  # fmt: skip
+    transcripts: dict[str, list[str]] = {}
+    for name in backends:
+        gen = _generation(args, profile, name)
+        resolved = resolve_backend(gen)  # a ConfigError when vllm is asked for without CUDA or the package
+        start = time.perf_counter()
+        long, short = make_pair_backends(args.long_model, args.short_model, profile.base_model, gen, profile.run.seed,
+                                         same=False)  # fmt: skip
+        loaded = time.perf_counter()
+        try:
+            play = dict(benchmark="train", system=f"sft-pair[{resolved}]")
+            greedy, episodes = pair_records(long, short, rows, profile.protocol, **play)
+            played = time.perf_counter()
+            sampled, _ = pair_records(long, short, rows, profile.protocol, **play, k=args.episode_samples,
+                                      temperature=profile.rl.temperature, seed=profile.run.seed)  # fmt: skip
+            done = time.perf_counter()
+        finally:
+            for backend in {id(b): b for b in (long, short)}.values():
+                backend.close()
+        transcripts[name] = [e.transcript for e in episodes]
+        out["backends"][name] = {
+            "resolved": resolved,
+            "load_s": round(loaded - start, 2),
+            "greedy_s": round(played - loaded, 2),
+            "sampled_s": round(done - played, 2),
+            "greedy": _episode_summary(greedy),
+            "sampled": _episode_summary(sampled),
+        }
+        print(f"[episodes] {name}: {out['backends'][name]}", flush=True)
+    if len(transcripts) > 1:
+        first, *rest = transcripts.values()
+        same = [all(t[i] == first[i] for t in rest) for i in range(len(first))]
+        out["greedy_same_transcripts"] = sum(same)
+        print(f"[episodes] greedy transcripts the same under {', '.join(transcripts)}: {sum(same)} of {len(same)}",
+              flush=True)  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -440,7 +524,13 @@ def main() -> None:
     ap.add_argument("--short-model", required=True, help="the SFT short model (sft_short/*/model)")
     ap.add_argument("--train", required=True, help="training problems (synthesize/*/train.jsonl)")
     ap.add_argument("--profile", default="demo")
-    ap.add_argument("--stages", default="sft,rl,baseline", help="comma-separated: sft, rl, baseline, deepspeed")
+    ap.add_argument("--stages", default="sft,rl,baseline",
+                    help="comma-separated: sft, rl, baseline, episodes, deepspeed")
+    ap.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto",
+                    help="rollouts of the rl and baseline stages (auto: vLLM when CUDA and vllm are there)")
+    ap.add_argument("--episode-problems", type=int, default=64)
+    ap.add_argument("--episode-samples", type=int, default=4, help="sampled episodes per problem (episodes stage)")
+    ap.add_argument("--episode-backends", default="transformers,vllm")
     ap.add_argument("--sft-steps", type=int, default=100)
     ap.add_argument("--sft-logging-steps", type=int, default=10)
     ap.add_argument("--rl-steps-per-round", type=int, default=4)
@@ -467,6 +557,7 @@ def main() -> None:
         args.rl_steps_per_round, args.rl_prompts, args.rl_group = 1, 2, 2
         args.baseline_steps, args.baseline_prompts, args.baseline_group = 1, 2, 2
         args.ds_steps = 4
+        args.episode_problems, args.episode_samples = 4, 2
     if args.json is None and os.environ.get("OUT"):
         args.json = Path(os.environ["OUT"]) / "gpu_check.json"
 
@@ -518,6 +609,8 @@ def main() -> None:
         plan.append((f"rl[{rl_dtypes[0]}]", lambda w, d=rl_dtypes[0]: stage_rl(args, profile, torch, w, d)))
     if "baseline" in wanted:
         plan.append(("baseline", lambda w: stage_baseline(args, profile, torch, w)))
+    if "episodes" in wanted:
+        plan.append(("episodes", lambda w: stage_episodes(args, profile, torch, w)))
     if "deepspeed" in wanted:
         for c in [c.strip() for c in args.deepspeed_configs.split(",") if c.strip()]:
             plan.append((f"deepspeed[{Path(c).stem}]", lambda w, c=c: stage_deepspeed(args, profile, torch, w, c)))
@@ -563,6 +656,13 @@ def main() -> None:
             print(f"  {name}: resumed from {s['resumed_from']}, steps {s['steps_done']}, whole weights "
                   f"{s['saved_keys_match_base'] and s['saved_all_finite']}, resumed vs uninterrupted max |diff| "
                   f"{s['max_abs_diff_resumed_vs_uninterrupted']:.3g}")  # fmt: skip
+        elif name == "episodes":
+            for b, r in s["backends"].items():
+                print(f"  episodes[{b}]: greedy accuracy {r['greedy']['accuracy']} at {r['greedy']['tokens_total']} "
+                      f"tokens in {r['greedy_s']} s, sampled {r['sampled']['accuracy']} at "
+                      f"{r['sampled']['tokens_total']} in {r['sampled_s']} s (start-up {r['load_s']} s)")  # fmt: skip
+            if "greedy_same_transcripts" in s:
+                print(f"  episodes: {s['greedy_same_transcripts']} of {s['problems']} greedy transcripts the same")
         elif name == "sft":
             print(f"  sft: {s['tokens_per_s']} tokens/s, {s['ms_per_step']} ms/step, final loss {s['final_loss']}, "
                   f"bf16 {s['bf16_autocast']}, on {s['device']}")  # fmt: skip
