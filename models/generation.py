@@ -760,4 +760,10 @@ def make_pair_backends(
         backend = make_backend(long_path, model_cfg, gen_cfg, seed)
         return backend, backend
     gen = share_gpu_memory(gen_cfg, 2)
-    return make_backend(long_path, model_cfg, gen, seed), make_backend(short_path, model_cfg, gen, seed)
+    long = make_backend(long_path, model_cfg, gen, seed)
+    try:
+        short = make_backend(short_path, model_cfg, gen, seed)
+    except BaseException:
+        close_backend(long)  # else its engine holds its share of the GPU until the process ends
+        raise
+    return long, short

@@ -314,6 +314,22 @@ def test_evaluation_releases_engines_when_a_system_fails(tmp_path, monkeypatch):
     assert len(life.opened) == 2 and not life.alive
 
 
+def test_a_pair_whose_second_engine_fails_to_start_closes_the_first(monkeypatch):
+    from models.generation import make_pair_backends
+
+    life = Lifecycle()
+
+    def make(path, model_cfg, gen_cfg, seed=0):
+        if path == "short":
+            raise RuntimeError("Engine core initialization failed")
+        return life.make(path, model_cfg, gen_cfg, seed)
+
+    monkeypatch.setattr("models.generation.make_backend", make)
+    with pytest.raises(RuntimeError, match="initialization failed"):
+        make_pair_backends("long", "short", ModelConfig(), GenerationConfig(), same=False)
+    assert life.opened == [("long", pytest.approx(0.425))] and not life.alive
+
+
 def test_served_pair_gives_each_of_two_engines_half_the_memory(tmp_path, monkeypatch):
     from models.pair import LongShortPair, PairSettings
 
