@@ -468,9 +468,41 @@ def _episode_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def stage_episodes(args, profile, torch, work: Path) -> dict[str, Any]:  # noqa: ANN001, ARG001
-    from models.generation import make_pair_backends, resolve_backend  # noqa: PLC0415
+def _play_episodes(args, profile, rows: list[dict[str, Any]], name: str) -> tuple[dict[str, Any], list[str]]:  # noqa: ANN001
+    """One backend's greedy and sampled episodes of the SFT pair: its summary and the greedy transcripts."""
+    from models.generation import close_backend, make_pair_backends, resolve_backend  # noqa: PLC0415
     from tasks.evaluate import pair_records  # noqa: PLC0415
+
+    gen = _generation(args, profile, name)
+    resolved = resolve_backend(gen)  # a ConfigError when vllm is asked for without CUDA or the package
+    start = time.perf_counter()
+    long, short = make_pair_backends(args.long_model, args.short_model, profile.base_model, gen, profile.run.seed,
+                                     same=False)  # fmt: skip
+    loaded = time.perf_counter()
+    try:
+        play = dict(benchmark="train", system=f"sft-pair[{resolved}]")
+        greedy, episodes = pair_records(long, short, rows, profile.protocol, **play)
+        played = time.perf_counter()
+        sampled: list[dict[str, Any]] = []
+        if args.episode_samples:
+            sampled, _ = pair_records(long, short, rows, profile.protocol, **play, k=args.episode_samples,
+                                      temperature=profile.rl.temperature, seed=profile.run.seed)  # fmt: skip
+        done = time.perf_counter()
+    finally:
+        close_backend(long)
+        close_backend(short)
+    summary = {
+        "resolved": resolved,
+        "load_s": round(loaded - start, 2),
+        "greedy_s": round(played - loaded, 2),
+        "sampled_s": round(done - played, 2),
+        "greedy": _episode_summary(greedy),
+        "sampled": _episode_summary(sampled) if sampled else None,
+    }
+    return summary, [e.transcript for e in episodes]
+
+
+def stage_episodes(args, profile, torch, work: Path) -> dict[str, Any]:  # noqa: ANN001, ARG001
     from tasks.synthesize import read_split  # noqa: PLC0415
 
     rows = read_split(args.train)[: args.episode_problems]
@@ -479,31 +511,12 @@ def stage_episodes(args, profile, torch, work: Path) -> dict[str, Any]:  # noqa:
                            "temperature": profile.rl.temperature, "backends": {}}  # fmt: skip
     transcripts: dict[str, list[str]] = {}
     for name in backends:
-        gen = _generation(args, profile, name)
-        resolved = resolve_backend(gen)  # a ConfigError when vllm is asked for without CUDA or the package
-        start = time.perf_counter()
-        long, short = make_pair_backends(args.long_model, args.short_model, profile.base_model, gen, profile.run.seed,
-                                         same=False)  # fmt: skip
-        loaded = time.perf_counter()
-        try:
-            play = dict(benchmark="train", system=f"sft-pair[{resolved}]")
-            greedy, episodes = pair_records(long, short, rows, profile.protocol, **play)
-            played = time.perf_counter()
-            sampled, _ = pair_records(long, short, rows, profile.protocol, **play, k=args.episode_samples,
-                                      temperature=profile.rl.temperature, seed=profile.run.seed)  # fmt: skip
-            done = time.perf_counter()
-        finally:
-            for backend in {id(b): b for b in (long, short)}.values():
-                backend.close()
-        transcripts[name] = [e.transcript for e in episodes]
-        out["backends"][name] = {
-            "resolved": resolved,
-            "load_s": round(loaded - start, 2),
-            "greedy_s": round(played - loaded, 2),
-            "sampled_s": round(done - played, 2),
-            "greedy": _episode_summary(greedy),
-            "sampled": _episode_summary(sampled),
-        }
+        try:  # a backend that fails (no vLLM here, an engine that does not start) must not lose the others' results
+            out["backends"][name], transcripts[name] = _play_episodes(args, profile, rows, name)
+        except Exception as exc:  # noqa: BLE001 - recorded; the script exits 1 (main reads "errors")
+            traceback.print_exc()
+            out.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+            out["backends"][name] = {"error": out["errors"][name]}
         print(f"[episodes] {name}: {out['backends'][name]}", flush=True)
     if len(transcripts) > 1:
         first, *rest = transcripts.values()
@@ -525,7 +538,8 @@ def main() -> None:
     ap.add_argument("--train", required=True, help="training problems (synthesize/*/train.jsonl)")
     ap.add_argument("--profile", default="demo")
     ap.add_argument("--stages", default="sft,rl,baseline",
-                    help="comma-separated: sft, rl, baseline, episodes, deepspeed")
+                    help="comma-separated: sft, rl, baseline, episodes, deepspeed; they run in the order sft, rl "
+                    "(first dtype), deepspeed, baseline, episodes, rl (other dtypes), whatever the order given")
     ap.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto",
                     help="rollouts of the rl and baseline stages (auto: vLLM when CUDA and vllm are there)")
     ap.add_argument("--episode-problems", type=int, default=64)
@@ -550,6 +564,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="default: $OUT/gpu_check.json when OUT is set")
     ap.add_argument("--workdir", type=Path, default=None, help="where the runs write (default: a temp dir)")
     args = ap.parse_args()
+    if args.episode_problems < 1 or args.episode_samples < 0:
+        ap.error("--episode-problems must be at least 1 and --episode-samples at least 0")
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: the code picks cuda when it sees one
     if args.quick:
@@ -607,13 +623,13 @@ def main() -> None:
         plan.append(("sft", lambda w: stage_sft(args, profile, torch, w)))
     if "rl" in wanted and rl_dtypes:
         plan.append((f"rl[{rl_dtypes[0]}]", lambda w, d=rl_dtypes[0]: stage_rl(args, profile, torch, w, d)))
+    if "deepspeed" in wanted:  # before the baseline: shutting TRL's colocated engine down ends the process group
+        for c in [c.strip() for c in args.deepspeed_configs.split(",") if c.strip()]:
+            plan.append((f"deepspeed[{Path(c).stem}]", lambda w, c=c: stage_deepspeed(args, profile, torch, w, c)))
     if "baseline" in wanted:
         plan.append(("baseline", lambda w: stage_baseline(args, profile, torch, w)))
     if "episodes" in wanted:
         plan.append(("episodes", lambda w: stage_episodes(args, profile, torch, w)))
-    if "deepspeed" in wanted:
-        for c in [c.strip() for c in args.deepspeed_configs.split(",") if c.strip()]:
-            plan.append((f"deepspeed[{Path(c).stem}]", lambda w, c=c: stage_deepspeed(args, profile, torch, w, c)))
     if "rl" in wanted:
         for d in rl_dtypes[1:]:
             plan.append((f"rl[{d}]", lambda w, d=d: stage_rl(args, profile, torch, w, d)))
@@ -632,6 +648,7 @@ def main() -> None:
             start = time.perf_counter()
             try:
                 report.data["stages"][name] = run(root / name.replace("[", "-").replace("]", ""))
+                failed = failed or bool(report.data["stages"][name].get("errors"))
             except Exception as exc:  # noqa: BLE001 - record it, run the next stage
                 failed = True
                 traceback.print_exc()
@@ -658,9 +675,13 @@ def main() -> None:
                   f"{s['max_abs_diff_resumed_vs_uninterrupted']:.3g}")  # fmt: skip
         elif name == "episodes":
             for b, r in s["backends"].items():
+                if "error" in r:
+                    print(f"  episodes[{b}]: {r['error']}")
+                    continue
+                sampled = r["sampled"] or {"accuracy": None, "tokens_total": None}
                 print(f"  episodes[{b}]: greedy accuracy {r['greedy']['accuracy']} at {r['greedy']['tokens_total']} "
-                      f"tokens in {r['greedy_s']} s, sampled {r['sampled']['accuracy']} at "
-                      f"{r['sampled']['tokens_total']} in {r['sampled_s']} s (start-up {r['load_s']} s)")  # fmt: skip
+                      f"tokens in {r['greedy_s']} s, sampled {sampled['accuracy']} at "
+                      f"{sampled['tokens_total']} in {r['sampled_s']} s (start-up {r['load_s']} s)")  # fmt: skip
             if "greedy_same_transcripts" in s:
                 print(f"  episodes: {s['greedy_same_transcripts']} of {s['problems']} greedy transcripts the same")
         elif name == "sft":
