@@ -455,16 +455,19 @@ def _rollout_backend(args, profile) -> str:  # noqa: ANN001
     return resolve_backend(_generation(args, profile))
 
 
-def _episode_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    n = len(records)
+def _episode_summary(records: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """The evaluate stage's summary of one backend's episodes (``tasks.metrics.summarize``), in brief."""
+    from tasks.metrics import summarize  # noqa: PLC0415
+
+    (s,) = summarize(records, k)  # one benchmark and system
     return {
-        "episodes": n,
-        "accuracy": round(sum(r["correct"] for r in records) / n, 4),
-        "well_formed": round(sum(r["well_formed"] for r in records) / n, 4),
-        "tokens_long": round(sum(r["tokens_long"] for r in records) / n, 2),
-        "tokens_short": round(sum(r["tokens_short"] for r in records) / n, 2),
-        "tokens_total": round(sum(r["tokens_long"] + r["tokens_short"] for r in records) / n, 2),
-        "turns": round(sum(r["turns"] for r in records) / n, 3),
+        "episodes": s["n_episodes"],
+        "accuracy": round(s["mean_at_k"], 4),
+        "well_formed": round(s["well_formed"], 4),
+        "tokens_long": round(s["mean_tokens_long"], 2),
+        "tokens_short": round(s["mean_tokens_short"], 2),
+        "tokens_total": round(s["mean_tokens"], 2),
+        "turns": round(s["turns"]["mean"], 3),
     }
 
 
@@ -496,8 +499,8 @@ def _play_episodes(args, profile, rows: list[dict[str, Any]], name: str) -> tupl
         "load_s": round(loaded - start, 2),
         "greedy_s": round(played - loaded, 2),
         "sampled_s": round(done - played, 2),
-        "greedy": _episode_summary(greedy),
-        "sampled": _episode_summary(sampled) if sampled else None,
+        "greedy": _episode_summary(greedy, 1),
+        "sampled": _episode_summary(sampled, args.episode_samples) if sampled else None,
     }
     return summary, [e.transcript for e in episodes]
 
