@@ -70,7 +70,7 @@ def main() -> None:
 
     from longshort.config import TinyModelConfig  # noqa: PLC0415
     from models.factory import build_tiny_model  # noqa: PLC0415
-    from models.generation import TransformersBackend  # noqa: PLC0415
+    from models.generation import TransformersBackend, single_token_id  # noqa: PLC0415
 
     torch.set_num_threads(1)
     tok = load_tokenizer(args.tokenizer)
@@ -80,7 +80,7 @@ def main() -> None:
     )  # fmt: skip
     backend = TransformersBackend(model, tok, batch_size=1, device="cpu")
     stops = [s for s in args.stops.split(",") if s]
-    string_stops = [s for s in stops if backend._single_token_id(s) is None]
+    string_stops = [s for s in stops if single_token_id(tok, s) is None]
     prompt = "Start with 3. Then (1) add 4. What is the final number?\n<think>\n"  # a plain prompt: no chat template needed
 
     def call(cleared: bool) -> float:

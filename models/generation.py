@@ -177,9 +177,6 @@ class TransformersBackend:
             self.model = None
             free_accelerator_memory()
 
-    def _single_token_id(self, text: str) -> int | None:
-        return single_token_id(self.tokenizer, text)
-
     def _stop_string_criteria(self, stops: tuple[str, ...]) -> StopStringCriteria:
         """The criterion ``generate(stop_strings=...)`` builds, built once per set of stops: building it reads every
         token of the vocabulary, 1.3 s per call with Qwen2.5's 151k tokens (``bench/README.md``), on each call."""

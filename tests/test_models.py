@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.factory import ModelLoadError, load_pretrained
-from models.generation import TransformersBackend
+from models.generation import TransformersBackend, single_token_id
 from models.protocol import SYSTEM_PROMPTS, TAGS
 
 
@@ -211,7 +211,7 @@ def test_a_multi_token_stop_is_built_once_per_backend_and_ends_the_turn_where_tr
     ids, tok = list(free.token_ids), demo_tokenizer
     k = next(i for i in range(2, 22) if tok.decode(ids[i : i + 2]) not in tok.decode(ids[: i + 1]))
     multi = tok.decode(ids[k : k + 2])
-    assert backend._single_token_id(multi) is None
+    assert single_token_id(demo_tokenizer, multi) is None
     (cut,) = backend.generate(prompts[:1], max_new_tokens=24, stop=[multi], **sampled)[0]
     assert cut.finish_reason == "stop" and cut.text.endswith(multi) and free.text.startswith(cut.text)
     assert cut.token_ids == tuple(ids[: k + 2])  # at its first occurrence, as generate's own criterion stops
