@@ -68,6 +68,10 @@ SERVICES = ("postgres", "seaweedfs", "mlflow", "prefect", "worker")
 CMDLINE_MARKER = {"postgres": "postgres", "seaweedfs": "weed", "mlflow": "mlflow", "prefect": "prefect", "worker": "worker"}
 # SeaweedFS drains for 15 s or more on SIGTERM; PostgreSQL's fast shutdown is SIGINT.
 STOP_TIMEOUT_S = {"postgres": 30.0, "seaweedfs": 20.0, "mlflow": 15.0, "prefect": 20.0, "worker": 20.0}
+# Below this much free disk SeaweedFS marks every volume read-only, and an S3 PUT then hangs until the client's
+# read timeout instead of failing. Its default, 1% of the disk, is 2.5 GB on a 252 GB disk: a fixed floor suits
+# one local node better. `up` refuses to start below it and checks that an object can be written.
+WEED_MIN_FREE_MIB = 256
 PORT_NAMES = (
     "postgres", "mlflow", "prefect", "s3", "s3_grpc", "weed_master", "weed_master_grpc",
     "weed_volume", "weed_volume_grpc", "weed_filer", "weed_filer_grpc",
@@ -444,7 +448,7 @@ def _weed_argv(layout: Layout, ports: dict[str, int]) -> list[str]:
         f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3_grpc']}", f"-s3.config={layout.s3_config}",
         "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra catalog listeners we do not use
         "-master.telemetry=false", "-volume.preStopSeconds=1",
-        "-master.volumeSizeLimitMB=1024", "-volume.max=32",
+        "-master.volumeSizeLimitMB=1024", "-volume.max=32", f"-volume.minFreeSpace={WEED_MIN_FREE_MIB}MiB",
     ]  # fmt: skip
     sockets = {"filer": layout.weed_dir / "filer.sock", "s3": layout.weed_dir / "s3.sock"}
     if all(len(str(p)) < 100 for p in sockets.values()):  # unix socket paths are short
@@ -472,6 +476,26 @@ def _ensure_bucket(client: Any) -> bool:
             raise
         client.create_bucket(Bucket=BUCKET)
     return True
+
+
+def _s3_writable(client: Any) -> bool:
+    """The bucket exists and takes an object: a PUT needs a writable volume, which a bucket alone does not."""
+    _ensure_bucket(client)
+    key = "_health/probe"
+    client.put_object(Bucket=BUCKET, Key=key, Body=b"ok")
+    if client.get_object(Bucket=BUCKET, Key=key)["Body"].read() != b"ok":
+        raise ServiceError("seaweedfs returned another body for the probe object")
+    client.delete_object(Bucket=BUCKET, Key=key)
+    return True
+
+
+def _check_weed_disk(layout: Layout) -> None:
+    free_mib = shutil.disk_usage(layout.weed_dir).free / 2**20
+    if free_mib < WEED_MIN_FREE_MIB:
+        raise ServiceError(
+            f"seaweedfs: only {free_mib:.0f} MiB free on the disk of {layout.weed_dir}; below "
+            f"{WEED_MIN_FREE_MIB} MiB it keeps its volumes read-only and S3 writes hang. Free some space first."
+        )
 
 
 def _mlflow_argv(state: ServiceState) -> list[str]:
@@ -529,6 +553,7 @@ def up(
         folder.mkdir(parents=True, exist_ok=True)
     if running := _running(layout):
         raise ServiceError(f"services already running in {layout.root}: {running} (run `down` first)")
+    _check_weed_disk(layout)
     pg_bin = find_postgres_bin()
     if pg_bin is None:
         raise ServiceError("PostgreSQL binaries (initdb, postgres) not found: run infra/ensure-postgres.sh")
@@ -582,7 +607,7 @@ def up(
         _spawn(layout, "prefect", prefect_argv, prefect_env, cwd=layout.root)
 
         s3 = s3_client(state, access_key, secret_key)
-        _wait_healthy(layout, "seaweedfs", lambda: _ensure_bucket(s3), timeout_s)
+        _wait_healthy(layout, "seaweedfs", lambda: _s3_writable(s3), timeout_s)
         _wait_healthy(layout, "mlflow", lambda: _http(f"{state.mlflow_url}/health") == b"OK", timeout_s)
         _wait_healthy(layout, "prefect", lambda: json.loads(_http(f"{state.prefect_api_url}/health")) is True, timeout_s)
         _ensure_work_pool(state)

@@ -199,3 +199,20 @@ def test_stopping_a_service_whose_leader_died_stops_the_children_left_in_its_gro
     while time.monotonic() < deadline and _group_alive(leader.pid):
         time.sleep(0.05)
     assert not _group_alive(leader.pid)
+
+
+def test_services_up_refuses_a_disk_where_seaweedfs_would_keep_its_volumes_read_only(tmp_path, monkeypatch):
+    """Below its free-space floor SeaweedFS marks every volume read-only and an S3 PUT hangs until the client's
+    read timeout (a CI run lost its `dvc push` that way): `up` names the disk and the floor, and starts nothing."""
+    import shutil
+
+    from infra import services
+
+    free_mib = shutil.disk_usage(tmp_path).free / 2**20
+    monkeypatch.setattr(services, "WEED_MIN_FREE_MIB", int(free_mib) + 1024)
+    with pytest.raises(services.ServiceError, match=r"only \d+ MiB free on the disk of .*seaweedfs; below \d+ MiB"):
+        services.up(tmp_path / "state", timeout_s=5)
+    layout = services.Layout(tmp_path / "state")
+    assert list(layout.pids.iterdir()) == [] and not layout.state_file.exists()
+    argv = services._weed_argv(layout, dict.fromkeys(services.PORT_NAMES, 1))
+    assert f"-volume.minFreeSpace={int(free_mib) + 1024}MiB" in argv  # the server's floor is the one `up` checks

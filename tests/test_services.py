@@ -176,10 +176,12 @@ def test_every_service_listens_on_loopback_only(stack: Stack):
 
 def test_the_worker_on_pool_gpu_completes_the_deployment_run(deployed_run: Stack):
     run = deployed_run.flow_run
-    worker_log = services.Layout(deployed_run.state.state_dir).log("worker")
+    layout = services.Layout(deployed_run.state.state_dir)
+    worker_log, s3_log = layout.log("worker"), layout.log("seaweedfs")
     assert run.state.is_completed(), (
         f"flow run ended {run.state.type}: {run.state.message}\n"
         + "\n".join(deployed_run.logs[-30:]) + f"\n--- {worker_log}:\n" + services._tail(worker_log, 60)
+        + f"\n--- {s3_log}:\n" + services._tail(s3_log, 15)
     )  # fmt: skip
     assert run.work_pool_name == "gpu" and run.parameters["profile"] == "smoke"
     assert any(m.startswith("dvc: pushed ['synthesize']") for m in deployed_run.logs)
