@@ -203,7 +203,7 @@ def test_stopping_a_service_whose_leader_died_stops_the_children_left_in_its_gro
 
 def test_services_up_refuses_a_disk_where_seaweedfs_would_keep_its_volumes_read_only(tmp_path, monkeypatch):
     """Below its free-space floor SeaweedFS marks every volume read-only and an S3 PUT hangs until the client's
-    read timeout (a CI run lost its `dvc push` that way): `up` names the disk and the floor, and starts nothing."""
+    read timeout (the symptom of a failed CI run's `dvc push`): `up` names the disk and the floor, and starts nothing."""
     import shutil
 
     from infra import services
