@@ -33,6 +33,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# One OpenMP (torch intra-op) thread per process, children included: these models are tiny, and two threads
+# spin-wait for each other whenever anything else wants a core (the Prefect server, a flow-run process, a
+# service, a busy CI host). tests/test_real_path.py took 71 s with two threads and 77 s with one on an idle
+# 2-core machine, but 466 s and 128 s beside two busy-looping processes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 # The checkout under test, first, for this process and every child (the kill -9 pipelines, the `longshort`
 # command, dvc repro's stages): with a copy of the package installed elsewhere, a child would run that copy.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -200,17 +206,6 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("PREFECT_API_URL", None)
         stop_pid(proc)
         log.close()
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch intra-op thread for a module: faster than two for these tiny models on a shared 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()

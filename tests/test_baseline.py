@@ -29,9 +29,6 @@ from tasks.baseline import (
 EOS = 2
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def base_format_tiny(trained_tiny, demo_rows_small, tmp_path_factory) -> str:
     """``trained_tiny`` after half a second of next-token fitting on 4 problems' short base-format answers.

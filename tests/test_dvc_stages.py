@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_score_after_a_settings_change_recomputes_its_shards_and_merges(tmp_path):
     from flows.dvc_stages import run_data_stage

@@ -38,9 +38,6 @@ CFG = RLConfig(
 )  # fmt: skip
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def solving_pair(protocol_pair, demo_rows_small, tmp_path_factory) -> str:
     """``protocol_pair`` fitted on to ``train[:2]`` until the pair solves those two problems (nll < 0.01):

@@ -23,8 +23,6 @@ CFG = RLConfig(
     lora=LORA, gradient_checkpointing=True,
 )  # fmt: skip
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _problems(demo_rows_small) -> list[dict]:
     train, _ = demo_rows_small

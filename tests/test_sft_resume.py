@@ -227,7 +227,6 @@ def _files(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
 def test_a_rerun_after_the_run_finished_trains_nothing_and_returns_the_same_result(
     runs: Runs, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
@@ -257,7 +256,6 @@ def test_a_rerun_after_the_run_finished_trains_nothing_and_returns_the_same_resu
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
 def test_a_checkpoint_that_lost_its_optimizer_state_is_skipped_for_the_earlier_complete_one(
     runs: Runs, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
@@ -275,7 +273,6 @@ def test_a_checkpoint_that_lost_its_optimizer_state_is_skipped_for_the_earlier_c
     _assert_resumed_equals_straight(runs, out_dir, "checkpoint-2", asdict(resumed))
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_every_checkpoint_is_flushed_and_marked_before_training_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Each checkpoint-N is fsynced, every file and folder of it, and marked (.durable, itself flushed) at its own
     save, before the next training step and so before the next save's rotation can remove the one before it
@@ -321,7 +318,6 @@ def test_every_checkpoint_is_flushed_and_marked_before_training_goes_on(tmp_path
         assert folder in order[mark + 1 :] and str(tmp_path / "checkpoints") in order[mark + 1 :]
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_a_failed_sft_releases_its_trainer_and_keeps_its_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
