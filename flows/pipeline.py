@@ -47,6 +47,7 @@ from longshort.preflight import preflight
 from longshort.records import StageRecord
 
 
+BASE_SYSTEM = "long-CoT base"  # the reference every other system is compared with (accuracy difference, token ratio)
 BASELINE_SYSTEM = "truncation baseline"  # single-model GRPO, reward = correct and length <= L_T
 
 
@@ -242,7 +243,7 @@ def _run_stages(cfg: Profile, start: float) -> dict[str, Any]:
         else None
     )
     systems = {
-        "long-CoT base": {"kind": "single", "model": base.outputs["model"]},
+        BASE_SYSTEM: {"kind": "single", "model": base.outputs["model"]},
         **({BASELINE_SYSTEM: {"kind": "single", "model": baseline.outputs["model"]}} if baseline else {}),
         "Long⊗Short SFT": {"kind": "pair", "long": pair["long"].outputs["model"], "short": pair["short"].outputs["model"]},
         "Long⊗Short RL": {"kind": "pair", "long": rl.outputs["long"], "short": rl.outputs["short"]},
@@ -251,7 +252,7 @@ def _run_stages(cfg: Profile, start: float) -> dict[str, Any]:
         evaluate_task, "evaluate", ws, key_extra=files["evaluate"],
         systems=systems, heldout_path=data.outputs["heldout"], scored_heldout=scored.outputs["heldout"],
         base_model=base_model, generation=cfg.section_dump("generation"), protocol=cfg.section_dump("protocol"),
-        evaluate=cfg.section_dump("evaluate"), seed=seed,
+        evaluate=cfg.section_dump("evaluate"), seed=seed, reference=BASE_SYSTEM,
     )  # fmt: skip
 
     trained = [pair["long"], pair["short"], rl, *([baseline] if baseline else [])]

@@ -702,16 +702,17 @@ def _brief(metrics: dict[str, Any]) -> str:
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
 def evaluate_task(
     key: str, out_dir: str, systems: dict[str, dict[str, str]], heldout_path: str, scored_heldout: str,
-    base_model: dict, generation: dict, protocol: dict, evaluate: dict, seed: int,
+    base_model: dict, generation: dict, protocol: dict, evaluate: dict, seed: int, reference: str | None = None,
 ) -> StageRecord:  # fmt: skip
-    """Every system on the same held-out problems and seeds; tables, plots and the importance AUROC."""
+    """Every system on the same held-out problems and seeds; tables, plots and the importance AUROC.
+    Each system is compared with ``reference`` (the long-CoT base) with paired bootstrap intervals."""
     from tasks.report import evaluate_systems  # noqa: PLC0415
 
     def body(folder: Path) -> dict[str, Any]:
         report = evaluate_systems(
             systems, heldout_path, scored_heldout, ModelConfig.model_validate(base_model),
             GenerationConfig.model_validate(generation), ProtocolConfig.model_validate(protocol),
-            EvaluateConfig.model_validate(evaluate), folder, seed,
+            EvaluateConfig.model_validate(evaluate), folder, seed, reference,
         )  # fmt: skip
         return {"outputs": report.outputs, "metrics": report.metrics}
 

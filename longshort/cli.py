@@ -94,30 +94,47 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "—" if value is None else format(value, pattern)
 
 
+def _with_ci(m: dict, name: str, pattern: str, scale: float = 1.0) -> str:
+    """``m[name]`` and, when the run logged it, its 95% interval ``[low, high]`` (``name_ci_low``/``_ci_high``)."""
+    value = m.get(name)
+    if value is None:
+        return "—"
+    text = format(scale * value, pattern)
+    if f"{name}_ci_low" in m and f"{name}_ci_high" in m:
+        text += f" [{format(scale * m[f'{name}_ci_low'], pattern)}, {format(scale * m[f'{name}_ci_high'], pattern)}]"
+    return text
+
+
 def _print_summary(summary: dict) -> None:
     from longshort.config import HELDOUT  # noqa: PLC0415
 
     m = summary["metrics"]
     table = Table(title=f"longshort pipeline — profile {summary['profile']} — held-out problems")
-    for col in ("system", "accuracy", "mean tokens", "vs base", "tokens (correct)", "tokens (wrong)", "turns"):
+    cols = ("system", "accuracy % [95% CI]", "Δ accuracy vs base, points", "mean tokens", "tokens vs base, %",
+            "tokens (correct)", "tokens (wrong)", "turns")  # fmt: skip
+    for col in cols:
         table.add_column(col, justify="left" if col == "system" else "right")
-    base_tokens = m.get(f"{HELDOUT}.long_cot_base.mean_tokens")
     for name, slug in SYSTEMS:
         p = f"{HELDOUT}.{slug}"
         if f"{p}.accuracy" not in m:
             continue
-        ratio = m[f"{p}.mean_tokens"] / base_tokens if base_tokens else None
+        base = slug == "long_cot_base"
         table.add_row(
-            name, _fmt(m[f"{p}.accuracy"], ".1%"), _fmt(m[f"{p}.mean_tokens"], ".1f"), _fmt(ratio, ".0%"),
+            name, _with_ci(m, f"{p}.accuracy", ".1f", 100), "" if base else _with_ci(m, f"{p}.accuracy_diff_vs_ref", "+.1f", 100),
+            _fmt(m[f"{p}.mean_tokens"], ".1f"), "100" if base else _with_ci(m, f"{p}.token_ratio_vs_ref", ".1f", 100),
             _fmt(m.get(f"{p}.mean_tokens_correct"), ".1f"), _fmt(m.get(f"{p}.mean_tokens_wrong"), ".1f"),
             _fmt(m.get(f"{p}.turns"), ".2f"),
         )  # fmt: skip
     if "base_nothink_accuracy" in m:
         table.add_row(
-            "long-CoT base, empty <think>", _fmt(m["base_nothink_accuracy"], ".1%"),
+            "long-CoT base, empty <think>", _fmt(100 * m["base_nothink_accuracy"], ".1f"), "",
             _fmt(m["base_nothink_mean_tokens"], ".1f"), "", "", "", "",
         )  # fmt: skip
     console.print(table)
+    console.print(
+        "95% CI: percentile bootstrap over the held-out problems (9,999 resamples); a system and the base "
+        "are resampled in pairs, on the same problems."
+    )
     if "importance_auroc" in m:
         console.print(
             f"thought importance: AUROC {m['importance_auroc']:.3f} against the teacher's hidden labels "

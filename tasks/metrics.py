@@ -1,4 +1,5 @@
-"""Evaluation metrics: Mean@k, Pass@k, accuracy at token budgets, length statistics.
+"""Evaluation metrics: Mean@k, Pass@k, accuracy at token budgets, length statistics,
+and bootstrap confidence intervals for accuracy and for each system against a reference.
 
 Pure functions over evaluation records, one per sampled episode::
 
@@ -7,6 +8,12 @@ Pure functions over evaluation records, one per sampled episode::
 
 An episode's cost is its long + short tokens (DESIGN §2). ``summarize`` gives one
 JSON-able dict per (benchmark, system).
+
+Uncertainty is over problems: a benchmark's problems are a sample, and the k episodes of one
+problem are not independent draws of the benchmark, so the bootstrap resamples whole problems
+(scipy's ``stats.bootstrap``, percentile intervals, seeded). A system compared with a reference
+(the long-CoT base) on the same problems is resampled in pairs, which is what decides whether,
+say, "within 2 points of the base" holds beyond the noise of 300 problems.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGETS = (2048, 4096, 8192, 16384, 32768)
 RECORD_FIELDS = ("problem_id", "sample", "correct", "tokens_long", "tokens_short", "turns", "well_formed")
+CONFIDENCE = 0.95
+N_RESAMPLES = 9999
 
 
 def mean_at_k(correct_matrix: Sequence[Sequence[bool]]) -> float:
@@ -40,6 +50,44 @@ def mean_at_k(correct_matrix: Sequence[Sequence[bool]]) -> float:
             raise ValueError(f"problem {p} has no samples")
         per_problem.append(sum(bool(c) for c in row) / len(row))
     return math.fsum(per_problem) / len(per_problem)
+
+
+def bootstrap_interval(
+    values: Sequence[float],
+    *,
+    reference: Sequence[float] | None = None,
+    ratio: bool = False,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of mean(values), resampling its entries (one per problem).
+
+    With ``reference`` (one value per problem, the same problems in the same order) the two are
+    resampled in pairs and the statistic is mean(values) − mean(reference), or with ``ratio``
+    mean(values) / mean(reference). None with fewer than two problems (nothing to resample).
+    Percentile rather than BCa: BCa is undefined when every problem scores the same (a system
+    that solves all of them), where the percentile interval is that one value.
+    """
+    x = np.asarray(values, dtype=float)
+    if reference is not None and len(reference) != len(x):
+        raise ValueError(f"bootstrap_interval: {len(x)} values but {len(reference)} reference values")
+    if x.size < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    if reference is None:
+        ci = stats.bootstrap((x,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
+                             method="percentile", vectorized=True, rng=rng).confidence_interval  # fmt: skip
+    else:
+        y = np.asarray(reference, dtype=float)
+
+        def statistic(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+            return a.mean(axis=axis) / b.mean(axis=axis) if ratio else a.mean(axis=axis) - b.mean(axis=axis)
+
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose reference costs 0 tokens
+            ci = stats.bootstrap((x, y), statistic, paired=True, n_resamples=n_resamples, confidence_level=confidence,
+                                 method="percentile", vectorized=True, rng=rng).confidence_interval  # fmt: skip
+    return float(ci.low), float(ci.high)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -119,7 +167,51 @@ def _check_record(i: int, r: Mapping[str, Any]) -> None:
         raise ValueError(f"record {i}: missing field(s) {', '.join(missing)}")
 
 
-def _summarize_group(records: list[Mapping[str, Any]], k: int, budgets: Sequence[int]) -> dict[str, Any]:
+def _per_problem(records: Iterable[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Each problem's accuracy over its samples and its mean episode tokens, by problem id."""
+    by_problem: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_problem[str(r["problem_id"])].append(r)
+    return {
+        pid: (float(np.mean([bool(s["correct"]) for s in samples])), float(np.mean([episode_tokens(s) for s in samples])))
+        for pid, samples in by_problem.items()
+    }
+
+
+def _interval(ci: tuple[float, float] | None) -> dict[str, float] | None:
+    return None if ci is None else {"low": ci[0], "high": ci[1], "confidence": CONFIDENCE}
+
+
+def compare_with_reference(
+    records: Iterable[Mapping[str, Any]], reference: Iterable[Mapping[str, Any]], seed: int = 0
+) -> dict[str, Any]:
+    """A system against a reference on the problems both were run on, resampled in pairs.
+
+    ``accuracy_diff`` = Mean@k − the reference's Mean@k (−0.05: five points lower) and
+    ``token_ratio`` = mean tokens / the reference's mean tokens (0.3: 70% fewer), each with its
+    bootstrap interval (None with fewer than two problems in common).
+    """
+    mine, theirs = _per_problem(records), _per_problem(reference)
+    common = sorted(set(mine) & set(theirs))
+    if not common:
+        raise ValueError("compare_with_reference: the system and its reference share no problem")
+    acc, ref_acc = [mine[p][0] for p in common], [theirs[p][0] for p in common]
+    tok, ref_tok = [mine[p][1] for p in common], [theirs[p][1] for p in common]
+    ref_mean_tokens = math.fsum(ref_tok) / len(common)
+    return {
+        "n_problems": len(common),
+        "accuracy_diff": (math.fsum(acc) - math.fsum(ref_acc)) / len(common),
+        "accuracy_diff_ci": _interval(bootstrap_interval(acc, reference=ref_acc, seed=seed)),
+        "token_ratio": math.fsum(tok) / len(common) / ref_mean_tokens if ref_mean_tokens else None,
+        "token_ratio_ci": _interval(bootstrap_interval(tok, reference=ref_tok, ratio=True, seed=seed))
+        if ref_mean_tokens
+        else None,
+    }
+
+
+def _summarize_group(
+    records: list[Mapping[str, Any]], k: int, budgets: Sequence[int], seed: int = 0
+) -> dict[str, Any]:
     by_problem: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in records:
         by_problem[str(r["problem_id"])].append(r)
@@ -143,6 +235,7 @@ def _summarize_group(records: list[Mapping[str, Any]], k: int, budgets: Sequence
         "n_episodes": len(records),
         "k": k,
         "mean_at_k": mean_at_k(matrix),
+        "mean_at_k_ci": _interval(bootstrap_interval([sum(row) / len(row) for row in matrix], seed=seed)),
         "pass_at_k": math.fsum(pass_k) / len(pass_k),
         "mean_tokens": float(np.mean(tokens)),
         "mean_tokens_long": float(np.mean([int(r["tokens_long"]) for r in records])),
@@ -160,7 +253,12 @@ def _summarize_group(records: list[Mapping[str, Any]], k: int, budgets: Sequence
 
 
 def summarize(
-    records: Iterable[Mapping[str, Any]], k: int, budgets: Sequence[int] = DEFAULT_BUDGETS
+    records: Iterable[Mapping[str, Any]],
+    k: int,
+    budgets: Sequence[int] = DEFAULT_BUDGETS,
+    *,
+    reference: str | None = None,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """One summary per (benchmark, system), sorted by benchmark then system.
 
@@ -171,6 +269,11 @@ def summarize(
     which is the same when every problem has the same number of samples, as the evaluate
     stage gives; records with unequal counts weigh a problem by its samples there. A
     warning is logged when systems of one benchmark were run on different problems.
+
+    ``mean_at_k_ci`` is a bootstrap interval over problems (``bootstrap_interval``, seeded by
+    ``seed``). With ``reference`` (a system's name), every other system of a benchmark the
+    reference was run on gets ``vs_reference``: its accuracy difference and token ratio against
+    it, with paired intervals (``compare_with_reference``).
     """
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     for i, r in enumerate(records):
@@ -178,9 +281,17 @@ def summarize(
         groups[(str(r["benchmark"]), str(r["system"]))].append(r)
     if not groups:
         raise ValueError("summarize needs at least one record")
+    if reference is not None and reference not in {system for _, system in groups}:
+        raise ValueError(f"summarize: the reference system {reference!r} has no records")
     out = []
     for (benchmark, system), group in sorted(groups.items()):
-        out.append({"benchmark": benchmark, "system": system, **_summarize_group(group, k, budgets)})
+        summary = {"benchmark": benchmark, "system": system, **_summarize_group(group, k, budgets, seed)}
+        if reference is not None and system != reference and (benchmark, reference) in groups:
+            summary["vs_reference"] = {
+                "system": reference,
+                **compare_with_reference(group, groups[(benchmark, reference)], seed),
+            }
+        out.append(summary)
     for benchmark in sorted({s["benchmark"] for s in out}):
         digests = {s["system"]: s["problems_digest"] for s in out if s["benchmark"] == benchmark}
         if len(set(digests.values())) > 1:

@@ -144,20 +144,43 @@ def _mean_cell(s: dict[str, Any], group: str) -> str:
     return "–" if mean is None else f"{mean:.0f}"
 
 
+def interval_text(
+    value: float | None, interval: dict[str, float] | None, *, scale: float = 100.0, fmt: str = ".1f", unit: str = ""
+) -> str:
+    """``93.7 [90.9, 96.3]``: a value and its interval, each times ``scale`` and followed by ``unit``; "–" for no value."""
+    if value is None:
+        return "–"
+
+    def num(x: float) -> str:
+        return format(scale * x, fmt) + unit
+
+    return num(value) if interval is None else f"{num(value)} [{num(interval['low'])}, {num(interval['high'])}]"
+
+
 def results_markdown(summary: Summary) -> str:
-    """One Markdown table per benchmark: accuracy, cost and accuracy at each budget per system."""
+    """One Markdown table per benchmark: accuracy with its 95% interval, the difference and token ratio
+    against the reference system (the long-CoT base) when there is one, cost and accuracy at each budget."""
     parts = []
     for benchmark, rows in _by_benchmark(summary).items():
         k = rows[0]["k"]
         budgets = [p["budget"] for p in rows[0]["budget_accuracy"]]
-        head = ["system", f"Mean@{k}", f"Pass@{k}", "mean tokens", "tokens (correct / wrong)", "turns", "well-formed"]
+        reference = next((s["vs_reference"]["system"] for s in rows if "vs_reference" in s), None)
+        head = ["system", f"Mean@{k} [95% CI]"]
+        if reference:
+            head += [f"Δ Mean@{k} vs {reference} [95% CI]", f"tokens vs {reference} [95% CI]"]
+        head += [f"Pass@{k}", "mean tokens", "tokens (correct / wrong)", "turns", "well-formed"]
         head += [f"acc@{_tokens_label(b)}" for b in budgets]
         lines = [f"### {benchmark} ({rows[0]['n_problems']} problems)", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for s in rows:
-            cells = [
-                s["system"],
-                f"{100 * s['mean_at_k']:.1f}",
+            cells = [s["system"], interval_text(s["mean_at_k"], s.get("mean_at_k_ci"))]
+            if reference:
+                vs = s.get("vs_reference")
+                cells += [
+                    interval_text(vs["accuracy_diff"], vs["accuracy_diff_ci"], fmt="+.1f") if vs else "–",
+                    interval_text(vs["token_ratio"], vs["token_ratio_ci"], fmt=".1f", unit="%") if vs else "–",
+                ]
+            cells += [
                 f"{100 * s['pass_at_k']:.1f}",
                 f"{s['mean_tokens']:.0f}",
                 f"{_mean_cell(s, 'correct')} / {_mean_cell(s, 'wrong')}",

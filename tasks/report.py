@@ -82,6 +82,11 @@ def _benchmarks(heldout_path: str, cfg: EvaluateConfig, seed: int) -> list[tuple
     return out
 
 
+def _interval_metrics(name: str, interval: dict[str, float] | None) -> dict[str, float]:
+    """``name_ci_low`` and ``name_ci_high`` for MLflow; nothing when there is no interval."""
+    return {} if interval is None else {f"{name}_ci_low": interval["low"], f"{name}_ci_high": interval["high"]}
+
+
 def evaluate_systems(
     systems: dict[str, dict[str, str]],
     heldout_path: str,
@@ -92,6 +97,7 @@ def evaluate_systems(
     cfg: EvaluateConfig,
     out_dir: Path,
     seed: int = 0,
+    reference: str | None = None,
 ) -> Report:
     """Run each system on each benchmark; write records, results.md/json and plots to ``out_dir``.
 
@@ -100,6 +106,10 @@ def evaluate_systems(
     hold GPU memory at once, each with half of ``gpu_memory_utilization`` (``share_gpu_memory``).
     A model the next system needs in the same way is kept. Records are written benchmark by
     benchmark, systems in the order given, whatever order they ran in.
+
+    Accuracy gets a bootstrap interval over problems; with ``reference`` (one of ``systems``) every
+    other system also gets its accuracy difference and token ratio against it, resampled in pairs
+    (``tasks.metrics.summarize``).
     """
     benchmarks = _benchmarks(heldout_path, cfg, seed)
     by_run: dict[tuple[int, str], list[dict[str, Any]]] = {}  # (benchmark index, system) -> records
@@ -127,7 +137,7 @@ def evaluate_systems(
         for backend in held.values():
             close_backend(backend)
     records = [r for b in range(len(benchmarks)) for name in systems for r in by_run[(b, name)]]
-    summary = summarize(records, k=cfg.k, budgets=cfg.budgets)
+    summary = summarize(records, k=cfg.k, budgets=cfg.budgets, reference=reference, seed=seed)
     out_dir = Path(out_dir)
     write_jsonl(out_dir / "records.jsonl", records)
     outputs = {name: str(path) for name, path in write_results(summary, out_dir).items()}
@@ -136,6 +146,14 @@ def evaluate_systems(
     for s in summary:
         prefix = f"{s['benchmark']}.{slug(s['system'])}"
         metrics[f"{prefix}.accuracy"] = s["mean_at_k"]
+        metrics.update(_interval_metrics(f"{prefix}.accuracy", s["mean_at_k_ci"]))
+        if "vs_reference" in s:
+            vs = s["vs_reference"]
+            metrics[f"{prefix}.accuracy_diff_vs_ref"] = vs["accuracy_diff"]
+            metrics.update(_interval_metrics(f"{prefix}.accuracy_diff_vs_ref", vs["accuracy_diff_ci"]))
+            if vs["token_ratio"] is not None:
+                metrics[f"{prefix}.token_ratio_vs_ref"] = vs["token_ratio"]
+                metrics.update(_interval_metrics(f"{prefix}.token_ratio_vs_ref", vs["token_ratio_ci"]))
         metrics[f"{prefix}.pass_at_k"] = s["pass_at_k"]
         metrics[f"{prefix}.mean_tokens"] = s["mean_tokens"]
         metrics[f"{prefix}.mean_tokens_long"] = s["mean_tokens_long"]

@@ -12,7 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.metrics import budget_accuracy, length_stats, mean_at_k, pass_at_k, summarize
+from tasks.metrics import (
+    bootstrap_interval,
+    budget_accuracy,
+    compare_with_reference,
+    length_stats,
+    mean_at_k,
+    pass_at_k,
+    summarize,
+)
 
 
 def _record(pid: str, sample: int, correct: bool, long: int, short: int, *, system: str = "ls",
@@ -155,3 +163,83 @@ def test_mean_at_k_matches_random_matrix_average() -> None:
     assert mean_at_k(matrix) == pytest.approx(sum(flat) / len(flat))
     passes = [pass_at_k(8, sum(row), 4) for row in matrix]
     assert sum(passes) / len(passes) >= mean_at_k(matrix)
+
+
+def test_bootstrap_interval_of_an_accuracy() -> None:
+    values = [1.0] * 270 + [0.0] * 30  # 90% of 300 problems
+    low, high = bootstrap_interval(values, seed=0)
+    half = 1.96 * math.sqrt(0.9 * 0.1 / 300)  # the normal approximation: ±3.4 points
+    assert low == pytest.approx(0.9 - half, abs=0.01) and high == pytest.approx(0.9 + half, abs=0.01)
+    assert bootstrap_interval(values, seed=0) == (low, high)  # seeded
+    assert bootstrap_interval([1.0] * 300) == (1.0, 1.0)  # every problem solved: nothing varies
+    assert bootstrap_interval([1.0]) is None  # one problem: nothing to resample
+    with pytest.raises(ValueError, match="3 values but 2 reference values"):
+        bootstrap_interval([1.0, 0.0, 1.0], reference=[1.0, 0.0])
+
+
+def test_paired_interval_sees_a_difference_the_separate_intervals_hide() -> None:
+    """Both systems fail the same hard half; the candidate solves 3 more: each accuracy is uncertain by
+    ±6 points, but the paired difference is known to within 2."""
+    reference = [1.0] * 150 + [0.0] * 150
+    system = [1.0] * 153 + [0.0] * 147
+    low, high = bootstrap_interval(system, seed=0)
+    assert high - low > 0.1
+    d_low, d_high = bootstrap_interval(system, reference=reference, seed=0)
+    assert 0.0 <= d_low <= 0.01 < d_high < 0.025
+    assert bootstrap_interval(reference, reference=reference) == (0.0, 0.0)
+    # 25 of 300 lost: 8.3 points down, and the interval excludes "within 2 points"
+    lost = [0.0] * 25 + [1.0] * 275
+    d_low, d_high = bootstrap_interval(lost, reference=[1.0] * 300, seed=0)
+    assert d_low < -25 / 300 < d_high < -0.02
+
+
+def test_token_ratio_interval() -> None:
+    rng = random.Random(0)
+    reference = [rng.uniform(100, 400) for _ in range(200)]
+    assert bootstrap_interval([0.4 * t for t in reference], reference=reference, ratio=True) == pytest.approx((0.4, 0.4))
+    noisy = [0.3 * t + rng.uniform(-20, 20) for t in reference]
+    low, high = bootstrap_interval(noisy, reference=reference, ratio=True, seed=1)
+    assert low < sum(noisy) / sum(reference) < high and high - low < 0.05
+
+
+def test_compare_with_reference_and_summarize() -> None:
+    # the base solves p0..p3 at 200 tokens; the pair solves p0..p2 at 60 tokens and fails p3 at 80
+    base = [_record(f"p{i}", 0, True, 200, 0, system="base") for i in range(4)]
+    pair = [_record(f"p{i}", 0, i < 3, 40, 20 + 20 * (i == 3), system="pair") for i in range(4)]
+    vs = compare_with_reference(pair, base, seed=0)
+    assert vs["n_problems"] == 4
+    assert vs["accuracy_diff"] == -0.25
+    assert vs["token_ratio"] == pytest.approx((3 * 60 + 80) / 4 / 200)
+    assert vs["accuracy_diff_ci"]["low"] <= -0.25 <= vs["accuracy_diff_ci"]["high"] == 0.0
+    assert vs["accuracy_diff_ci"]["confidence"] == 0.95
+    out = summarize(base + pair, k=1, budgets=[256], reference="base")
+    by_system = {s["system"]: s for s in out}
+    assert "vs_reference" not in by_system["base"]
+    assert by_system["pair"]["vs_reference"] == {"system": "base", **vs}
+    assert by_system["base"]["mean_at_k_ci"] == {"low": 1.0, "high": 1.0, "confidence": 0.95}
+    json.dumps(out)
+    with pytest.raises(ValueError, match="reference system 'nope' has no records"):
+        summarize(base + pair, k=1, reference="nope")
+    with pytest.raises(ValueError, match="share no problem"):
+        compare_with_reference(pair, [_record("other", 0, True, 1, 1)])
+
+
+def test_run_summary_prints_intervals_and_the_comparison_with_the_base() -> None:
+    from longshort import cli
+
+    m = {"heldout.long_cot_base.accuracy": 0.987, "heldout.long_cot_base.accuracy_ci_low": 0.973,
+         "heldout.long_cot_base.accuracy_ci_high": 1.0, "heldout.long_cot_base.mean_tokens": 271.6,
+         "heldout.long_short_rl.accuracy": 0.903, "heldout.long_short_rl.accuracy_ci_low": 0.87,
+         "heldout.long_short_rl.accuracy_ci_high": 0.937, "heldout.long_short_rl.mean_tokens": 109.0,
+         "heldout.long_short_rl.accuracy_diff_vs_ref": -0.083, "heldout.long_short_rl.accuracy_diff_vs_ref_ci_low": -0.117,
+         "heldout.long_short_rl.accuracy_diff_vs_ref_ci_high": -0.05, "heldout.long_short_rl.token_ratio_vs_ref": 0.401,
+         "heldout.long_short_rl.token_ratio_vs_ref_ci_low": 0.399, "heldout.long_short_rl.token_ratio_vs_ref_ci_high": 0.404}  # fmt: skip
+    summary = {"profile": "demo", "metrics": m, "stage_times_s": {}, "flow_time_s": 1.0, "cache_hits": 0, "n_stages": 1}
+    with cli.console.capture() as captured:
+        cli._print_summary(summary)
+    lines = captured.get().splitlines()
+    base = next(line for line in lines if "long-CoT base" in line)
+    rl = next(line for line in lines if "Long⊗Short RL" in line)
+    assert "98.7 [97.3, 100.0]" in base and "100" in base
+    assert "90.3 [87.0, 93.7]" in rl and "-8.3 [-11.7, -5.0]" in rl and "40.1 [39.9, 40.4]" in rl
+    assert any("bootstrap over the held-out problems" in line for line in lines)

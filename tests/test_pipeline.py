@@ -83,6 +83,17 @@ def test_first_run_computes_every_stage(smoke_runs):
         assert m[f"heldout.{system}.accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
         tokens = [r["tokens_long"] + r["tokens_short"] for r in rows]
         assert m[f"heldout.{system}.mean_tokens"] == pytest.approx(sum(tokens) / len(tokens))
+        assert m[f"heldout.{system}.accuracy_ci_low"] <= m[f"heldout.{system}.accuracy"] <= m[f"heldout.{system}.accuracy_ci_high"]
+    # every other system against the long-CoT base, on the same problems, with paired intervals
+    base = "heldout.long_cot_base"
+    assert f"{base}.accuracy_diff_vs_ref" not in m
+    for system in systems - {"long_cot_base"}:
+        p = f"heldout.{system}"
+        diff, ratio = m[f"{p}.accuracy_diff_vs_ref"], m[f"{p}.token_ratio_vs_ref"]
+        assert diff == pytest.approx(m[f"{p}.accuracy"] - m[f"{base}.accuracy"])
+        assert ratio == pytest.approx(m[f"{p}.mean_tokens"] / m[f"{base}.mean_tokens"])
+        assert m[f"{p}.accuracy_diff_vs_ref_ci_low"] <= diff <= m[f"{p}.accuracy_diff_vs_ref_ci_high"]
+        assert m[f"{p}.token_ratio_vs_ref_ci_low"] <= ratio <= m[f"{p}.token_ratio_vs_ref_ci_high"]
     assert (Path(first["report"]).parent / "heldout_budget.png").stat().st_size > 0
 
 
@@ -115,6 +126,8 @@ def test_mlflow_holds_runs_params_metrics_and_registered_model(smoke_runs):
     assert run.data.params["sft_base.learning_rate"] == "0.003"
     assert run.data.params["data.demo.n_train"] == "48"
     assert run.data.metrics["base_accuracy"] == first["metrics"]["base_accuracy"]
+    for name in ("accuracy_diff_vs_ref", "accuracy_diff_vs_ref_ci_low", "token_ratio_vs_ref_ci_high"):
+        assert run.data.metrics[f"heldout.long_short_rl.{name}"] == first["metrics"][f"heldout.long_short_rl.{name}"]
     assert "protocol.max_new_tokens_long" in run.data.params  # a setting, not a secret, though it says 'token'
     # every stage measures its peak memory: one metric per stage in the parent, and the run's peak
     stage_peaks = {k: v for k, v in run.data.metrics.items() if k.endswith(".peak_rss_mb")}

@@ -54,12 +54,29 @@ def test_results_markdown_has_one_table_per_benchmark(summary: list[dict]) -> No
     md = results_markdown(summary)
     assert md.count("### ") == 2 and "### math500 (40 problems)" in md
     header = next(line for line in md.splitlines() if line.startswith("| system"))
-    assert header.split(" | ")[1:3] == ["Mean@4", "Pass@4"]
+    assert header.split(" | ")[1:3] == ["Mean@4 [95% CI]", "Pass@4"]  # no reference system: no comparison columns
     assert "acc@1k" in header and "acc@32k" in header
     rows = [line for line in md.splitlines() if line.startswith("| long-short")]
     assert len(rows) == 2
     ls = next(s for s in summary if s["benchmark"] == "math500" and s["system"] == "long-short")
-    assert rows[1].split(" | ")[1] == f"{100 * ls['mean_at_k']:.1f}"
+    ci = ls["mean_at_k_ci"]
+    assert ci["low"] < ls["mean_at_k"] < ci["high"]
+    assert rows[1].split(" | ")[1] == f"{100 * ls['mean_at_k']:.1f} [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
+
+
+def test_results_markdown_compares_with_the_reference_system() -> None:
+    summary = summarize(_records(), k=4, budgets=[1024, 32768], reference="long-cot")
+    md = results_markdown(summary)
+    header = next(line for line in md.splitlines() if line.startswith("| system"))
+    assert header.split(" | ")[1:4] == ["Mean@4 [95% CI]", "Δ Mean@4 vs long-cot [95% CI]", "tokens vs long-cot [95% CI]"]
+    ls = next(s for s in summary if s["benchmark"] == "gpqa_diamond" and s["system"] == "long-short")
+    vs = ls["vs_reference"]
+    row = next(line for line in md.splitlines() if line.startswith("| long-short")).split(" | ")  # gpqa_diamond's
+    d, r = vs["accuracy_diff_ci"], vs["token_ratio_ci"]
+    assert row[2] == f"{100 * vs['accuracy_diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    assert row[3] == f"{100 * vs['token_ratio']:.1f}% [{100 * r['low']:.1f}%, {100 * r['high']:.1f}%]"
+    base_row = next(line for line in md.splitlines() if line.startswith("| long-cot")).split(" | ")
+    assert base_row[2:4] == ["–", "–"]  # the reference itself
 
 
 def test_results_json_is_stable(summary: list[dict]) -> None:
