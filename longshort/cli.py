@@ -94,15 +94,15 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "—" if value is None else format(value, pattern)
 
 
-def _with_ci(m: dict, name: str, pattern: str, scale: float = 1.0) -> str:
-    """``m[name]`` and, when the run logged it, its 95% interval ``[low, high]`` (``name_ci_low``/``_ci_high``)."""
-    value = m.get(name)
-    if value is None:
+def _with_ci(m: dict, name: str, pattern: str) -> str:
+    """``m[name]`` in percent and, when the run logged it, its 95% interval (``name_ci_low``/``_ci_high``)."""
+    from tasks.metrics import interval_text  # noqa: PLC0415
+
+    if m.get(name) is None:
         return "—"
-    text = format(scale * value, pattern)
-    if f"{name}_ci_low" in m and f"{name}_ci_high" in m:
-        text += f" [{format(scale * m[f'{name}_ci_low'], pattern)}, {format(scale * m[f'{name}_ci_high'], pattern)}]"
-    return text
+    low, high = m.get(f"{name}_ci_low"), m.get(f"{name}_ci_high")
+    interval = None if low is None or high is None else {"low": low, "high": high}
+    return interval_text(m.get(name), interval, fmt=pattern)
 
 
 def _print_summary(summary: dict) -> None:
@@ -120,8 +120,8 @@ def _print_summary(summary: dict) -> None:
             continue
         base = slug == "long_cot_base"
         table.add_row(
-            name, _with_ci(m, f"{p}.accuracy", ".1f", 100), "" if base else _with_ci(m, f"{p}.accuracy_diff_vs_ref", "+.1f", 100),
-            _fmt(m[f"{p}.mean_tokens"], ".1f"), "100" if base else _with_ci(m, f"{p}.token_ratio_vs_ref", ".1f", 100),
+            name, _with_ci(m, f"{p}.accuracy", ".1f"), "" if base else _with_ci(m, f"{p}.accuracy_diff_vs_ref", "+.1f"),
+            _fmt(m[f"{p}.mean_tokens"], ".1f"), "100" if base else _with_ci(m, f"{p}.token_ratio_vs_ref", ".1f"),
             _fmt(m.get(f"{p}.mean_tokens_correct"), ".1f"), _fmt(m.get(f"{p}.mean_tokens_wrong"), ".1f"),
             _fmt(m.get(f"{p}.turns"), ".2f"),
         )  # fmt: skip

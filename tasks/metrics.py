@@ -90,6 +90,19 @@ def bootstrap_interval(
     return float(ci.low), float(ci.high)
 
 
+def interval_text(
+    value: float | None, interval: dict[str, float] | None, *, scale: float = 100.0, fmt: str = ".1f", unit: str = ""
+) -> str:
+    """``93.7 [90.9, 96.3]``: a value and its interval, each times ``scale`` and followed by ``unit``; "–" for no value."""
+    if value is None:
+        return "–"
+
+    def num(x: float) -> str:
+        return format(scale * x, fmt) + unit
+
+    return num(value) if interval is None else f"{num(value)} [{num(interval['low'])}, {num(interval['high'])}]"
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased Pass@k from n samples with c correct (Chen et al. 2021, eq. 1).
 

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
 from longshort.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from tasks.metrics import interval_text  # noqa: E402
 
 Summary = Sequence[dict[str, Any]]
 DPI = 120
@@ -142,19 +143,6 @@ def write_plots(summary: Summary, out_dir: Path) -> list[Path]:
 def _mean_cell(s: dict[str, Any], group: str) -> str:
     mean = s["length"][group]["mean"]
     return "–" if mean is None else f"{mean:.0f}"
-
-
-def interval_text(
-    value: float | None, interval: dict[str, float] | None, *, scale: float = 100.0, fmt: str = ".1f", unit: str = ""
-) -> str:
-    """``93.7 [90.9, 96.3]``: a value and its interval, each times ``scale`` and followed by ``unit``; "–" for no value."""
-    if value is None:
-        return "–"
-
-    def num(x: float) -> str:
-        return format(scale * x, fmt) + unit
-
-    return num(value) if interval is None else f"{num(value)} [{num(interval['low'])}, {num(interval['high'])}]"
 
 
 def results_markdown(summary: Summary) -> str:
