@@ -587,7 +587,7 @@ def rl_task(
 ) -> StageRecord:  # fmt: skip
     """Synergizing multi-turn GRPO of the pair; resumes from its own checkpoints after a crash.
     Rollouts run on vLLM engines when ``generation`` resolves to vLLM (CUDA and the package), else on the models."""
-    from tasks.rl import quarter_means, train_pair_rl  # noqa: PLC0415
+    from tasks.rl import probe_gain, quarter_means, train_pair_rl  # noqa: PLC0415
     from tasks.synthesize import read_split  # noqa: PLC0415
 
     logger = _logger()
@@ -614,6 +614,7 @@ def rl_task(
             for name in ("reward", "accuracy", "tokens"):
                 probe_metrics[f"rl_probe_{name}_start"] = result.probes[0][name]
                 probe_metrics[f"rl_probe_{name}_end"] = result.probes[-1][name]
+            probe_metrics |= probe_gain(result.probes, cfg.seed)
         first, last = result.history[0], result.history[-1]
         return {
             "outputs": outputs,

@@ -141,6 +141,16 @@ def _print_summary(summary: dict) -> None:
             f"({m['importance_auroc_traces']:.0f} held-out traces); acc_0 {m.get('score_heldout_acc_0', float('nan')):.2f}, "
             f"acc_n {m.get('score_heldout_acc_n', float('nan')):.2f}"
         )
+    if "rl_probe_reward_gain" in m:
+        ci = ""
+        if "rl_probe_reward_gain_ci_low" in m:
+            ci = f" [95% CI {m['rl_probe_reward_gain_ci_low']:+.2f}, {m['rl_probe_reward_gain_ci_high']:+.2f}]"
+        console.print(
+            f"RL on the fixed probe batch, SFT pair -> RL pair: reward {m['rl_probe_reward_start']:.2f} -> "
+            f"{m['rl_probe_reward_end']:.2f} (gain {m['rl_probe_reward_gain']:+.2f}{ci}), accuracy "
+            f"{m['rl_probe_accuracy_start']:.1%} -> {m['rl_probe_accuracy_end']:.1%}, tokens "
+            f"{m['rl_probe_tokens_start']:.1f} -> {m['rl_probe_tokens_end']:.1f}"
+        )
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_times_s"].items())
     console.print(
         f"flow time {summary['flow_time_s']:.1f} s; tasks from cache: {summary['cache_hits']}/{summary['n_stages']}"

@@ -40,6 +40,7 @@ loop below is ~300 lines, typed, and scores exactly what was sampled.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import shutil
 import time
@@ -653,13 +654,31 @@ def probe(
         seed=cfg.seed + PROBE_SEED_OFFSET,
     )
     parts, rewards = score_episodes(episodes, [p["answer"] for p in rows], cfg, None)
+    g = cfg.group_size
     return {
         "step": step,
         "reward": float(np.mean(rewards)),
+        "problem_rewards": [float(np.mean(rewards[i : i + g])) for i in range(0, len(rewards), g)],  # probe order
         "accuracy": float(np.mean(parts["correctness"])),
         "tokens": float(np.mean([e.tokens() for e in episodes])),
         "turns": float(np.mean([len(e.turns) for e in episodes])),
     }
+
+
+def probe_gain(probes: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str, float]:
+    """The mean probe reward's change from the first probe (the SFT pair) to the last, with a 95% interval
+    resampling the probe problems in pairs (each played by both pairs with the same seed): ``rl_probe_reward_gain``
+    and ``_ci_low``/``_ci_high``. Empty with fewer than two probes or probes without per-problem rewards."""
+    from tasks.metrics import bootstrap_interval  # noqa: PLC0415
+
+    if len(probes) < 2 or "problem_rewards" not in probes[0] or "problem_rewards" not in probes[-1]:
+        return {}
+    start, end = probes[0]["problem_rewards"], probes[-1]["problem_rewards"]
+    out = {"rl_probe_reward_gain": math.fsum(end) / len(end) - math.fsum(start) / len(start)}
+    ci = bootstrap_interval(end, reference=start, seed=seed)
+    if ci is not None:
+        out |= {"rl_probe_reward_gain_ci_low": ci[0], "rl_probe_reward_gain_ci_high": ci[1]}
+    return out
 
 
 def rl_step(

@@ -234,6 +234,9 @@ def test_run_summary_prints_intervals_and_the_comparison_with_the_base() -> None
          "heldout.long_short_rl.accuracy_diff_vs_ref": -0.083, "heldout.long_short_rl.accuracy_diff_vs_ref_ci_low": -0.117,
          "heldout.long_short_rl.accuracy_diff_vs_ref_ci_high": -0.05, "heldout.long_short_rl.token_ratio_vs_ref": 0.401,
          "heldout.long_short_rl.token_ratio_vs_ref_ci_low": 0.399, "heldout.long_short_rl.token_ratio_vs_ref_ci_high": 0.404}  # fmt: skip
+    m |= {"rl_probe_reward_start": 2.1, "rl_probe_reward_end": 2.27, "rl_probe_reward_gain": 0.17,
+          "rl_probe_reward_gain_ci_low": 0.05, "rl_probe_reward_gain_ci_high": 0.3, "rl_probe_accuracy_start": 0.922,
+          "rl_probe_accuracy_end": 0.883, "rl_probe_tokens_start": 122.6, "rl_probe_tokens_end": 111.0}  # fmt: skip
     summary = {"profile": "demo", "metrics": m, "stage_times_s": {}, "flow_time_s": 1.0, "cache_hits": 0, "n_stages": 1}
     with cli.console.capture() as captured:
         cli._print_summary(summary)
@@ -243,3 +246,5 @@ def test_run_summary_prints_intervals_and_the_comparison_with_the_base() -> None
     assert "98.7 [97.3, 100.0]" in base and "100" in base
     assert "90.3 [87.0, 93.7]" in rl and "-8.3 [-11.7, -5.0]" in rl and "40.1 [39.9, 40.4]" in rl
     assert any("bootstrap over the held-out problems" in line for line in lines)
+    probe = next(line for line in lines if "fixed probe batch" in line)
+    assert "reward 2.10 -> 2.27 (gain +0.17 [95% CI +0.05, +0.30])" in probe and "tokens 122.6 -> 111.0" in probe

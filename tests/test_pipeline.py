@@ -67,6 +67,9 @@ def test_first_run_computes_every_stage(smoke_runs):
     assert (probes[0]["reward"], probes[-1]["reward"]) == (m["rl_probe_reward_start"], m["rl_probe_reward_end"])
     assert (probes[0]["accuracy"], probes[-1]["tokens"]) == (m["rl_probe_accuracy_start"], m["rl_probe_tokens_end"])
     assert m["rl_probe_tokens_end"] > 0
+    gain = m["rl_probe_reward_gain"]
+    assert gain == pytest.approx(m["rl_probe_reward_end"] - m["rl_probe_reward_start"])
+    assert m["rl_probe_reward_gain_ci_low"] <= gain <= m["rl_probe_reward_gain_ci_high"]
     baseline = _jsonl(dirs["baseline"] / "history.jsonl")
     assert m["baseline_steps"] == 1 == len(baseline) and m["baseline_last_reward"] == pytest.approx(baseline[-1]["reward"])
     # each system's accuracy and mean tokens are those of its records (k samples of each held-out problem)

@@ -24,6 +24,7 @@ from tasks.rl import (
     phase_of,
     policy_update,
     probe,
+    probe_gain,
     quarter_means,
     trained_turn_sequences,
     train_pair_rl,
@@ -346,6 +347,9 @@ def test_probe_measures_a_fixed_batch_without_changing_training(protocol_pair, p
         assert 0 <= p["accuracy"] <= 1 and p["tokens"] > 0 and 1 <= p["turns"] <= PROTOCOL.max_turns
         # kimi's efficiency term is in [-0.5, 0.5]; correctness weight 1, format weight 0.5
         assert p["accuracy"] - 0.5 <= p["reward"] <= p["accuracy"] + 0.5 + 0.5
+        # one mean reward per probe problem (G episodes each), in the problems' order: their mean is the reward
+        assert len(p["problem_rewards"]) == len(held_in)
+        assert sum(p["problem_rewards"]) / len(held_in) == pytest.approx(p["reward"])
     # step 1 trained the long model: with the same problems and seed, its episodes changed (each probe also
     # holds its step number, which differs whatever happened)
     measured = [{k: v for k, v in p.items() if k != "step"} for p in result.probes]
@@ -396,3 +400,19 @@ def test_an_episode_over_the_rollout_cap_earns_neither_correctness_nor_format():
     assert total == pytest.approx([1.0 + 0.1 + 1.5, 0.0])
     uncapped = cfg.model_copy(update={"cap_rollout_at_length_target": False})
     assert score_episodes([episode(5), episode(30)], ["2", "2"], uncapped, role=None)[1] == pytest.approx([2.6, 2.1])
+
+
+def test_probe_gain_pairs_the_probe_problems() -> None:
+    """The last probe against the first, problem by problem: a uniform +0.25 is known exactly; a gain on one
+    problem of 32 is not told from zero."""
+    start = [0.0, 1.0, 2.0, 2.5] * 8
+    gained = {"step": 8, "reward": 0.0, "problem_rewards": [r + 0.25 for r in start]}
+    out = probe_gain([{"step": 0, "reward": 0.0, "problem_rewards": start}, gained], seed=0)
+    assert out["rl_probe_reward_gain"] == pytest.approx(0.25)
+    assert out["rl_probe_reward_gain_ci_low"] == pytest.approx(0.25) == out["rl_probe_reward_gain_ci_high"]
+    one = [*start[:-1], start[-1] + 2.0]
+    out = probe_gain([{"problem_rewards": start}, {"problem_rewards": one}], seed=0)
+    assert out["rl_probe_reward_gain"] == pytest.approx(2.0 / 32)
+    assert out["rl_probe_reward_gain_ci_low"] == 0.0 < out["rl_probe_reward_gain"] < out["rl_probe_reward_gain_ci_high"]
+    assert probe_gain([{"problem_rewards": start}]) == {}  # one probe: nothing to compare
+    assert probe_gain([{"reward": 1.0}, {"reward": 2.0}]) == {}  # probes from before per-problem rewards
