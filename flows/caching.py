@@ -39,8 +39,8 @@ STAGE_MODULES: dict[str, list[str]] = {
     "sft_long": [*_READ, "tasks.sft", "tasks.cold_start", "tasks.chunking"],
     "sft_short": [*_READ, "tasks.sft", "tasks.cold_start", "tasks.chunking"],
     "baseline": [*_READ, "tasks.baseline", "tasks.rewards", "tasks.evaluate", "tasks.sft"],
-    "rl": [*_READ, "tasks.rl", "tasks.rl_checkpoint", "tasks.rewards", "tasks.sft", "tasks.metrics"],
-    "evaluate": [*_READ, "tasks.report", "tasks.evaluate", "tasks.metrics", "tasks.plots", "tasks.benchmarks", "tasks.importance"],  # fmt: skip
+    "rl": [*_READ, "tasks.rl", "tasks.rl_checkpoint", "tasks.rewards", "tasks.sft", "tasks.intervals"],
+    "evaluate": [*_READ, "tasks.report", "tasks.evaluate", "tasks.metrics", "tasks.intervals", "tasks.plots", "tasks.benchmarks", "tasks.importance"],  # fmt: skip
 }
 
 

@@ -661,6 +661,8 @@ def comparison_rows(candidate: Snapshot, current: Snapshot | None) -> list[tuple
     for name in names:
         c, p = candidate.metrics.get(name), prod_metrics.get(name)
         delta = f"{c - p:+.4g}" if c is not None and p is not None and math.isfinite(c - p) else ""
+        if name.endswith(("_ci_low", "_ci_high")):
+            delta = ""  # the difference of two runs' interval bounds means nothing
         rows.append((name, "—" if c is None else f"{c:.4g}", "—" if p is None else f"{p:.4g}", delta))
     prod_tags = current.tags if current else {}
     data_tags = sorted(k for k in {*candidate.tags, *prod_tags} if k.startswith("data."))

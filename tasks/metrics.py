@@ -11,7 +11,7 @@ JSON-able dict per (benchmark, system).
 
 Uncertainty is over problems: a benchmark's problems are a sample, and the k episodes of one
 problem are not independent draws of the benchmark, so the bootstrap resamples whole problems
-(scipy's ``stats.bootstrap``, percentile intervals, seeded). A system compared with a reference
+(``tasks.intervals.bootstrap_interval``: scipy's ``stats.bootstrap``, percentile intervals, seeded). A system compared with a reference
 (the long-CoT base) on the same problems is resampled in pairs, which is what decides whether,
 say, "within 2 points of the base" holds beyond the noise of 300 problems.
 """
@@ -26,14 +26,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
+
+from tasks.intervals import CONFIDENCE, bootstrap_interval
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGETS = (2048, 4096, 8192, 16384, 32768)
 RECORD_FIELDS = ("problem_id", "sample", "correct", "tokens_long", "tokens_short", "turns", "well_formed")
-CONFIDENCE = 0.95
-N_RESAMPLES = 9999
 
 
 def mean_at_k(correct_matrix: Sequence[Sequence[bool]]) -> float:
@@ -50,44 +49,6 @@ def mean_at_k(correct_matrix: Sequence[Sequence[bool]]) -> float:
             raise ValueError(f"problem {p} has no samples")
         per_problem.append(sum(bool(c) for c in row) / len(row))
     return math.fsum(per_problem) / len(per_problem)
-
-
-def bootstrap_interval(
-    values: Sequence[float],
-    *,
-    reference: Sequence[float] | None = None,
-    ratio: bool = False,
-    confidence: float = CONFIDENCE,
-    n_resamples: int = N_RESAMPLES,
-    seed: int = 0,
-) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of mean(values), resampling its entries (one per problem).
-
-    With ``reference`` (one value per problem, the same problems in the same order) the two are
-    resampled in pairs and the statistic is mean(values) − mean(reference), or with ``ratio``
-    mean(values) / mean(reference). None with fewer than two problems (nothing to resample).
-    Percentile rather than BCa: BCa is undefined when every problem scores the same (a system
-    that solves all of them), where the percentile interval is that one value.
-    """
-    x = np.asarray(values, dtype=float)
-    if reference is not None and len(reference) != len(x):
-        raise ValueError(f"bootstrap_interval: {len(x)} values but {len(reference)} reference values")
-    if x.size < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    if reference is None:
-        ci = stats.bootstrap((x,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                             method="percentile", vectorized=True, rng=rng).confidence_interval  # fmt: skip
-    else:
-        y = np.asarray(reference, dtype=float)
-
-        def statistic(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-            return a.mean(axis=axis) / b.mean(axis=axis) if ratio else a.mean(axis=axis) - b.mean(axis=axis)
-
-        with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose reference costs 0 tokens
-            ci = stats.bootstrap((x, y), statistic, paired=True, n_resamples=n_resamples, confidence_level=confidence,
-                                 method="percentile", vectorized=True, rng=rng).confidence_interval  # fmt: skip
-    return float(ci.low), float(ci.high)
 
 
 def interval_text(

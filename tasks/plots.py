@@ -153,6 +153,7 @@ def results_markdown(summary: Summary) -> str:
         k = rows[0]["k"]
         budgets = [p["budget"] for p in rows[0]["budget_accuracy"]]
         reference = next((s["vs_reference"]["system"] for s in rows if "vs_reference" in s), None)
+        ref_n = next((s["n_problems"] for s in rows if s["system"] == reference), None)
         head = ["system", f"Mean@{k} [95% CI]"]
         if reference:
             head += [f"Δ Mean@{k} vs {reference} [95% CI]", f"tokens vs {reference} [95% CI]"]
@@ -164,9 +165,12 @@ def results_markdown(summary: Summary) -> str:
             cells = [s["system"], interval_text(s["mean_at_k"], s.get("mean_at_k_ci"))]
             if reference:
                 vs = s.get("vs_reference")
+                # on fewer problems than the two rows' own (run on partly different problems): say on how many
+                whole = vs is None or vs["n_problems"] == s["n_problems"] == ref_n
+                n = "" if whole else f" (n={vs['n_problems']})"
                 cells += [
-                    interval_text(vs["accuracy_diff"], vs["accuracy_diff_ci"], fmt="+.1f") if vs else "–",
-                    interval_text(vs["token_ratio"], vs["token_ratio_ci"], fmt=".1f", unit="%") if vs else "–",
+                    interval_text(vs["accuracy_diff"], vs["accuracy_diff_ci"], fmt="+.1f") + n if vs else "–",
+                    interval_text(vs["token_ratio"], vs["token_ratio_ci"], fmt=".1f", unit="%") + n if vs else "–",
                 ]
             cells += [
                 f"{100 * s['pass_at_k']:.1f}",

@@ -137,9 +137,9 @@ def evaluate_systems(
         for backend in held.values():
             close_backend(backend)
     records = [r for b in range(len(benchmarks)) for name in systems for r in by_run[(b, name)]]
-    summary = summarize(records, k=cfg.k, budgets=cfg.budgets, reference=reference, seed=seed)
     out_dir = Path(out_dir)
-    write_jsonl(out_dir / "records.jsonl", records)
+    write_jsonl(out_dir / "records.jsonl", records)  # first: what was generated is kept if summarizing fails
+    summary = summarize(records, k=cfg.k, budgets=cfg.budgets, reference=reference, seed=seed)
     outputs = {name: str(path) for name, path in write_results(summary, out_dir).items()}
     outputs["records"] = str(out_dir / "records.jsonl")
     metrics: dict[str, float] = {}

@@ -669,7 +669,7 @@ def probe_gain(probes: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str, 
     """The mean probe reward's change from the first probe (the SFT pair) to the last, with a 95% interval
     resampling the probe problems in pairs (each played by both pairs with the same seed): ``rl_probe_reward_gain``
     and ``_ci_low``/``_ci_high``. Empty with fewer than two probes or probes without per-problem rewards."""
-    from tasks.metrics import bootstrap_interval  # noqa: PLC0415
+    from tasks.intervals import bootstrap_interval  # noqa: PLC0415
 
     if len(probes) < 2 or "problem_rewards" not in probes[0] or "problem_rewards" not in probes[-1]:
         return {}

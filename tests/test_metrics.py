@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tasks.intervals import bootstrap_interval
 from tasks.metrics import (
-    bootstrap_interval,
     budget_accuracy,
     compare_with_reference,
     length_stats,
@@ -197,6 +197,9 @@ def test_token_ratio_interval() -> None:
     rng = random.Random(0)
     reference = [rng.uniform(100, 400) for _ in range(200)]
     assert bootstrap_interval([0.4 * t for t in reference], reference=reference, ratio=True) == pytest.approx((0.4, 0.4))
+    # a reference that costs 0 tokens in some resamples: no finite interval, so none (not NaN/inf in results.json)
+    assert bootstrap_interval([0.0, 50.0, 50.0], reference=[0.0, 0.0, 100.0], ratio=True) is None
+    assert bootstrap_interval([10.0, 50.0], reference=[0.0, 100.0], ratio=True) is None
     noisy = [0.3 * t + rng.uniform(-20, 20) for t in reference]
     low, high = bootstrap_interval(noisy, reference=reference, ratio=True, seed=1)
     assert low < sum(noisy) / sum(reference) < high and high - low < 0.05

@@ -77,6 +77,11 @@ def test_results_markdown_compares_with_the_reference_system() -> None:
     assert row[3] == f"{100 * vs['token_ratio']:.1f}% [{100 * r['low']:.1f}%, {100 * r['high']:.1f}%]"
     base_row = next(line for line in md.splitlines() if line.startswith("| long-cot")).split(" | ")
     assert base_row[2:4] == ["–", "–"]  # the reference itself
+    # a system run on only part of the reference's problems: its comparison says on how many
+    partial = [r for r in _records() if r["system"] != "truncation" or r["problem_id"] not in ("math500-0", "math500-1")]
+    md = results_markdown(summarize(partial, k=4, budgets=[1024], reference="long-cot"))
+    row = next(line for line in md.splitlines() if line.startswith("| truncation") and "(n=" in line).split(" | ")
+    assert row[2].endswith(" (n=38)") and row[3].endswith(" (n=38)")
 
 
 def test_results_json_is_stable(summary: list[dict]) -> None:

@@ -822,3 +822,14 @@ def test_an_interrupted_run_before_any_stage_is_a_killed_run_with_params(tmp_pat
     assert run.data.tags["error"] == "KeyboardInterrupt: " and run.data.tags["profile"] == "smoke"
     assert run.data.params["run.name"] == "smoke" and run.data.metrics == {"flow_time_s": 1.5}
     assert client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'") == []
+
+
+def test_compare_gives_no_delta_for_interval_bounds():
+    """Two runs' interval bounds are listed side by side, but their difference means nothing."""
+    from longshort.registry import Snapshot, comparison_rows
+
+    metrics = {"pair_accuracy": 0.9, "pair_mean_tokens": 110.0, "heldout.long_short_rl.accuracy_ci_low": 0.87}
+    candidate = Snapshot("2", "run2", {**metrics, "pair_accuracy": 0.93, "heldout.long_short_rl.accuracy_ci_low": 0.9}, {})
+    rows = {row[0]: row for row in comparison_rows(candidate, Snapshot("1", "run1", metrics, {}))}
+    assert rows["pair_accuracy"][3] == "+0.03"
+    assert rows["heldout.long_short_rl.accuracy_ci_low"][1:] == ("0.9", "0.87", "")
