@@ -131,9 +131,11 @@ def _print_summary(summary: dict) -> None:
             _fmt(m["base_nothink_mean_tokens"], ".1f"), "", "", "", "",
         )  # fmt: skip
     console.print(table)
+    from tasks.intervals import CONFIDENCE, N_RESAMPLES  # noqa: PLC0415
+
     console.print(
-        "95% CI: percentile bootstrap over the held-out problems (9,999 resamples); a system and the base "
-        "are resampled in pairs, on the same problems."
+        f"{CONFIDENCE:.0%} CI: percentile bootstrap over the held-out problems ({N_RESAMPLES:,} resamples); a system "
+        "and the base are resampled in pairs, on the same problems."
     )
     if "importance_auroc" in m:
         console.print(

@@ -141,14 +141,19 @@ def _check_record(i: int, r: Mapping[str, Any]) -> None:
         raise ValueError(f"record {i}: missing field(s) {', '.join(missing)}")
 
 
-def _per_problem(records: Iterable[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
-    """Each problem's accuracy over its samples and its mean episode tokens, by problem id."""
+def _by_problem(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """The records grouped by problem id, in the order the problems first appear."""
     by_problem: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in records:
         by_problem[str(r["problem_id"])].append(r)
+    return by_problem
+
+
+def _per_problem(records: Iterable[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Each problem's accuracy over its samples and its mean episode tokens, by problem id."""
     return {
         pid: (float(np.mean([bool(s["correct"]) for s in samples])), float(np.mean([episode_tokens(s) for s in samples])))
-        for pid, samples in by_problem.items()
+        for pid, samples in _by_problem(records).items()
     }
 
 
@@ -186,9 +191,7 @@ def compare_with_reference(
 def _summarize_group(
     records: list[Mapping[str, Any]], k: int, budgets: Sequence[int], seed: int = 0
 ) -> dict[str, Any]:
-    by_problem: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for r in records:
-        by_problem[str(r["problem_id"])].append(r)
+    by_problem = _by_problem(records)
     matrix, pass_k = [], []
     for pid, samples in by_problem.items():
         ids = [s["sample"] for s in samples]
